@@ -1,0 +1,121 @@
+"""Orbax checkpoints of a run: `checkpoints/latest` (every epoch) and `checkpoints/best`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import flax.serialization
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt or does not fit the model; the message says which."""
+
+
+def _manager(directory: Path, create: bool) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=create)
+    return ocp.CheckpointManager(directory, options=options)
+
+
+class Checkpointer:
+    """Keeps the latest and the best (highest test accuracy) checkpoint of a run.
+
+    Orbax writes each checkpoint to a temporary folder and renames it when complete, so an
+    interrupted save never replaces the previous good checkpoint.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, create: bool = True):
+        root = Path(run_dir).absolute() / "checkpoints"
+        self.latest = _manager(root / "latest", create)
+        self.best = _manager(root / "best", create)
+
+    def save(self, epoch: int, state: Any, metrics: dict[str, float], is_best: bool) -> None:
+        """Save `state` (a flax struct, e.g. TrainState) after `epoch` (1-based)."""
+        tree = flax.serialization.to_state_dict(state)
+        meta = {"epoch": epoch, **{k: float(v) for k, v in metrics.items()}}
+        managers = [self.latest, self.best] if is_best else [self.latest]
+        for manager in managers:
+            manager.save(
+                epoch,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
+                force=True,
+            )
+
+    def wait(self) -> None:
+        for manager in (self.latest, self.best):
+            manager.wait_until_finished()
+
+    def close(self) -> None:
+        for manager in (self.latest, self.best):
+            manager.close()
+
+    def latest_epoch(self, which: str = "latest") -> int | None:
+        return getattr(self, which).latest_step()
+
+    def restore(self, template: Any, which: str = "latest") -> tuple[Any, dict]:
+        """Restore into the structure of `template` (shapes/dtypes/shardings); returns (state, meta)."""
+        manager = getattr(self, which)
+        epoch = manager.latest_step()
+        if epoch is None:
+            raise CheckpointError(f"No {which} checkpoint in {str(manager.directory)!r}.")
+        target = flax.serialization.to_state_dict(template)
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+        try:
+            restored = manager.restore(
+                epoch,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
+            )
+            state = flax.serialization.from_state_dict(template, restored["state"])
+        except Exception as e:
+            raise CheckpointError(
+                f"The {which} checkpoint of epoch {epoch} in {str(manager.directory)!r} is corrupt or does "
+                f"not match this model ({type(e).__name__}: {_first_line(e)})."
+            ) from None
+        return state, dict(restored["meta"])
+
+
+def load_variables(run_dir: str | os.PathLike, which: str = "best") -> tuple[dict, dict]:
+    """The model variables `{'params', 'batch_stats'}` (numpy) of a run's checkpoint, and its meta.
+
+    No model or optimizer template is needed: the stored tree is read as it is.
+    """
+    directory = Path(run_dir).absolute() / "checkpoints" / which
+    if not directory.is_dir():
+        raise CheckpointError(f"No {which} checkpoint folder in {str(Path(run_dir))!r}; is it a jaxcam run directory?")
+    manager = _manager(directory, create=False)
+    epoch = manager.latest_step()
+    if epoch is None:
+        raise CheckpointError(f"No complete {which} checkpoint in {str(directory)!r}.")
+    try:
+        restored = manager.restore(
+            epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+        )
+        state = restored["state"]
+        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        variables = jax.tree_util.tree_map(np.asarray, variables)
+    except Exception as e:
+        raise CheckpointError(
+            f"The {which} checkpoint of epoch {epoch} in {str(directory)!r} is corrupt or unreadable "
+            f"({type(e).__name__}: {_first_line(e)})."
+        ) from None
+    finally:
+        manager.close()
+    return variables, dict(restored["meta"])
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else "no details"
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON atomically: a crash mid-write leaves the previous file intact."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)

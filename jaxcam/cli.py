@@ -1,0 +1,64 @@
+"""The command-line front ends (`train.py`, `explain.py`): argument handling and error reporting.
+
+Every expected failure (bad data, config, checkpoint, a diverged loss) prints one sentence
+to stderr and returns exit status 1; nothing already written is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from jaxcam.checkpoint import CheckpointError, write_json
+from jaxcam.configuration import ConfigError, apply_overrides, config_from_json, load_config_file
+from jaxcam.data import DataError
+
+EXPECTED_ERRORS = (DataError, ConfigError, CheckpointError, ValueError, OSError, RuntimeError)
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def run_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from jaxcam import data as data_lib
+    from jaxcam import train as train_lib
+
+    try:
+        if args.resume:
+            if overrides:
+                raise ConfigError("--resume continues a run with its saved config.json; drop the --config.* overrides.")
+            run_dir = train_lib.latest_run_dir(args.workdir) if args.resume == "latest" else Path(args.resume)
+            if not (run_dir / "config.json").is_file():
+                raise ConfigError(f"{str(run_dir)!r} is not a jaxcam run directory (no config.json).")
+            config = config_from_json(run_dir / "config.json")
+            dataset = data_lib.load_cifar10(config.data_dir, tfds_data_dir=config.get("tfds_data_dir"))
+            train_lib.train_and_evaluate(config, run_dir, resume=True, dataset=dataset)
+            return 0
+
+        config = apply_overrides(load_config_file(args.config), overrides)
+        train_lib.validate_config(config)
+        # Load the data before creating the run directory: bad data leaves nothing behind.
+        dataset = data_lib.load_cifar10(config.data_dir, tfds_data_dir=config.get("tfds_data_dir"))
+        run_dir = train_lib.create_run_dir(args.workdir, config.name)
+        print(f"Run directory: {run_dir}")
+        if args.find_lr or args.find_lr_only or config.max_lr == "auto":
+            from jaxcam import lr_finder
+
+            suggestion = lr_finder.run_for_config(config, dataset, run_dir)
+            if args.find_lr_only:
+                return 0
+            if config.max_lr == "auto":
+                if suggestion is None:
+                    raise RuntimeError("The LR range test gave no suggestion, so max_lr=auto cannot be resolved.")
+                config.max_lr = float(suggestion)
+                print(f"Training with the suggested max_lr {suggestion:.3g}.")
+        train_lib.train_and_evaluate(config, run_dir, dataset=dataset)
+        return 0
+    except KeyboardInterrupt:
+        return fail("interrupted; the latest checkpoint can be resumed with --resume.")
+    except EXPECTED_ERRORS as e:
+        return fail(str(e))

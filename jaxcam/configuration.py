@@ -1,0 +1,98 @@
+"""Config files as Python (`get_config()` returning an ml_collections.ConfigDict) and
+`--config.KEY=VALUE` overrides with type checks and clear errors."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import ml_collections
+
+# Keys whose value may also be one of these strings.
+SPECIAL_STRINGS = {"max_lr": ("auto",)}
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message says which and why."""
+
+
+def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """Import a Python config file and call its `get_config()`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {str(path)!r} does not exist.")
+    # Configs may import each other as `configs.<name>`: make their parent importable.
+    parent = str(path.absolute().parent.parent)
+    if parent not in sys.path:
+        sys.path.insert(0, parent)
+    spec = importlib.util.spec_from_file_location(f"_jaxcam_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except Exception as e:
+        raise ConfigError(f"Config file {str(path)!r} failed to load ({type(e).__name__}: {e}).") from None
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"Config file {str(path)!r} has no get_config() function.")
+    config = module.get_config()
+    return ml_collections.ConfigDict(config.to_dict(), type_safe=False)
+
+
+def config_from_json(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """A run's saved config.json as a ConfigDict."""
+    try:
+        return ml_collections.ConfigDict(json.loads(Path(path).read_text()), type_safe=False)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"Cannot read the run config {str(path)!r} ({e}).") from None
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word is a string
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """Apply `config.KEY=VALUE` (or `config.a.b=VALUE`) strings in place and return the config.
+
+    Values are Python literals (`0.1`, `True`, `None`, `'str'`) or bare strings; they must
+    fit the type of the existing value (ints widen to floats; None-valued keys take anything).
+    """
+    for item in overrides:
+        body = item[len("--") :] if item.startswith("--") else item
+        if not body.startswith("config.") or "=" not in body:
+            raise ConfigError(f"Cannot parse {item!r}; write overrides as --config.KEY=VALUE.")
+        dotted, text = body[len("config.") :].split("=", 1)
+        *parents, key = dotted.split(".")
+        node = config
+        for part in parents:
+            if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+                raise ConfigError(f"Unknown config key {dotted!r}.")
+            node = node[part]
+        if key not in node:
+            known = ", ".join(sorted(k for k in node.keys()))
+            raise ConfigError(f"Unknown config key {dotted!r}; known keys: {known}.")
+        value = _parse_value(text)
+        current = node[key]
+        if value in SPECIAL_STRINGS.get(key, ()):
+            pass
+        elif current is None or value is None and key.endswith("dir"):
+            pass
+        elif isinstance(current, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"config.{dotted} takes True or False, got {text!r}.")
+        elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif isinstance(current, str) and current in SPECIAL_STRINGS.get(key, ()) and isinstance(value, (int, float)):
+            value = float(value)
+        elif type(value) is not type(current):
+            raise ConfigError(
+                f"config.{dotted} takes a {type(current).__name__}, got {text!r} ({type(value).__name__})."
+            )
+        node[key] = value
+    return config

@@ -1,0 +1,404 @@
+"""CIFAR-10 loading, numpy augmentation and the input pipeline.
+
+Images stay uint8 NHWC on the host; normalization happens on the device inside the jitted
+steps (`normalize`), so four times fewer bytes cross to the accelerator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import pickle
+import queue
+import tarfile
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)
+# uint8 per-channel mean of the full CIFAR-10 training split: the default cutout fill.
+CIFAR10_MEAN_UINT8 = (125, 123, 114)
+IMAGE_SHAPE = (32, 32, 3)
+_BATCH_FOLDER = "cifar-10-batches-py"
+_ARCHIVE = "cifar-10-python.tar.gz"
+_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+_TEST_FILE = "test_batch"
+
+
+class DataError(ValueError):
+    """The data could not be found or is not valid CIFAR-10; the message says which and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cifar10:
+    """The two splits: images uint8 (N, 32, 32, 3) RGB, labels int32 (N,), and class names."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    class_names: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Per-channel mean of the training images in [0, 1], float32 (3,)."""
+        return channel_stats(self.train_images)[0]
+
+    @property
+    def std(self) -> np.ndarray:
+        """Per-channel standard deviation of the training images in [0, 1], float32 (3,)."""
+        return channel_stats(self.train_images)[1]
+
+
+def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (mean, std) of uint8 NHWC images scaled to [0, 1], each float32 (C,).
+
+    Accumulates in float64 chunk by chunk so 50k images need no 600 MB float copy.
+    """
+    count = 0
+    total = np.zeros(images.shape[-1], np.float64)
+    total_sq = np.zeros(images.shape[-1], np.float64)
+    for start in range(0, len(images), 4096):
+        chunk = images[start : start + 4096].reshape(-1, images.shape[-1]).astype(np.float64)
+        total += chunk.sum(0)
+        total_sq += np.square(chunk).sum(0)
+        count += len(chunk)
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    return (mean / 255).astype(np.float32), (std / 255).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_cifar10(data_dir: str | os.PathLike | None = None, *, tfds_data_dir: str | None = None) -> Cifar10:
+    """Load CIFAR-10 as uint8 NHWC arrays with int32 labels and the class names.
+
+    `data_dir=None` reads tensorflow-datasets' prepared `cifar10` (array_record; downloaded
+    and prepared on first use, which needs TensorFlow once) from `tfds_data_dir` (None:
+    tfds' default). Otherwise `data_dir` is a local copy in the official python format:
+    `cifar-10-python.tar.gz`, its extracted `cifar-10-batches-py/` folder, or a directory
+    holding either. Raises `DataError` with one clear sentence when the data is missing or
+    malformed.
+    """
+    if data_dir is None:
+        return _load_tfds(tfds_data_dir)
+    return _load_local(Path(data_dir).expanduser())
+
+
+def _load_local(path: Path) -> Cifar10:
+    if not path.exists():
+        raise DataError(f"CIFAR-10 data path {str(path)!r} does not exist.")
+    if path.is_file():
+        return _load_archive(path)
+    for candidate in (path, path / _BATCH_FOLDER):
+        if (candidate / _TEST_FILE).exists() or (candidate / "batches.meta").exists():
+            return _load_folder(candidate)
+    if (path / _ARCHIVE).is_file():
+        return _load_archive(path / _ARCHIVE)
+    raise DataError(
+        f"No CIFAR-10 found in {str(path)!r}: expected {_ARCHIVE}, a {_BATCH_FOLDER}/ folder, "
+        "or the batch files themselves."
+    )
+
+
+def _load_folder(folder: Path) -> Cifar10:
+    def read(name: str) -> bytes:
+        file = folder / name
+        if not file.is_file():
+            raise DataError(f"CIFAR-10 folder {str(folder)!r} is missing the file {name!r}.")
+        return file.read_bytes()
+
+    return _assemble(read, str(folder))
+
+
+def _load_archive(archive: Path) -> Cifar10:
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+            contents: dict[str, bytes] = {}
+            for name in (*_TRAIN_FILES, _TEST_FILE, "batches.meta"):
+                if name in members:
+                    contents[name] = tar.extractfile(members[name]).read()  # type: ignore[union-attr]
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"CIFAR-10 archive {str(archive)!r} is not a readable tar.gz file ({e}).") from None
+
+    def read(name: str) -> bytes:
+        if name not in contents:
+            raise DataError(f"CIFAR-10 archive {str(archive)!r} has no member {name!r}.")
+        return contents[name]
+
+    return _assemble(read, str(archive))
+
+
+def _unpickle_batch(raw: bytes, name: str, source: str) -> dict[str, Any]:
+    try:
+        batch = pickle.load(io.BytesIO(raw), encoding="bytes")
+    except Exception as e:  # truncated or foreign bytes raise many different errors
+        raise DataError(
+            f"{name} in {source!r} is truncated or not a CIFAR-10 batch file ({type(e).__name__})."
+        ) from None
+    if not isinstance(batch, dict):
+        raise DataError(f"{name} in {source!r} is not a CIFAR-10 batch file (no dictionary inside).")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+
+
+def _read_batch(raw: bytes, name: str, source: str) -> tuple[np.ndarray, np.ndarray]:
+    batch = _unpickle_batch(raw, name, source)
+    if "data" not in batch or "labels" not in batch:
+        raise DataError(f"{name} in {source!r} lacks the 'data' or 'labels' entry of a CIFAR-10 batch.")
+    data = np.asarray(batch["data"])
+    labels = np.asarray(batch["labels"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(
+            f"{name} in {source!r} holds data of shape {data.shape} and dtype {data.dtype}; "
+            "CIFAR-10 batches hold uint8 rows of 3072 values."
+        )
+    if labels.shape != (len(data),):
+        raise DataError(f"{name} in {source!r} has {len(data)} images but {labels.size} labels.")
+    if len(labels) and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"{name} in {source!r} has labels outside 0..9.")
+    # Channel-planar rows (3 x 32 x 32) to NHWC.
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), labels.astype(np.int32)
+
+
+def _assemble(read: Callable[[str], bytes], source: str) -> Cifar10:
+    train = [_read_batch(read(name), name, source) for name in _TRAIN_FILES]
+    test_images, test_labels = _read_batch(read(_TEST_FILE), _TEST_FILE, source)
+    class_names = CIFAR10_CLASSES
+    try:
+        meta = _unpickle_batch(read("batches.meta"), "batches.meta", source)
+        names = meta.get("label_names")
+        if names and len(names) == 10:
+            class_names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+    except DataError:
+        pass  # the names are also the published constant; a missing meta file loses nothing
+    return Cifar10(
+        train_images=np.concatenate([images for images, _ in train]),
+        train_labels=np.concatenate([labels for _, labels in train]),
+        test_images=test_images,
+        test_labels=test_labels,
+        class_names=class_names,
+    )
+
+
+def _load_tfds(tfds_data_dir: str | None) -> Cifar10:
+    import tensorflow_datasets as tfds
+
+    try:
+        source = tfds.data_source(
+            "cifar10",
+            data_dir=tfds_data_dir,
+            builder_kwargs={"file_format": "array_record"},
+        )
+    except Exception as e:
+        raise DataError(
+            "Could not load CIFAR-10 from tensorflow-datasets "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); preparing it needs "
+            "TensorFlow and internet once, or pass a local copy with --config.data_dir."
+        ) from None
+    splits = {}
+    for split in ("train", "test"):
+        records = source[split]
+        # Decode every record once into one uint8 NHWC array (the data source decodes PNGs).
+        items = records.__getitems__(range(len(records))) if hasattr(records, "__getitems__") else [
+            records[i] for i in range(len(records))
+        ]
+        images = np.stack([np.asarray(item["image"], np.uint8) for item in items]) if items else np.zeros(
+            (0, *IMAGE_SHAPE), np.uint8
+        )
+        labels = np.asarray([int(item["label"]) for item in items], np.int32)
+        if images.shape[1:] != IMAGE_SHAPE:
+            raise DataError(f"tensorflow-datasets cifar10 {split} images have shape {images.shape[1:]}, expected {IMAGE_SHAPE}.")
+        splits[split] = (images, labels)
+    names = tuple(source["train"].dataset_info.features["label"].names)
+    return Cifar10(*splits["train"], *splits["test"], class_names=names)
+
+
+def check_images(images: Any, *, name: str = "images") -> np.ndarray:
+    """Validate a uint8 (N, 32, 32, 3) batch; raise ValueError with one clear sentence if not."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise ValueError(f"{name} must be uint8 RGB values 0..255, got dtype {images.dtype}.")
+    if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
+        raise ValueError(f"{name} must have shape (N, 32, 32, 3) NHWC, got {images.shape}.")
+    return images
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def augment_batch(
+    images: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    padding: int = 4,
+    cutout_size: int = 16,
+    cutout_prob: float = 0.5,
+    fill: Sequence[int] = CIFAR10_MEAN_UINT8,
+    flip: bool = True,
+) -> np.ndarray:
+    """RandomCrop(32, padding) with zeros, optional horizontal flip, Cutout; uint8 NHWC in and out.
+
+    Vectorized over the batch: the crop copies one slice per distinct offset (at most
+    (2*padding+1)^2 of them, however large the batch), flip and cutout are masked writes.
+    Cutout follows DeVries & Taylor: a `cutout_size` square whose centre is uniform over the
+    image, clipped at the border, applied with probability `cutout_prob`, filled with
+    `fill` (the dataset mean, so 0 after normalization). Deterministic for a given `rng` state.
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"augment_batch takes a uint8 NHWC batch, got {images.dtype} with shape {images.shape}.")
+    n, h, w, c = images.shape
+    # All random draws first, in a fixed order, so results depend only on the rng state.
+    offsets = rng.integers(0, 2 * padding + 1, size=(n, 2)) if padding else np.zeros((n, 2), np.int64)
+    flips = rng.random(n) < 0.5 if flip else None
+    centres = rng.integers(0, (h, w), size=(n, 2))
+    apply_cutout = rng.random(n) < cutout_prob if cutout_size > 0 else np.zeros(n, bool)
+
+    if padding:
+        padded = np.zeros((n, h + 2 * padding, w + 2 * padding, c), np.uint8)
+        padded[:, padding : padding + h, padding : padding + w] = images
+        out = np.empty_like(images)
+        codes = offsets[:, 0] * (2 * padding + 1) + offsets[:, 1]
+        order = np.argsort(codes, kind="stable")
+        bounds = np.flatnonzero(np.diff(codes[order])) + 1
+        for group in np.split(order, bounds):
+            dy, dx = offsets[group[0]]
+            out[group] = padded[group, dy : dy + h, dx : dx + w]
+    else:
+        out = images.copy()
+
+    if flips is not None and flips.any():
+        out[flips] = out[flips, :, ::-1]
+
+    if apply_cutout.any():
+        half = cutout_size // 2
+        y0 = np.clip(centres[:, 0] - half, 0, h)
+        y1 = np.clip(centres[:, 0] + half, 0, h)
+        x0 = np.clip(centres[:, 1] - half, 0, w)
+        x1 = np.clip(centres[:, 1] + half, 0, w)
+        rows, cols = np.arange(h), np.arange(w)
+        in_rows = (rows >= y0[:, None]) & (rows < y1[:, None]) & apply_cutout[:, None]
+        in_cols = (cols >= x0[:, None]) & (cols < x1[:, None])
+        mask = in_rows[:, :, None] & in_cols[:, None, :]
+        out[mask] = np.asarray(fill, np.uint8)
+    return out
+
+
+def normalize(images: Any, mean: Sequence[float], std: Sequence[float], dtype: Any = None) -> Any:
+    """uint8 NHWC -> (x / 255 - mean) / std as float32 (or `dtype`); works on numpy and jax arrays.
+
+    `mean` and `std` are per-channel in [0, 1]. Run inside jit so it happens on the device.
+    """
+    import jax.numpy as jnp
+
+    xp = jnp if not isinstance(images, np.ndarray) else np
+    scale = xp.asarray(1.0 / (255.0 * np.asarray(std, np.float32)), np.float32)
+    shift = xp.asarray(np.asarray(mean, np.float32) / np.asarray(std, np.float32), np.float32)
+    out = images.astype(np.float32) * scale - shift
+    return out.astype(dtype) if dtype is not None else out
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+@dataclasses.dataclass
+class Batch:
+    """A host batch: uint8 images (B, 32, 32, 3), int32 labels (B,), float32 weights (B,).
+
+    `weights` is 0 for padding rows that only fill the last evaluation batch.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    weights: np.ndarray
+
+
+def train_batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
+) -> Iterator[Batch]:
+    """One epoch of shuffled, augmented training batches; the last partial batch is dropped.
+
+    The shuffle and the augmentation draw from `np.random.default_rng([seed, epoch])`, so an
+    epoch is the same whether or not the run was resumed before it.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(images))
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        idx = np.sort(order[start : start + batch_size])  # sorted reads are faster; order inside a batch is irrelevant
+        batch_images = images[idx]
+        if augment is not None:
+            batch_images = augment(batch_images, rng)
+        yield Batch(batch_images, labels[idx], np.ones(batch_size, np.float32))
+
+
+def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int) -> Iterator[Batch]:
+    """Every example exactly once, in order; the last batch is padded to `batch_size` with weight 0."""
+    for start in range(0, len(images), batch_size):
+        batch_images = images[start : start + batch_size]
+        batch_labels = labels[start : start + batch_size]
+        weights = np.ones(len(batch_images), np.float32)
+        pad = batch_size - len(batch_images)
+        if pad:
+            batch_images = np.concatenate([batch_images, np.zeros((pad, *batch_images.shape[1:]), batch_images.dtype)])
+            batch_labels = np.concatenate([batch_labels, np.zeros(pad, batch_labels.dtype)])
+            weights = np.concatenate([weights, np.zeros(pad, np.float32)])
+        yield Batch(batch_images, batch_labels, weights)
+
+
+def prefetch(iterator: Iterator[Any], transfer: Callable[[Any], Any] = lambda x: x, size: int = 2) -> Iterator[Any]:
+    """Run `iterator` and `transfer` (e.g. a sharded `jax.device_put`) on a background thread.
+
+    Up to `size` items are prepared ahead, so the step never waits for augmentation or the
+    host-to-device copy. Exceptions in the producer re-raise in the consumer.
+    """
+    items: queue.Queue = queue.Queue(maxsize=size)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in iterator:
+                if stop.is_set():
+                    return
+                items.put(transfer(item))
+        except BaseException as e:  # surfaced to the consumer below
+            items.put(e)
+            return
+        items.put(done)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        # Unblock a producer waiting on a full queue so the thread can end.
+        while thread.is_alive():
+            try:
+                items.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)

@@ -1,0 +1,312 @@
+"""CIFAR ResNets (the "kuangliu" layout) in Flax linen, with PyTorch weight conversion.
+
+Layout: 3x3 stride-1 stem (`conv1`, `bn1`), no max-pool, four stages `layer1..layer4` of
+BasicBlocks at 64/128/256/512 channels (times `width / 64`) and 32/16/8/4 px, global average
+pool, linear head `linear`. Parameter names mirror the PyTorch reference
+(`layer2/0/shortcut/0` is the 1x1 conv of `layer2.0.shortcut.0`), so state dicts convert
+both ways by name.
+
+Every stage output is sown into the `intermediates` collection (`intermediates/layer3/output`)
+and passed through `perturb`, so Grad-CAM can take gradients with respect to it (`jaxcam.cam`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+STAGE_OUTPUT = "output"
+DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+
+# PyTorch's BatchNorm2d(momentum=0.1, eps=1e-5): Flax's momentum is the decay of the old value.
+BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+
+
+def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any) -> nn.Conv:
+    # Explicit symmetric padding like PyTorch's `padding=1`; "SAME" would pad (0, 1) at
+    # stride 2 and shift every feature map by a pixel relative to the reference.
+    pad = (kernel - 1) // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=False,
+        kernel_init=nn.initializers.kaiming_normal(),
+        dtype=dtype,
+        name=name,
+    )
+
+
+class Shortcut(nn.Module):
+    """Projection shortcut: `0` is the 1x1 conv and `1` the BatchNorm, as in `nn.Sequential`."""
+
+    features: int
+    stride: int
+    dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = _conv(self.features, 1, self.stride, "0", self.dtype)(x)
+        return BatchNorm(
+            use_running_average=not train, axis_name=self.bn_axis_name, dtype=self.dtype, name="1"
+        )(x)
+
+
+class BasicBlock(nn.Module):
+    """relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)); (N, H, W, C) -> (N, H/s, W/s, F)."""
+
+    features: int
+    stride: int = 1
+    dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        norm = functools.partial(
+            BatchNorm, use_running_average=not train, axis_name=self.bn_axis_name, dtype=self.dtype
+        )
+        out = _conv(self.features, 3, self.stride, "conv1", self.dtype)(x)
+        out = nn.relu(norm(name="bn1")(out))
+        out = _conv(self.features, 3, 1, "conv2", self.dtype)(out)
+        out = norm(name="bn2")(out)
+        if self.stride != 1 or x.shape[-1] != self.features:
+            x = Shortcut(self.features, self.stride, self.dtype, self.bn_axis_name, name="shortcut")(
+                x, train
+            )
+        return nn.relu(out + x)
+
+
+class Stage(nn.Module):
+    """A sequence of BasicBlocks named `0`, `1`, ... like `nn.Sequential`."""
+
+    features: int
+    num_blocks: int
+    stride: int
+    dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        for i in range(self.num_blocks):
+            stride = self.stride if i == 0 else 1
+            x = BasicBlock(self.features, stride, self.dtype, self.bn_axis_name, name=str(i))(x, train)
+        # The stage output, for Grad-CAM: a zero-valued `perturbations` variable (present only
+        # when that collection is passed to `apply`) whose gradient is the gradient of the
+        # output, and the output itself in `intermediates`. Both live under this stage's name
+        # (`intermediates/layer3/output`) because a variable may not share a submodule's name.
+        x = self.perturb(STAGE_OUTPUT, x)
+        self.sow("intermediates", STAGE_OUTPUT, x)
+        return x
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet. Input: normalized float images (N, 32, 32, 3) NHWC; output: logits (N, classes).
+
+    `width` is the stem/first-stage channel count (64 in the reference); `dtype` is the
+    compute dtype (parameters stay float32); `bn_axis_name` makes BatchNorm average its batch
+    statistics over that mapped axis (set by the data-parallel train step).
+    """
+
+    stage_sizes: Sequence[int]
+    num_classes: int = 10
+    width: int = 64
+    dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = x.astype(self.dtype)
+        x = _conv(self.width, 3, 1, "conv1", self.dtype)(x)
+        x = BatchNorm(
+            use_running_average=not train, axis_name=self.bn_axis_name, dtype=self.dtype, name="bn1"
+        )(x)
+        x = nn.relu(x)
+        for i, (name, blocks) in enumerate(zip(STAGES, self.stage_sizes)):
+            x = Stage(self.width * 2**i, blocks, 1 if i == 0 else 2, self.dtype, self.bn_axis_name, name=name)(
+                x, train
+            )
+        x = jnp.mean(x, axis=(1, 2))
+        x = nn.Dense(self.num_classes, dtype=self.dtype, name="linear")(x)
+        return x.astype(jnp.float32)
+
+
+def ResNet18(num_classes: int = 10, width: int = 64, **kwargs: Any) -> ResNet:
+    """ResNet18: 11,173,962 trainable parameters at width 64 and 10 classes."""
+    return ResNet(DEPTHS[18], num_classes=num_classes, width=width, **kwargs)
+
+
+def ResNet34(num_classes: int = 10, width: int = 64, **kwargs: Any) -> ResNet:
+    """ResNet34: 21,282,122 trainable parameters at width 64 and 10 classes."""
+    return ResNet(DEPTHS[34], num_classes=num_classes, width=width, **kwargs)
+
+
+MODELS = {"resnet18": ResNet18, "resnet34": ResNet34}
+
+
+def create_model(name: str, num_classes: int = 10, width: int = 64, **kwargs: Any) -> ResNet:
+    """Build a model by name ("resnet18" or "resnet34"); unknown names raise ValueError."""
+    key = name.lower()
+    if key not in MODELS:
+        raise ValueError(f"Unknown model {name!r}; choose one of {', '.join(MODELS)}.")
+    if width < 1:
+        raise ValueError(f"Model width must be a positive number of channels, got {width}.")
+    return MODELS[key](num_classes=num_classes, width=width, **kwargs)
+
+
+def init_variables(model: ResNet, rng: jax.Array, image_size: int = 32) -> dict:
+    """{'params', 'batch_stats'} for `model`, without the per-call `perturbations`/`intermediates`."""
+    variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
+    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a parameter tree."""
+    return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
+
+
+def summary(model: ResNet, image_size: int = 32) -> str:
+    """A torchsummary-like table in call order: layer, output shape, own parameters, totals."""
+    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), image_size))
+    flat_params = flax_traverse(variables["params"])
+    rows: list[list[Any]] = []
+
+    def record(next_fun, args, kwargs, context):
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        row = [".".join(context.module.path) or type(context.module).__name__, None, type(context.module).__name__]
+        rows.append(row)  # appended before the call, so parents precede their layers
+        out = next_fun(*args, **kwargs)
+        row[1] = out.shape
+        return out
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
+    lines = [f"{'Layer (type)':<40}{'Output Shape':>18}{'Param #':>12}", "=" * 70]
+    for name, shape, kind in rows[1:]:  # rows[0] is the whole model
+        path = tuple(name.split("."))
+        own = sum(int(np.prod(p.shape)) for k, p in flat_params.items() if k[:-1] == path)
+        lines.append(
+            f"{f'{name} ({kind})':<40}{str([-1, *shape[1:]]):>18}{(f'{own:,}' if own else '-'):>12}"
+        )
+    total = count_params(variables["params"])
+    lines += [
+        "=" * 70,
+        f"Total params: {total:,}",
+        f"Trainable params: {total:,}",
+        f"Non-trainable (BatchNorm running statistics): {count_params(variables['batch_stats']):,}",
+    ]
+    return "\n".join(lines)
+
+
+def flax_traverse(tree: Mapping) -> dict[tuple[str, ...], Any]:
+    """Flatten nested mappings to {path tuple: leaf}."""
+    out: dict[tuple[str, ...], Any] = {}
+
+    def walk(node: Any, prefix: tuple[str, ...]) -> None:
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(v, prefix + (str(k),))
+        else:
+            out[prefix] = node
+
+    walk(tree, ())
+    return out
+
+
+def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = value
+    return out
+
+
+def from_torch_state_dict(state_dict: Mapping[str, Any], width: int = 64, depth: int = 18) -> dict:
+    """PyTorch reference state dict (name -> array) to Flax `{'params', 'batch_stats'}`.
+
+    Conv weights (O, I, kh, kw) become kernels (kh, kw, I, O), Linear (O, I) becomes (I, O),
+    BatchNorm weight/bias/running_mean/running_var become scale/bias/mean/var;
+    `num_batches_tracked` is dropped. Tensors are accepted as anything `np.asarray` takes
+    (call `.cpu()` on CUDA tensors first). Shapes and names are checked against the model.
+    """
+    if depth not in DEPTHS:
+        raise ValueError(f"Unknown ResNet depth {depth}; choose one of {sorted(DEPTHS)}.")
+    num_classes = None
+    if "linear.weight" in state_dict:
+        num_classes = int(np.asarray(state_dict["linear.weight"]).shape[0])
+    model = ResNet(DEPTHS[depth], num_classes=num_classes or 10, width=width)
+    template = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+    expected = {("params",) + k: v for k, v in flax_traverse(template["params"]).items()}
+    expected.update({("batch_stats",) + k: v for k, v in flax_traverse(template["batch_stats"]).items()})
+
+    flat: dict[tuple[str, ...], np.ndarray] = {}
+    for name, tensor in state_dict.items():
+        *module, leaf = name.split(".")
+        module = tuple(module)
+        if leaf == "num_batches_tracked":
+            continue
+        array = np.asarray(tensor, dtype=np.float32)
+        if leaf == "weight" and array.ndim == 4:
+            flat[("params",) + module + ("kernel",)] = array.transpose(2, 3, 1, 0)
+        elif leaf == "weight" and array.ndim == 2:
+            flat[("params",) + module + ("kernel",)] = array.T
+        elif leaf == "weight":
+            flat[("params",) + module + ("scale",)] = array
+        elif leaf == "bias":
+            flat[("params",) + module + ("bias",)] = array
+        elif leaf in ("running_mean", "running_var"):
+            flat[("batch_stats",) + module + (leaf[len("running_") :],)] = array
+        else:
+            raise ValueError(f"Unexpected entry {name!r} in the state dict: not a ResNet{depth} tensor.")
+    missing = sorted(".".join(k) for k in expected.keys() - flat.keys())
+    extra = sorted(".".join(k) for k in flat.keys() - expected.keys())
+    if missing or extra:
+        raise ValueError(
+            f"State dict does not match ResNet{depth} at width {width}: "
+            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}."
+        )
+    for k, v in flat.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise ValueError(
+                f"State dict entry for {'.'.join(k[1:])} has shape {v.shape}, "
+                f"expected {tuple(expected[k].shape)} for ResNet{depth} at width {width}."
+            )
+    return _unflatten({k: jnp.asarray(v) for k, v in flat.items()})
+
+
+def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flax `{'params', 'batch_stats'}` to a PyTorch reference state dict of numpy arrays.
+
+    Load it with `model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})`.
+    """
+    out: dict[str, np.ndarray] = {}
+    for path, value in flax_traverse(variables["params"]).items():
+        *module, leaf = path
+        array = np.asarray(value, dtype=np.float32)
+        prefix = ".".join(module)
+        if leaf == "kernel" and array.ndim == 4:
+            out[f"{prefix}.weight"] = np.ascontiguousarray(array.transpose(3, 2, 0, 1))
+        elif leaf == "kernel":
+            out[f"{prefix}.weight"] = np.ascontiguousarray(array.T)
+        elif leaf == "scale":
+            out[f"{prefix}.weight"] = array
+        else:
+            out[f"{prefix}.bias"] = array
+    for path, value in flax_traverse(variables["batch_stats"]).items():
+        *module, leaf = path
+        prefix = ".".join(module)
+        out[f"{prefix}.running_{leaf}"] = np.asarray(value, dtype=np.float32)
+        out.setdefault(f"{prefix}.num_batches_tracked", np.zeros((), np.int64))
+    return out

@@ -1,0 +1,460 @@
+"""Data-parallel training of CIFAR ResNets: optimizer, train/eval steps, the epoch loop.
+
+The steps have pmap semantics, built with `jax.jit` over `jax.shard_map` on a one-axis
+device `Mesh` named 'batch': each device holds a replica of the state and a slice of the
+global batch; gradients, metrics and BatchNorm statistics are averaged with `lax.pmean`
+over 'batch'. The same code runs on 1 CPU, 1 GPU or 8 TPU cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from jaxcam import data as data_lib
+from jaxcam import models
+from jaxcam.checkpoint import Checkpointer, write_json
+from jaxcam.schedules import onecycle
+
+__all__ = [
+    "TrainState", "TrainingDiverged", "onecycle", "create_optimizer", "create_train_state",
+    "make_mesh", "make_train_step", "make_predict_fn", "evaluate", "train_and_evaluate",
+]
+
+AXIS = "batch"
+OPTIMIZERS = ("sgd", "adam", "adamw")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class TrainState(train_state.TrainState):
+    """Flax TrainState plus the BatchNorm running statistics."""
+
+    batch_stats: Any = None
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def create_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimizer of `config` with its one-cycle (or constant) schedule; returns (tx, lr_schedule).
+
+    SGD (momentum, nesterov) and Adam apply weight decay as L2 on the gradient, like
+    PyTorch's `weight_decay`; AdamW decays decoupled, like `torch.optim.AdamW`. With
+    `cycle_momentum`, SGD momentum / Adam beta1 follows the one-cycle momentum schedule.
+    """
+    name = config.optimizer.lower()
+    if name not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {config.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
+    max_lr = float(config.max_lr)
+    if not math.isfinite(max_lr) or max_lr <= 0:
+        raise ValueError(f"max_lr must be a positive number, got {config.max_lr!r}.")
+    if config.schedule == "onecycle":
+        lr, momentum = onecycle(
+            total_steps,
+            max_lr,
+            pct_start=config.pct_start,
+            div_factor=config.div_factor,
+            final_div_factor=config.final_div_factor,
+            anneal_strategy=config.anneal_strategy,
+            three_phase=config.three_phase,
+            base_momentum=config.base_momentum,
+            max_momentum=config.max_momentum,
+        )
+        if not config.cycle_momentum:
+            momentum = config.momentum
+    elif config.schedule == "constant":
+        lr, momentum = optax.constant_schedule(max_lr), config.momentum
+    else:
+        raise ValueError(f"Unknown schedule {config.schedule!r}; choose 'onecycle' or 'constant'.")
+    wd = config.weight_decay
+    if name == "sgd":
+        tx = optax.chain(
+            optax.add_decayed_weights(wd),
+            optax.inject_hyperparams(optax.sgd)(learning_rate=lr, momentum=momentum, nesterov=config.nesterov),
+        )
+    elif name == "adam":
+        tx = optax.chain(
+            optax.add_decayed_weights(wd),
+            optax.inject_hyperparams(optax.adam)(learning_rate=lr, b1=momentum, b2=config.beta2),
+        )
+    else:
+        tx = optax.inject_hyperparams(optax.adamw)(learning_rate=lr, b1=momentum, b2=config.beta2, weight_decay=wd)
+    return tx, lr
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example softmax cross-entropy (N,) of float32 logits (N, K) and int labels (N,)."""
+    targets = jax.nn.one_hot(labels, logits.shape[-1])
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def create_train_state(
+    model: models.ResNet, rng: jax.Array, tx: optax.GradientTransformation
+) -> TrainState:
+    variables = models.init_variables(model, rng)
+    return TrainState.create(
+        apply_fn=model.apply, params=variables["params"], tx=tx, batch_stats=variables["batch_stats"]
+    )
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def make_mesh(devices: list | None = None) -> Mesh:
+    """A one-axis mesh 'batch' over `devices` (default: all local devices)."""
+    return Mesh(np.asarray(devices if devices is not None else jax.local_devices()), (AXIS,))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Place a pytree on every device of `mesh` (one replica each)."""
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+    """Split the leading axis of each array in `batch` over the mesh's devices."""
+    return jax.device_put(batch, NamedSharding(mesh, P(AXIS)))
+
+
+def make_train_step(
+    model: models.ResNet,
+    mesh: Mesh,
+    mean: np.ndarray,
+    std: np.ndarray,
+    label_smoothing: float = 0.0,
+) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
+    """jit(shard_map(step)): (state, uint8 images (B, 32, 32, 3), labels (B,)) -> (state, metrics).
+
+    Each device normalizes its slice, runs the model with BatchNorm synchronized over
+    'batch' (so the update equals the single-device update for the same global batch), and
+    the gradients, metrics and new BatchNorm statistics are `pmean`-ed. The state buffers
+    are donated.
+    """
+    synced = model.clone(bn_axis_name=AXIS)
+
+    def step(state: TrainState, images: jax.Array, labels: jax.Array):
+        x = data_lib.normalize(images, mean, std)
+
+        def loss_fn(params):
+            logits, updates = synced.apply(
+                {"params": params, "batch_stats": state.batch_stats}, x, train=True, mutable=["batch_stats"]
+            )
+            loss = cross_entropy(logits, labels, label_smoothing).mean()
+            return loss, (logits, updates["batch_stats"])
+
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grads = jax.lax.pmean(grads, AXIS)
+        batch_stats = jax.lax.pmean(batch_stats, AXIS)
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+        metrics = jax.lax.pmean({"loss": loss, "accuracy": accuracy}, AXIS)
+        return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
+
+    sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=(P(), P()))
+    return jax.jit(sharded, donate_argnums=0)
+
+
+def make_predict_fn(model: models.ResNet, mesh: Mesh, mean: np.ndarray, std: np.ndarray) -> Callable:
+    """jit(shard_map): (variables, uint8 images (B, 32, 32, 3)) -> float32 logits (B, K), eval mode."""
+
+    def predict(variables, images):
+        return model.apply(variables, data_lib.normalize(images, mean, std), train=False)
+
+    return jax.jit(jax.shard_map(predict, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS)))
+
+
+def predict(
+    predict_fn: Callable, variables: Any, images: np.ndarray, batch_size: int, mesh: Mesh
+) -> np.ndarray:
+    """Logits (N, K) for every image exactly once, in fixed-size sharded batches."""
+    labels = np.zeros(len(images), np.int32)
+    outputs = []
+    batches = data_lib.prefetch(
+        data_lib.eval_batches(images, labels, batch_size),
+        transfer=lambda b: (shard_batch(b.images, mesh), int(b.weights.sum())),
+    )
+    for sharded_images, count in batches:
+        outputs.append((predict_fn(variables, sharded_images), count))
+    return np.concatenate([np.asarray(out)[:count] for out, count in outputs]) if outputs else np.zeros((0, 0), np.float32)
+
+
+def evaluate(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Mean cross-entropy, accuracy and the correct count of logits (N, K) against labels (N,)."""
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    loss = -log_probs[np.arange(len(labels)), labels].mean()
+    correct = int((logits.argmax(-1) == labels).sum())
+    return {"loss": float(loss), "accuracy": correct / len(labels), "correct": correct, "total": len(labels)}
+
+
+def per_class_accuracy(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Accuracy per true class, float (K,); NaN for a class without examples."""
+    totals = np.bincount(labels, minlength=num_classes)
+    hits = np.bincount(labels[predictions == labels], minlength=num_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return hits / totals
+
+
+# ----------------------------------------------------------------------------- run directory
+
+
+def create_run_dir(workdir: str | os.PathLike, name: str) -> Path:
+    """`<workdir>/<name>_<YYYYMMDD>_<HHMMSS>` (with a numeric suffix if that already exists)."""
+    workdir = Path(workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".jaxcam_write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"Cannot write to workdir {str(workdir)!r} ({e.strerror or e}).") from None
+    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+    run_dir = workdir / f"{name}_{stamp}"
+    suffix = 1
+    while True:
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            run_dir = workdir / f"{name}_{stamp}_{suffix}"
+            suffix += 1
+
+
+def latest_run_dir(workdir: str | os.PathLike) -> Path:
+    """The most recently created run directory (one with a config.json) in `workdir`."""
+    runs = sorted(
+        (p for p in Path(workdir).glob("*/config.json")), key=lambda p: p.stat().st_mtime
+    )
+    if not runs:
+        raise FileNotFoundError(f"No run directory with a config.json in {str(workdir)!r} to resume.")
+    return runs[-1].parent
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    history: list[dict]
+    run_dir: Path
+    test_logits: np.ndarray
+
+
+def _load_data(config: ml_collections.ConfigDict) -> data_lib.Cifar10:
+    return data_lib.load_cifar10(config.data_dir, tfds_data_dir=config.get("tfds_data_dir"))
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raise ValueError with one clear sentence for names and numbers that cannot work."""
+    if config.model.lower() not in models.MODELS:
+        raise ValueError(f"Unknown model {config.model!r}; choose one of {', '.join(models.MODELS)}.")
+    if config.optimizer.lower() not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {config.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
+    if config.dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {config.dtype!r}; choose one of {', '.join(DTYPES)}.")
+    if config.schedule not in ("onecycle", "constant"):
+        raise ValueError(f"Unknown schedule {config.schedule!r}; choose 'onecycle' or 'constant'.")
+    if config.anneal_strategy not in ("cos", "linear"):
+        raise ValueError(f"Unknown anneal_strategy {config.anneal_strategy!r}; choose 'cos' or 'linear'.")
+    for key in ("epochs", "batch_size", "eval_batch_size", "width"):
+        if not isinstance(config[key], int) or config[key] <= 0:
+            raise ValueError(f"config.{key} must be a positive integer, got {config[key]!r}.")
+    if config.max_lr != "auto" and not (isinstance(config.max_lr, (int, float)) and config.max_lr > 0):
+        raise ValueError(f"config.max_lr must be a positive number or 'auto', got {config.max_lr!r}.")
+
+
+def build(config: ml_collections.ConfigDict, num_classes: int) -> models.ResNet:
+    """The model of `config` (name, width, compute dtype)."""
+    if config.dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {config.dtype!r}; choose one of {', '.join(DTYPES)}.")
+    return models.create_model(config.model, num_classes=num_classes, width=config.width, dtype=DTYPES[config.dtype])
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    run_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    dataset: data_lib.Cifar10 | None = None,
+    devices: list | None = None,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train `config` in `run_dir` (config.json, history.json, checkpoints/), evaluating each epoch.
+
+    With `resume`, continue from the latest checkpoint in `run_dir`; the result equals an
+    uninterrupted run with the same seed. Raises TrainingDiverged if the loss turns NaN (the
+    last good checkpoint and history stay as they were).
+    """
+    run_dir = Path(run_dir)
+    validate_config(config)
+    if config.max_lr == "auto":
+        raise ValueError("config.max_lr is 'auto': run the LR range test first (train.py --find-lr).")
+    dataset = dataset if dataset is not None else _load_data(config)
+    mesh = make_mesh(devices)
+    num_devices = mesh.devices.size
+    for key in ("batch_size", "eval_batch_size"):
+        if config[key] <= 0 or config[key] % num_devices:
+            raise ValueError(f"{key} {config[key]} must be a positive multiple of the {num_devices} devices.")
+    if len(dataset.train_images) < config.batch_size:
+        raise ValueError(
+            f"batch_size {config.batch_size} is larger than the {len(dataset.train_images)} training images."
+        )
+    mean, std = dataset.mean, dataset.std
+    fill = tuple(int(round(v)) for v in mean * 255)
+    model = build(config, dataset.num_classes)
+    steps_per_epoch = len(dataset.train_images) // config.batch_size
+    total_steps = config.epochs * steps_per_epoch
+    tx, lr_schedule = create_optimizer(config, total_steps)
+    state = create_train_state(model, jax.random.key(config.seed), tx)
+
+    checkpointer = Checkpointer(run_dir)
+    history: list[dict] = []
+    start_epoch = 1
+    if resume:
+        state, meta = checkpointer.restore(state, "latest")
+        start_epoch = int(meta["epoch"]) + 1
+        history_path = run_dir / "history.json"
+        if history_path.exists():
+            history = [r for r in json.loads(history_path.read_text()) if r["epoch"] < start_epoch]
+        log(f"Resuming {run_dir} after epoch {start_epoch - 1}.")
+    else:
+        write_json(run_dir / "config.json", json.loads(config.to_json_best_effort()))
+        log(models.summary(model) if config.get("print_summary", True) else f"{config.model} width {config.width}")
+    best_acc = max((r["test_acc"] for r in history), default=-1.0)
+
+    train_step = make_train_step(model, mesh, mean, std, config.label_smoothing)
+    predict_fn = make_predict_fn(model, mesh, mean, std)
+    state = replicate(state, mesh)
+
+    def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return data_lib.augment_batch(
+            images,
+            rng,
+            padding=config.crop_padding,
+            cutout_size=config.cutout_size,
+            cutout_prob=config.cutout_prob,
+            fill=fill,
+            flip=config.flip,
+        )
+
+    writer = _summary_writer(run_dir, config)
+    test_logits = np.zeros((0, dataset.num_classes), np.float32)
+    try:
+        for epoch in range(start_epoch, config.epochs + 1):
+            started = time.perf_counter()
+            batches = data_lib.prefetch(
+                data_lib.train_batches(
+                    dataset.train_images, dataset.train_labels, config.batch_size,
+                    seed=config.seed, epoch=epoch, augment=augment if config.augment else None,
+                ),
+                transfer=lambda b: shard_batch((b.images, b.labels), mesh),
+                size=config.prefetch,
+            )
+            bar = tqdm(total=steps_per_epoch, desc=f"Epoch {epoch}/{config.epochs}", disable=not progress,
+                       dynamic_ncols=True, leave=True, file=sys.stdout)
+            pending: list[dict] = []
+            totals = {"loss": 0.0, "accuracy": 0.0, "steps": 0}
+
+            def drain(keep: int) -> None:
+                # Read the metrics of steps that are (almost surely) finished, keeping the newest
+                # `keep` in flight so the host never stalls the device queue.
+                while len(pending) > keep:
+                    m = jax.device_get(pending.pop(0))
+                    if not np.isfinite(m["loss"]):
+                        raise TrainingDiverged(
+                            f"The training loss became {float(m['loss'])} in epoch {epoch} (step "
+                            f"{totals['steps'] + 1}); stopped, and the last good checkpoint is kept."
+                        )
+                    totals["loss"] += float(m["loss"])
+                    totals["accuracy"] += float(m["accuracy"])
+                    totals["steps"] += 1
+                    bar.update(1)
+                if totals["steps"]:
+                    bar.set_postfix(loss=f"{totals['loss'] / totals['steps']:.4f}",
+                                    acc=f"{100 * totals['accuracy'] / totals['steps']:.2f}%", refresh=False)
+
+            for images, labels in batches:
+                state, metrics = train_step(state, images, labels)
+                pending.append(metrics)
+                drain(keep=2)
+            drain(keep=0)
+            bar.close()
+            train_time = time.perf_counter() - started
+
+            variables = {"params": state.params, "batch_stats": state.batch_stats}
+            test_logits = predict(predict_fn, variables, dataset.test_images, config.eval_batch_size, mesh)
+            test = evaluate(test_logits, dataset.test_labels)
+            record = {
+                "epoch": epoch,
+                "lr": float(lr_schedule(epoch * steps_per_epoch - 1)),
+                "train_loss": totals["loss"] / max(totals["steps"], 1),
+                "train_acc": totals["accuracy"] / max(totals["steps"], 1),
+                "test_loss": test["loss"],
+                "test_acc": test["accuracy"],
+                "epoch_time": train_time,
+            }
+            history.append(record)
+            log(
+                f"Test set: Average loss: {test['loss']:.4f}, "
+                f"Accuracy: {test['correct']}/{test['total']} ({100 * test['accuracy']:.2f}%)"
+            )
+            is_best = test["accuracy"] > best_acc
+            best_acc = max(best_acc, test["accuracy"])
+            checkpointer.save(epoch, state, {"test_acc": test["accuracy"], "test_loss": test["loss"]}, is_best)
+            write_json(run_dir / "history.json", history)
+            if writer is not None:
+                for key, value in record.items():
+                    if key != "epoch":
+                        writer.add_scalar(key, value, epoch)
+                writer.flush()
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, record)
+    finally:
+        checkpointer.wait()
+        checkpointer.close()
+        if writer is not None:
+            writer.close()
+
+    if len(test_logits):
+        predictions = test_logits.argmax(-1)
+        accuracies = per_class_accuracy(predictions, dataset.test_labels, dataset.num_classes)
+        log("Per-class test accuracy:")
+        for name, acc in zip(dataset.class_names, accuracies):
+            log(f"  {name:<12} {100 * acc:6.2f}%")
+    return TrainResult(state=state, history=history, run_dir=run_dir, test_logits=test_logits)
+
+
+def _summary_writer(run_dir: Path, config: ml_collections.ConfigDict):
+    """A TensorBoard writer (tensorboardX, no TensorFlow needed) in `run_dir/tensorboard`, if enabled."""
+    if not config.get("tensorboard", True):
+        return None
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))

@@ -1,0 +1,30 @@
+"""Train a CIFAR ResNet with jaxcam.
+
+    python train.py --workdir runs [--config configs/default.py] [--config.KEY=VALUE ...]
+    python train.py --workdir runs --resume [RUN_DIR]
+    python train.py --workdir runs --find-lr [--config.max_lr=auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jaxcam import cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="folder that receives the run directory")
+    parser.add_argument("--config", default="configs/default.py", help="Python config file with get_config()")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_DIR",
+                        help="continue a run from its latest checkpoint (default: the newest run in --workdir)")
+    parser.add_argument("--find-lr", action="store_true",
+                        help="run the LR range test first; with --config.max_lr=auto train with its suggestion")
+    parser.add_argument("--find-lr-only", action="store_true", help="run the LR range test and stop")
+    args, overrides = parser.parse_known_args(argv)
+    return cli.run_train(args, overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
