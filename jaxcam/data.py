@@ -195,33 +195,30 @@ def _assemble(read: Callable[[str], bytes], source: str) -> Cifar10:
 def _load_tfds(tfds_data_dir: str | None) -> Cifar10:
     import tensorflow_datasets as tfds
 
-    try:
-        source = tfds.data_source(
-            "cifar10",
-            data_dir=tfds_data_dir,
-            builder_kwargs={"file_format": "array_record"},
-        )
-    except Exception as e:
-        raise DataError(
-            "Could not load CIFAR-10 from tensorflow-datasets "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); preparing it needs "
-            "TensorFlow and internet once, or pass a local copy with --config.data_dir."
-        ) from None
     splits = {}
     for split in ("train", "test"):
-        records = source[split]
-        # Decode every record once into one uint8 NHWC array (the data source decodes PNGs).
-        items = records.__getitems__(range(len(records))) if hasattr(records, "__getitems__") else [
-            records[i] for i in range(len(records))
-        ]
-        images = np.stack([np.asarray(item["image"], np.uint8) for item in items]) if items else np.zeros(
-            (0, *IMAGE_SHAPE), np.uint8
-        )
+        try:
+            records = tfds.data_source(
+                "cifar10",
+                split=split,
+                data_dir=tfds_data_dir,
+                builder_kwargs={"file_format": "array_record"},
+            )
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise DataError(
+                f"Could not load CIFAR-10 from tensorflow-datasets ({type(e).__name__}: {first}); preparing "
+                "it needs TensorFlow and internet once, or pass a local copy with --config.data_dir."
+            ) from None
+        # Decode every record once into one uint8 NHWC array (the data source decodes the PNGs;
+        # 60k small images take a few seconds).
+        items = [records[i] for i in range(len(records))]
+        images = np.stack([np.asarray(item["image"], np.uint8) for item in items])
         labels = np.asarray([int(item["label"]) for item in items], np.int32)
         if images.shape[1:] != IMAGE_SHAPE:
             raise DataError(f"tensorflow-datasets cifar10 {split} images have shape {images.shape[1:]}, expected {IMAGE_SHAPE}.")
         splits[split] = (images, labels)
-    names = tuple(source["train"].dataset_info.features["label"].names)
+        names = tuple(records.dataset_info.features["label"].names)
     return Cifar10(*splits["train"], *splits["test"], class_names=names)
 
 

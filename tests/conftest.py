@@ -1,0 +1,84 @@
+"""Shared test setup: two host CPU devices (real data-parallel path), a persistent compilation
+cache, headless matplotlib, and small real/synthetic datasets."""
+
+import os
+import pickle
+import sys
+import tarfile
+from pathlib import Path
+
+# Must happen before JAX initializes its backends.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SUBSET = ROOT.parent / "shared" / "data" / "cifar10-subset"
+
+jax.config.update("jax_compilation_cache_dir", str(ROOT / ".jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+from jaxcam import data as data_lib  # noqa: E402
+
+
+def write_official_batches(folder: Path, images: np.ndarray, labels: np.ndarray, test_images, test_labels) -> Path:
+    """Write arrays in the official `cifar-10-batches-py` format (pickled dicts, planar rows)."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def dump(name, x, y):
+        rows = x.transpose(0, 3, 1, 2).reshape(len(x), 3072)
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"labels": [int(v) for v in y], b"data": rows}, f)
+
+    for i, (x, y) in enumerate(zip(np.array_split(images, 5), np.array_split(labels, 5)), start=1):
+        dump(f"data_batch_{i}", x, y)
+    dump("test_batch", test_images, test_labels)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [n.encode() for n in data_lib.CIFAR10_CLASSES], b"num_cases_per_batch": 10000}, f)
+    return folder
+
+
+def synthetic_arrays(n_train: int, n_test: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return (
+        rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8),
+        rng.integers(0, 10, n_train).astype(np.int32),
+        rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8),
+        rng.integers(0, 10, n_test).astype(np.int32),
+    )
+
+
+@pytest.fixture(scope="session")
+def official_folder(tmp_path_factory) -> Path:
+    """A generated `cifar-10-batches-py/` folder with 100 train and 30 test images."""
+    root = tmp_path_factory.mktemp("cifar")
+    return write_official_batches(root / "cifar-10-batches-py", *synthetic_arrays(100, 30))
+
+
+@pytest.fixture(scope="session")
+def official_archive(official_folder: Path, tmp_path_factory) -> Path:
+    """The same data as `cifar-10-python.tar.gz`."""
+    archive = tmp_path_factory.mktemp("archive") / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(official_folder, arcname="cifar-10-batches-py")
+    return archive
+
+
+@pytest.fixture(scope="session")
+def real_subset() -> data_lib.Cifar10:
+    """The real CIFAR-10 subset from ../shared when present (skipped otherwise)."""
+    if not SUBSET.is_dir():
+        pytest.skip("../shared/data/cifar10-subset is not present")
+    return data_lib.load_cifar10(SUBSET)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(real_subset) -> data_lib.Cifar10:
+    """128 real training and 40 real test images: enough for fast runs that use real pixels."""
+    d = real_subset
+    return data_lib.Cifar10(d.train_images[:128], d.train_labels[:128], d.test_images[:40], d.test_labels[:40], d.class_names)

@@ -1,0 +1,251 @@
+import pickle
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+
+from conftest import SUBSET, synthetic_arrays, write_official_batches
+from jaxcam import data as data_lib
+from jaxcam.data import DataError
+
+
+# ----------------------------------------------------------------------------- local loader
+
+
+def _check_matches_generated(d):
+    train_x, train_y, test_x, test_y = synthetic_arrays(100, 30)
+    np.testing.assert_array_equal(d.train_images, train_x)
+    np.testing.assert_array_equal(d.train_labels, train_y)
+    np.testing.assert_array_equal(d.test_images, test_x)
+    np.testing.assert_array_equal(d.test_labels, test_y)
+    assert d.train_images.dtype == np.uint8 and d.train_labels.dtype == np.int32
+    assert d.class_names == data_lib.CIFAR10_CLASSES
+
+
+def test_local_folder(official_folder):
+    _check_matches_generated(data_lib.load_cifar10(official_folder))
+
+
+def test_local_parent_folder(official_folder):
+    _check_matches_generated(data_lib.load_cifar10(official_folder.parent))
+
+
+def test_local_archive_and_folder_holding_it(official_archive):
+    _check_matches_generated(data_lib.load_cifar10(official_archive))
+    _check_matches_generated(data_lib.load_cifar10(official_archive.parent))
+
+
+def test_real_subset(real_subset):
+    d = real_subset
+    assert d.train_images.shape == (5085, 32, 32, 3) and d.test_images.shape == (1017, 32, 32, 3)
+    assert d.class_names[0] == "airplane" and d.class_names[9] == "truck"
+    np.testing.assert_allclose(d.mean, [0.4936, 0.4846, 0.4483], atol=1e-4)
+    np.testing.assert_allclose(d.std, [0.2481, 0.2446, 0.2621], atol=1e-4)
+    # The official first training image is a frog (label 6) with a dark top-left corner.
+    assert d.train_labels[0] == 6
+    assert set(np.bincount(d.test_labels, minlength=10)) and np.bincount(d.train_labels).min() > 400
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        data_lib.load_cifar10(tmp_path / "nope")
+
+
+def test_empty_folder(tmp_path):
+    with pytest.raises(DataError, match="No CIFAR-10 found"):
+        data_lib.load_cifar10(tmp_path)
+
+
+def test_missing_batch_file(official_folder, tmp_path):
+    folder = write_official_batches(tmp_path / "cifar-10-batches-py", *synthetic_arrays(100, 30))
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(DataError, match="missing the file 'data_batch_3'"):
+        data_lib.load_cifar10(folder)
+
+
+def test_truncated_batch_file(tmp_path):
+    folder = write_official_batches(tmp_path / "cifar-10-batches-py", *synthetic_arrays(100, 30))
+    raw = (folder / "data_batch_2").read_bytes()
+    (folder / "data_batch_2").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataError, match="data_batch_2 .* is truncated or not a CIFAR-10 batch file"):
+        data_lib.load_cifar10(folder)
+
+
+def test_malformed_batch_contents(tmp_path):
+    folder = write_official_batches(tmp_path / "cifar-10-batches-py", *synthetic_arrays(100, 30))
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.zeros((5, 100), np.uint8), b"labels": [0] * 5}, f)
+    with pytest.raises(DataError, match="uint8 rows of 3072 values"):
+        data_lib.load_cifar10(folder)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.zeros((5, 3072), np.uint8), b"labels": [0, 1, 2, 3, 12]}, f)
+    with pytest.raises(DataError, match="labels outside 0..9"):
+        data_lib.load_cifar10(folder)
+
+
+def test_corrupt_archive(tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    archive.write_bytes(b"\x1f\x8b\x08 definitely not a tarball")
+    with pytest.raises(DataError, match="not a readable tar.gz"):
+        data_lib.load_cifar10(archive)
+
+
+def test_tfds_path_under_mock_data():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=24):
+        d = data_lib.load_cifar10(None)
+        info_names = tfds.builder("cifar10").info.features["label"].names
+    assert d.train_images.shape == (24, 32, 32, 3) and d.train_images.dtype == np.uint8
+    assert d.test_images.shape == (24, 32, 32, 3)
+    assert d.train_labels.dtype == np.int32 and d.train_labels.max() < 10
+    assert d.class_names == tuple(info_names) and len(d.class_names) == 10
+    assert d.mean.shape == (3,) and np.all(d.std > 0)
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def _coordinate_images(n):
+    """Images whose pixels encode their own (row, col): channel 0 = row + 1, channel 1 = col + 1."""
+    rows, cols = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
+    image = np.stack([rows + 1, cols + 1, np.full_like(rows, 200)], -1).astype(np.uint8)
+    return np.repeat(image[None], n, 0)
+
+
+def test_random_crop_is_a_zero_padded_shift_within_range():
+    images = _coordinate_images(1500)
+    out = data_lib.augment_batch(images, np.random.default_rng(0), cutout_prob=0.0, flip=False)
+    shifts = set()
+    for img in out:
+        valid = img[..., 2] == 200
+        assert np.all(img[~valid] == 0)  # outside the source image: zero padding
+        r, c = np.nonzero(valid)
+        dy = int(img[r[0], c[0], 0]) - 1 - r[0]
+        dx = int(img[r[0], c[0], 1]) - 1 - c[0]
+        assert -4 <= dy <= 4 and -4 <= dx <= 4
+        # Every valid pixel is the source pixel shifted by the same offset.
+        np.testing.assert_array_equal(img[valid, 0].astype(int) - 1 - r, dy)
+        np.testing.assert_array_equal(img[valid, 1].astype(int) - 1 - c, dx)
+        assert valid.sum() == (32 - abs(dy)) * (32 - abs(dx))
+        shifts.add((dy, dx))
+    assert len(shifts) == 81  # all offsets occur
+
+
+def test_flip_mirrors_columns():
+    images = _coordinate_images(200)
+    out = data_lib.augment_batch(images, np.random.default_rng(1), padding=0, cutout_prob=0.0, flip=True)
+    flipped = out[:, 0, 0, 1] == 32
+    assert 60 < flipped.sum() < 140
+    np.testing.assert_array_equal(out[flipped], images[flipped][:, :, ::-1])
+    np.testing.assert_array_equal(out[~flipped], images[~flipped])
+
+
+def test_cutout_area_position_and_fill():
+    n = 2000
+    images = np.full((n, 32, 32, 3), 255, np.uint8)
+    fill = (10, 20, 30)
+    out = data_lib.augment_batch(images, np.random.default_rng(2), padding=0, flip=False, cutout_prob=1.0, fill=fill)
+    areas = []
+    for img in out:
+        hole = np.all(img == fill, -1)
+        assert np.all(img[~hole] == 255)
+        r, c = np.nonzero(hole)
+        h, w = r.max() - r.min() + 1, c.max() - c.min() + 1
+        assert hole.sum() == h * w  # a solid rectangle
+        # Clipped only at the border: a side shorter than 16 touches the image edge.
+        assert h == 16 or r.min() == 0 or r.max() == 31
+        assert w == 16 or c.min() == 0 or c.max() == 31
+        assert 8 <= h <= 16 and 8 <= w <= 16  # the centre lies inside the image
+        areas.append(h * w)
+    areas = np.array(areas)
+    # Centre uniform over 32 positions per axis: P(side 16) = 17/32, so P(full 16x16) ~ 0.28.
+    assert 0.22 < np.mean(areas == 256) < 0.34
+    assert areas.min() == 64  # a corner centre gives 8x8
+
+
+def test_cutout_probability():
+    images = np.full((4000, 32, 32, 3), 255, np.uint8)
+    out = data_lib.augment_batch(images, np.random.default_rng(3), padding=0, flip=False, cutout_prob=0.3, fill=(0, 0, 0))
+    applied = np.any(out == 0, axis=(1, 2, 3))
+    assert 0.27 < applied.mean() < 0.33
+
+
+def test_cutout_fill_is_zero_after_normalization(real_subset):
+    mean, std = real_subset.mean, real_subset.std
+    fill = tuple(int(round(v)) for v in mean * 255)
+    normalized = data_lib.normalize(np.array(fill, np.uint8).reshape(1, 1, 1, 3), mean, std)
+    assert np.all(np.abs(normalized) < 0.5 / 255 / std.min())
+
+
+def test_augment_is_deterministic_per_seed(real_subset):
+    x = real_subset.train_images[:256]
+    a = data_lib.augment_batch(x, np.random.default_rng(7))
+    b = data_lib.augment_batch(x, np.random.default_rng(7))
+    c = data_lib.augment_batch(x, np.random.default_rng(8))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert a.dtype == np.uint8 and a.shape == x.shape
+
+
+def test_augment_has_no_per_image_python_loop():
+    """The number of Python calls does not grow with the batch (bounded by 81 crop offsets)."""
+
+    def count_calls(n):
+        images = np.zeros((n, 32, 32, 3), np.uint8)
+        rng = np.random.default_rng(0)
+        calls = 0
+
+        def profiler(frame, event, arg):
+            nonlocal calls
+            if event in ("call", "c_call"):
+                calls += 1
+
+        sys.setprofile(profiler)
+        try:
+            data_lib.augment_batch(images, rng)
+        finally:
+            sys.setprofile(None)
+        return calls
+
+    assert count_calls(4096) == count_calls(16384)
+
+
+def test_augment_rejects_wrong_dtype():
+    with pytest.raises(ValueError, match="uint8 NHWC"):
+        data_lib.augment_batch(np.zeros((2, 32, 32, 3), np.float32), np.random.default_rng(0))
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def test_eval_batches_cover_every_example_once():
+    labels = np.arange(23, dtype=np.int32)
+    images = np.zeros((23, 32, 32, 3), np.uint8)
+    batches = list(data_lib.eval_batches(images, labels, 8))
+    assert [len(b.labels) for b in batches] == [8, 8, 8]
+    seen = np.concatenate([b.labels[b.weights > 0] for b in batches])
+    np.testing.assert_array_equal(seen, labels)
+    assert batches[-1].weights.sum() == 7
+
+
+def test_train_batches_shuffle_per_epoch_and_drop_remainder():
+    labels = np.arange(50, dtype=np.int32)
+    images = np.zeros((50, 32, 32, 3), np.uint8)
+    epoch1 = [b.labels for b in data_lib.train_batches(images, labels, 16, seed=0, epoch=1)]
+    epoch1_again = [b.labels for b in data_lib.train_batches(images, labels, 16, seed=0, epoch=1)]
+    epoch2 = [b.labels for b in data_lib.train_batches(images, labels, 16, seed=0, epoch=2)]
+    assert len(epoch1) == 3 and len(np.unique(np.concatenate(epoch1))) == 48
+    np.testing.assert_array_equal(np.concatenate(epoch1), np.concatenate(epoch1_again))
+    assert not np.array_equal(np.concatenate(epoch1), np.concatenate(epoch2))
+
+
+def test_prefetch_preserves_order_and_reraises():
+    assert list(data_lib.prefetch(iter(range(10)), transfer=lambda x: x * 2)) == list(range(0, 20, 2))
+
+    def broken():
+        yield 1
+        raise DataError("bad batch")
+
+    with pytest.raises(DataError, match="bad batch"):
+        list(data_lib.prefetch(broken()))

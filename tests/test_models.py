@@ -1,0 +1,98 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcam import models
+
+
+@pytest.mark.parametrize("factory, expected", [(models.ResNet18, 11_173_962), (models.ResNet34, 21_282_122)])
+def test_parameter_counts(factory, expected):
+    variables = jax.eval_shape(lambda: models.init_variables(factory(), jax.random.key(0)))
+    assert models.count_params(variables["params"]) == expected
+
+
+def test_layout_names_and_stage_shapes():
+    model = models.ResNet18(width=8)
+    variables = models.init_variables(model, jax.random.key(0))
+    params = variables["params"]
+    assert set(params) == {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "linear"}
+    assert set(params["layer2"]["0"]) == {"conv1", "bn1", "conv2", "bn2", "shortcut"}
+    assert "shortcut" not in params["layer1"]["0"]
+    assert params["layer2"]["0"]["shortcut"]["0"]["kernel"].shape == (1, 1, 8, 16)
+    _, state = model.apply(variables, jnp.zeros((2, 32, 32, 3)), mutable=["intermediates"])
+    shapes = {name: state["intermediates"][name]["output"][0].shape for name in models.STAGES}
+    assert shapes == {"layer1": (2, 32, 32, 8), "layer2": (2, 16, 16, 16), "layer3": (2, 8, 8, 32), "layer4": (2, 4, 4, 64)}
+
+
+def test_stride2_padding_is_symmetric_like_pytorch():
+    # A 3x3 conv with stride 2 and padding 1 on a 4x4 input reads rows -1..1 for output 0.
+    conv = models._conv(1, 3, 2, "c", jnp.float32)
+    x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+    kernel = jnp.zeros((3, 3, 1, 1)).at[0, 0, 0, 0].set(1.0)  # picks the top-left tap
+    y = conv.apply({"params": {"kernel": kernel}}, x)
+    # Output (i, j) reads input (2i - 1, 2j - 1): zero padding at the border, then x[1,1].
+    np.testing.assert_array_equal(np.asarray(y)[0, :, :, 0], [[0, 0], [0, 5]])
+
+
+def test_torch_state_dict_round_trip():
+    variables = models.init_variables(models.ResNet18(width=4), jax.random.key(1))
+    variables = jax.tree_util.tree_map(lambda x: x + np.random.default_rng(0).normal(size=x.shape).astype(np.float32), variables)
+    state_dict = models.to_torch_state_dict(variables)
+    assert state_dict["conv1.weight"].shape == (4, 3, 3, 3)
+    assert state_dict["layer2.0.shortcut.0.weight"].shape == (8, 4, 1, 1)
+    assert state_dict["layer2.0.shortcut.1.running_var"].shape == (8,)
+    assert state_dict["linear.weight"].shape == (10, 32)
+    assert "bn1.num_batches_tracked" in state_dict
+    back = models.from_torch_state_dict(state_dict, width=4, depth=18)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back, variables)
+
+
+def test_from_torch_state_dict_rejects_a_mismatch():
+    state_dict = models.to_torch_state_dict(models.init_variables(models.ResNet18(width=4), jax.random.key(1)))
+    with pytest.raises(ValueError, match="does not match ResNet34"):
+        models.from_torch_state_dict(state_dict, width=4, depth=34)
+    with pytest.raises(ValueError, match="shape"):
+        models.from_torch_state_dict(state_dict, width=8, depth=18)
+
+
+def test_forward_matches_pytorch_reference():
+    torch = pytest.importorskip("torch")
+    from bench.torch_resnet import ResNet18 as TorchResNet18
+
+    torch.manual_seed(0)
+    reference = TorchResNet18(width=8)
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        for module in reference.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    variables = models.from_torch_state_dict(reference.state_dict(), width=8)
+    x = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
+    ours = models.ResNet18(width=8)
+    reference.eval()
+    expected = reference(torch.from_numpy(x.transpose(0, 3, 1, 2))).detach().numpy()
+    np.testing.assert_allclose(ours.apply(variables, x, train=False), expected, rtol=1e-4, atol=1e-4)
+    # Training mode: batch statistics, and the running-mean update with PyTorch's momentum 0.1.
+    reference.train()
+    expected = reference(torch.from_numpy(x.transpose(0, 3, 1, 2))).detach().numpy()
+    logits, updates = ours.apply(variables, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(logits, expected, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(
+        updates["batch_stats"]["bn1"]["mean"], reference.bn1.running_mean.numpy(), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_summary_lists_layers_in_order_with_totals():
+    text = models.summary(models.ResNet18())
+    lines = text.splitlines()
+    assert lines[2].startswith("conv1 (Conv)") and "[-1, 32, 32, 64]" in lines[2] and "1,728" in lines[2]
+    assert any(l.startswith("layer4.1.conv2 (Conv)") and "[-1, 4, 4, 512]" in l for l in lines)
+    assert "Total params: 11,173,962" in text
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="Unknown model 'resnet50'"):
+        models.create_model("resnet50")
