@@ -164,7 +164,12 @@ def make_train_step(
             loss = cross_entropy(logits, labels, label_smoothing).mean()
             return loss, (logits, updates["batch_stats"])
 
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        # Differentiate with respect to a per-device ("varying") view of the replicated
+        # parameters, so each device gets the gradient of its own slice (pmap semantics) and the
+        # pmean below is the one averaging over devices. (Differentiating the replicated params
+        # directly would make shard_map psum the cotangents implicitly.)
+        local_params = jax.lax.pcast(state.params, AXIS, to="varying")
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(local_params)
         grads = jax.lax.pmean(grads, AXIS)
         batch_stats = jax.lax.pmean(batch_stats, AXIS)
         accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)

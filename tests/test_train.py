@@ -1,0 +1,220 @@
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import train as train_cli
+from conftest import ROOT
+from jaxcam import models
+from jaxcam import train as train_lib
+from jaxcam.checkpoint import Checkpointer, load_variables
+from jaxcam.configuration import apply_overrides, load_config_file
+
+
+def tiny_config(**overrides):
+    config = load_config_file(ROOT / "configs" / "default.py")
+    config.update(dict(width=4, epochs=2, batch_size=32, eval_batch_size=16, print_summary=False, tensorboard=False,
+                       max_lr=0.05, prefetch=2))
+    config.update(overrides)
+    return config
+
+
+def test_two_cpu_devices_are_available():
+    assert jax.device_count() == 2, "conftest sets --xla_force_host_platform_device_count=2"
+
+
+def test_data_parallel_step_equals_single_device_step(tiny_dataset):
+    model = models.ResNet18(width=4)
+    mean, std = tiny_dataset.mean, tiny_dataset.std
+    tx = optax.sgd(0.1, momentum=0.9)
+    images, labels = tiny_dataset.train_images[:16], tiny_dataset.train_labels[:16]
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()[:2]):
+        mesh = train_lib.make_mesh(devices)
+        step = train_lib.make_train_step(model, mesh, mean, std, label_smoothing=0.1)
+        state = train_lib.replicate(train_lib.create_train_state(model, jax.random.key(0), tx), mesh)
+        # One step: later steps amplify float rounding through near-constant BatchNorm channels
+        # of this 4-channel model, which says nothing about the semantics compared here.
+        state, metrics = step(state, *train_lib.shard_batch((images, labels), mesh))
+        assert len(state.params["conv1"]["kernel"].sharding.device_set) == len(devices)
+        results.append(jax.device_get((state.params, state.batch_stats, state.opt_state, metrics)))
+    (p1, s1, o1, m1), (p2, s2, o2, m2) = results
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    jax.tree_util.tree_map(close, p1, p2)
+    jax.tree_util.tree_map(close, s1, s2)
+    jax.tree_util.tree_map(close, o1, o2)  # the momentum buffer is the averaged gradient
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+    assert m1["accuracy"] == m2["accuracy"]
+    # The step changed the parameters (it is not a no-op that trivially matches).
+    init = models.init_variables(model, jax.random.key(0))["params"]
+    assert not np.allclose(p1["linear"]["kernel"], init["linear"]["kernel"])
+
+
+def test_cross_entropy_with_label_smoothing():
+    logits = np.array([[2.0, 0.0, -1.0]], np.float32)
+    log_probs = logits - np.log(np.exp(logits).sum())
+    expected = -(0.9 * log_probs[0, 0] + 0.1 / 3 * log_probs[0].sum())
+    np.testing.assert_allclose(train_lib.cross_entropy(logits, np.array([0]), 0.1), [expected], rtol=1e-6)
+
+
+def test_resume_equals_uninterrupted(tiny_dataset, tmp_path):
+    config = tiny_config()
+    full = train_lib.train_and_evaluate(config, tmp_path / "full", dataset=tiny_dataset, progress=False, log=lambda s: None)
+
+    def stop_after_first(epoch, record):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    (tmp_path / "resumed").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        train_lib.train_and_evaluate(config, tmp_path / "resumed", dataset=tiny_dataset, progress=False,
+                                     on_epoch_end=stop_after_first, log=lambda s: None)
+    assert Checkpointer(tmp_path / "resumed", create=False).latest_epoch() == 1
+    resumed = train_lib.train_and_evaluate(config, tmp_path / "resumed", resume=True, dataset=tiny_dataset,
+                                           progress=False, log=lambda s: None)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(full.state.params),
+                           jax.device_get(resumed.state.params))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(full.state.opt_state),
+                           jax.device_get(resumed.state.opt_state))
+    assert [r["test_acc"] for r in full.history] == [r["test_acc"] for r in resumed.history]
+    assert len(json.loads((tmp_path / "resumed" / "history.json").read_text())) == 2
+    assert int(resumed.state.step) == 2 * (128 // 32)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, tmp_path):
+    config = tiny_config()
+
+    def stop_after_first(epoch, record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_lib.train_and_evaluate(config, tmp_path, dataset=tiny_dataset, progress=False,
+                                     on_epoch_end=stop_after_first, log=lambda s: None)
+    good, meta = load_variables(tmp_path, "latest")
+    diverging = tiny_config(max_lr=1e30)
+    with pytest.raises(train_lib.TrainingDiverged, match="loss became (nan|inf).*epoch 2"):
+        train_lib.train_and_evaluate(diverging, tmp_path, resume=True, dataset=tiny_dataset, progress=False,
+                                     log=lambda s: None)
+    kept, meta_after = load_variables(tmp_path, "latest")
+    assert meta_after["epoch"] == meta["epoch"] == 1
+    jax.tree_util.tree_map(np.testing.assert_array_equal, good, kept)
+    assert [r["epoch"] for r in json.loads((tmp_path / "history.json").read_text())] == [1]
+
+
+def test_optimizers_build_and_unknown_names_fail():
+    for name in ("sgd", "adam", "adamw"):
+        tx, lr = train_lib.create_optimizer(tiny_config(optimizer=name), total_steps=10)
+        params = {"w": np.ones(3, np.float32)}
+        updates, _ = tx.update({"w": np.ones(3, np.float32)}, tx.init(params), params)
+        assert np.all(np.asarray(updates["w"]) < 0)
+    with pytest.raises(ValueError, match="Unknown optimizer 'lamb'"):
+        train_lib.create_optimizer(tiny_config(optimizer="lamb"), total_steps=10)
+
+
+def test_sgd_matches_torch_sgd_with_weight_decay_and_nesterov():
+    torch = pytest.importorskip("torch")
+    config = tiny_config(schedule="constant", max_lr=0.1, cycle_momentum=False, momentum=0.9, weight_decay=5e-4)
+    tx, _ = train_lib.create_optimizer(config, total_steps=5)
+    w0 = np.array([1.0, -2.0, 3.0], np.float32)
+    grads = [np.array([0.5, 0.1, -0.3], np.float32) * (k + 1) for k in range(5)]
+    params, opt_state = {"w": w0}, tx.init({"w": w0})
+    for g in grads:
+        updates, opt_state = tx.update({"w": g}, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    w = torch.nn.Parameter(torch.tensor(w0))
+    optimizer = torch.optim.SGD([w], lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    for g in grads:
+        w.grad = torch.tensor(g)
+        optimizer.step()
+    np.testing.assert_allclose(params["w"], w.detach().numpy(), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def run_cli(args, capsys):
+    code = train_cli.main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+TINY = ["--config", ROOT / "configs" / "smoke.py", "--config.width=4", "--config.epochs=1", "--config.batch_size=32",
+        "--config.eval_batch_size=16", "--config.tensorboard=False"]
+
+
+def test_cli_trains_and_writes_the_run_directory(official_folder, tmp_path, capsys):
+    code, out, err = run_cli(["--workdir", tmp_path, *TINY, f"--config.data_dir={str(official_folder)!r}"], capsys)
+    assert code == 0, err
+    (run_dir,) = tmp_path.iterdir()
+    assert run_dir.name.startswith("smoke_") and len(run_dir.name) == len("smoke_YYYYMMDD_HHMMSS")
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["width"] == 4 and config["data_dir"] == str(official_folder)
+    (record,) = json.loads((run_dir / "history.json").read_text())
+    assert set(record) >= {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc"}
+    assert (run_dir / "checkpoints" / "latest" / "1").is_dir() and (run_dir / "checkpoints" / "best" / "1").is_dir()
+    assert "Accuracy: " in out and "/30 (" in out
+    variables, meta = load_variables(run_dir)
+    assert meta["epoch"] == 1 and variables["params"]["conv1"]["kernel"].shape == (3, 3, 3, 4)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--config.model='resnet50'"], "Unknown model 'resnet50'"),
+        (["--config.optimizer='lamb'"], "Unknown optimizer 'lamb'"),
+        (["--config.epoch=3"], "Unknown config key 'epoch'"),
+        (["--config.batch_size=big"], "takes a int"),
+        (["--config.data_dir='/nonexistent/cifar'"], "does not exist"),
+    ],
+)
+def test_cli_bad_input_gives_one_clear_error(extra, message, official_folder, tmp_path, capsys):
+    code, out, err = run_cli(["--workdir", tmp_path, *TINY, f"--config.data_dir={str(official_folder)!r}", *extra], capsys)
+    assert code == 1
+    assert message in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())  # no run directory left behind
+
+
+def test_cli_truncated_data(tmp_path, capsys):
+    from conftest import synthetic_arrays, write_official_batches
+
+    folder = write_official_batches(tmp_path / "data" / "cifar-10-batches-py", *synthetic_arrays(100, 30))
+    raw = (folder / "data_batch_4").read_bytes()
+    (folder / "data_batch_4").write_bytes(raw[:1000])
+    code, _, err = run_cli(["--workdir", tmp_path / "runs", *TINY, f"--config.data_dir={str(folder)!r}"], capsys)
+    assert code == 1 and "data_batch_4" in err and "truncated" in err
+
+
+def test_cli_unwritable_workdir(official_folder, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, _, err = run_cli(["--workdir", blocker / "runs", *TINY, f"--config.data_dir={str(official_folder)!r}"], capsys)
+    assert code == 1 and "Cannot write to workdir" in err
+
+
+def test_cli_resume_with_corrupt_checkpoint(official_folder, tmp_path, capsys):
+    code, _, err = run_cli(["--workdir", tmp_path, *TINY, f"--config.data_dir={str(official_folder)!r}"], capsys)
+    assert code == 0, err
+    (run_dir,) = tmp_path.iterdir()
+    history_before = (run_dir / "history.json").read_text()
+    for f in (run_dir / "checkpoints" / "latest" / "1" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    code, _, err = run_cli(["--workdir", tmp_path, "--resume"], capsys)
+    assert code == 1 and "corrupt" in err and len(err.strip().splitlines()) == 1
+    assert (run_dir / "history.json").read_text() == history_before
+
+
+def test_cli_resume_without_runs(tmp_path, capsys):
+    code, _, err = run_cli(["--workdir", tmp_path, "--resume"], capsys)
+    assert code == 1 and "No run directory" in err
+
+
+def test_overrides_parse_types():
+    config = tiny_config()
+    apply_overrides(config, ["--config.max_lr=1", "--config.flip=False", "--config.lr_finder.num_iter=7",
+                             "--config.data_dir=/some/where", "--config.max_lr=auto"])
+    assert config.max_lr == "auto" and config.flip is False and config.lr_finder.num_iter == 7
+    assert config.data_dir == "/some/where"
