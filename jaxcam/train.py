@@ -87,20 +87,28 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> tup
         lr, momentum = optax.constant_schedule(max_lr), config.momentum
     else:
         raise ValueError(f"Unknown schedule {config.schedule!r}; choose 'onecycle' or 'constant'.")
+    return optimizer_with_schedule(config, lr, momentum), lr
+
+
+def optimizer_with_schedule(
+    config: ml_collections.ConfigDict, lr: float | optax.Schedule, momentum: float | optax.Schedule
+) -> optax.GradientTransformation:
+    """The optimizer named by `config.optimizer` with the given learning rate and momentum/beta1."""
+    name = config.optimizer.lower()
+    if name not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {config.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
     wd = config.weight_decay
     if name == "sgd":
-        tx = optax.chain(
+        return optax.chain(
             optax.add_decayed_weights(wd),
             optax.inject_hyperparams(optax.sgd)(learning_rate=lr, momentum=momentum, nesterov=config.nesterov),
         )
-    elif name == "adam":
-        tx = optax.chain(
+    if name == "adam":
+        return optax.chain(
             optax.add_decayed_weights(wd),
             optax.inject_hyperparams(optax.adam)(learning_rate=lr, b1=momentum, b2=config.beta2),
         )
-    else:
-        tx = optax.inject_hyperparams(optax.adamw)(learning_rate=lr, b1=momentum, b2=config.beta2, weight_decay=wd)
-    return tx, lr
+    return optax.inject_hyperparams(optax.adamw)(learning_rate=lr, b1=momentum, b2=config.beta2, weight_decay=wd)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:

@@ -1,0 +1,222 @@
+"""LR range test with the semantics of pytorch-lr-finder's `range_test` and `plot(suggest_lr=True)`.
+
+Train for `num_iter` steps while the learning rate sweeps from `start_lr` to `end_lr`
+(exponentially by default); record the loss smoothed by an exponential moving average;
+stop once the smoothed loss exceeds `diverge_th` times the best one. The suggestion is the
+learning rate at the steepest descent (most negative `np.gradient`) of the smoothed loss
+after dropping `skip_start` / `skip_end` points. The caller's model and optimizer state are
+left untouched: the test runs on copies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxcam import data as data_lib
+from jaxcam import train as train_lib
+
+
+@dataclasses.dataclass
+class RangeTestResult:
+    """The learning rate of each step and its (smoothed) loss; `diverged` if stopped early."""
+
+    lrs: list[float]
+    losses: list[float]
+    diverged: bool
+
+
+def lr_sequence(start_lr: float, end_lr: float, num_iter: int, step_mode: str = "exp") -> np.ndarray:
+    """Learning rate of step i: exp `start * (end / start) ** (i / (n - 1))`, linear `start + (end - start) * i / (n - 1)`."""
+    if num_iter < 2:
+        raise ValueError(f"num_iter must be at least 2, got {num_iter}.")
+    if not 0 < start_lr < end_lr:
+        raise ValueError(f"The range test needs 0 < start_lr < end_lr, got {start_lr} and {end_lr}.")
+    r = np.arange(num_iter) / (num_iter - 1)
+    if step_mode == "exp":
+        return start_lr * (end_lr / start_lr) ** r
+    if step_mode == "linear":
+        return start_lr + r * (end_lr - start_lr)
+    raise ValueError(f"Unknown step_mode {step_mode!r}; choose 'exp' or 'linear'.")
+
+
+def smooth_and_stop(losses: Iterable[float], smooth_f: float = 0.05, diverge_th: float = 5.0) -> tuple[list[float], bool]:
+    """pytorch-lr-finder's bookkeeping: EMA-smoothed losses, cut after the first divergent one.
+
+    s_0 = l_0; s_i = smooth_f * l_i + (1 - smooth_f) * s_{i-1}; stop (keeping s_i) when
+    s_i > diverge_th * min(s_0..s_i). Returns (smoothed losses, diverged).
+    """
+    history: list[float] = []
+    best = None
+    for i, loss in enumerate(losses):
+        loss = float(loss)
+        if i > 0 and smooth_f > 0:
+            loss = smooth_f * loss + (1 - smooth_f) * history[-1]
+        best = loss if best is None else min(best, loss)
+        history.append(loss)
+        if not np.isfinite(loss) or loss > diverge_th * best:
+            return history, True
+    return history, False
+
+
+def suggest_lr(lrs: list[float], losses: list[float], skip_start: int = 10, skip_end: int = 5) -> tuple[int, float]:
+    """(index into `lrs`, lr) of the steepest loss descent after trimming; ValueError if too few points."""
+    if skip_start < 0 or skip_end < 0:
+        raise ValueError("skip_start and skip_end must be non-negative.")
+    end = len(lrs) - skip_end
+    trimmed = np.asarray(losses[skip_start:end], np.float64)
+    if len(trimmed) < 2:
+        raise ValueError(
+            f"Too few points for a suggestion: {len(lrs)} recorded, {len(trimmed)} left after skipping "
+            f"{skip_start} at the start and {skip_end} at the end; run more iterations or skip fewer."
+        )
+    index = int(np.gradient(trimmed).argmin())
+    return skip_start + index, float(lrs[skip_start + index])
+
+
+def range_test(
+    model: Any,
+    variables: dict,
+    make_optimizer: Callable[[optax.Schedule], optax.GradientTransformation],
+    batches: Iterator[tuple[np.ndarray, np.ndarray]],
+    *,
+    mean: np.ndarray,
+    std: np.ndarray,
+    start_lr: float = 1e-5,
+    end_lr: float = 10.0,
+    num_iter: int = 100,
+    step_mode: str = "exp",
+    smooth_f: float = 0.05,
+    diverge_th: float = 5.0,
+    label_smoothing: float = 0.0,
+    val_data: tuple[np.ndarray, np.ndarray] | None = None,
+    val_batch_size: int = 500,
+    mesh: Any = None,
+    progress: bool = True,
+) -> RangeTestResult:
+    """Run the range test from `variables` ({'params', 'batch_stats'}) with BatchNorm in training mode.
+
+    `make_optimizer(schedule)` builds the optimizer with the given lr schedule (the test's
+    sweep). `batches` yields uint8 images (B, 32, 32, 3) and labels (B,). With `val_data`
+    (images, labels) the recorded loss is the validation loss after each step (slower, as in
+    pytorch-lr-finder's `val_loader` mode). Runs data-parallel over `mesh` (all local devices).
+    """
+    lrs = lr_sequence(start_lr, end_lr, num_iter, step_mode)
+    schedule = lambda count: jnp.asarray(lrs, jnp.float32)[jnp.minimum(count, num_iter - 1)]
+    tx = make_optimizer(schedule)
+    mesh = mesh if mesh is not None else train_lib.make_mesh()
+    # Copies, because the train step donates its state buffers: the caller's arrays stay valid.
+    copied = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), variables)
+    state = train_lib.TrainState.create(apply_fn=model.apply, params=copied["params"], tx=tx,
+                                        batch_stats=copied["batch_stats"])
+    state = train_lib.replicate(state, mesh)
+    step = train_lib.make_train_step(model, mesh, mean, std, label_smoothing)
+    predict_fn = train_lib.make_predict_fn(model, mesh, mean, std) if val_data is not None else None
+
+    raw: list[float] = []
+    smoothed: list[float] = []
+    diverged = False
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=num_iter, desc="LR range test", disable=not progress)
+    for i, (images, labels) in enumerate(itertools.islice(batches, num_iter)):
+        state, metrics = step(state, *train_lib.shard_batch((images, labels), mesh))
+        if val_data is not None:
+            logits = train_lib.predict(predict_fn, {"params": state.params, "batch_stats": state.batch_stats},
+                                       val_data[0], val_batch_size, mesh)
+            loss = train_lib.evaluate(logits, val_data[1])["loss"]
+        else:
+            loss = float(metrics["loss"])
+        raw.append(loss)
+        smoothed, diverged = smooth_and_stop(raw, smooth_f, diverge_th)
+        bar.update(1)
+        bar.set_postfix(lr=f"{lrs[i]:.2e}", loss=f"{smoothed[-1]:.4f}", refresh=False)
+        if diverged:
+            break
+    bar.close()
+    return RangeTestResult(lrs=[float(v) for v in lrs[: len(smoothed)]], losses=smoothed, diverged=diverged)
+
+
+def plot(result: RangeTestResult, path: str | Path, *, skip_start: int = 10, skip_end: int = 5,
+         suggestion: tuple[int, float] | None = None) -> None:
+    """Loss against learning rate (log axis) with the suggestion marked; saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    end = len(result.lrs) - skip_end
+    lrs, losses = result.lrs[skip_start:end], result.losses[skip_start:end]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    ax.plot(lrs, losses, color="#1f77b4", lw=1.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("Learning rate")
+    ax.set_ylabel("Smoothed training loss")
+    title = "LR range test"
+    if suggestion is not None:
+        index, lr = suggestion
+        ax.scatter([lr], [result.losses[index]], s=90, marker="o", color="#d62728", zorder=3,
+                   label=f"steepest descent: {lr:.2e}")
+        ax.legend(loc="upper left")
+        title += f" (suggested max LR {lr:.2e})"
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_for_config(config: Any, dataset: data_lib.Cifar10, run_dir: str | Path, *, progress: bool = True) -> float | None:
+    """The range test of `config.lr_finder` on the config's model; writes `lr_finder.png` and
+    `lr_finder.json` in `run_dir`, prints and returns the suggested LR (None if too few points)."""
+    run_dir = Path(run_dir)
+    settings = config.lr_finder
+    model = train_lib.build(config, dataset.num_classes)
+    variables = train_lib.models.init_variables(model, jax.random.key(config.seed))
+
+    def make_optimizer(schedule: optax.Schedule) -> optax.GradientTransformation:
+        # The training optimizer with the sweep as its lr and a constant momentum, as
+        # pytorch-lr-finder runs the user's optimizer.
+        return train_lib.optimizer_with_schedule(config, schedule, config.momentum)
+
+    fill = tuple(int(round(v)) for v in dataset.mean * 255)
+
+    def epochs() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for epoch in itertools.count(1):
+            for batch in data_lib.train_batches(
+                dataset.train_images, dataset.train_labels, config.batch_size, seed=config.seed + 7919, epoch=epoch,
+                augment=(lambda x, rng: data_lib.augment_batch(x, rng, padding=config.crop_padding,
+                         cutout_size=config.cutout_size, cutout_prob=config.cutout_prob, fill=fill, flip=config.flip))
+                if config.augment else None,
+            ):
+                yield batch.images, batch.labels
+
+    result = range_test(
+        model, variables, make_optimizer, epochs(), mean=dataset.mean, std=dataset.std,
+        start_lr=settings.start_lr, end_lr=settings.end_lr, num_iter=settings.num_iter, step_mode=settings.step_mode,
+        smooth_f=settings.smooth_f, diverge_th=settings.diverge_th, label_smoothing=config.label_smoothing,
+        progress=progress,
+    )
+    try:
+        suggestion = suggest_lr(result.lrs, result.losses, settings.skip_start, settings.skip_end)
+        print(f"LR range test: suggested max LR {suggestion[1]:.3g} (steepest descent of the smoothed loss).")
+    except ValueError as e:
+        suggestion = None
+        print(f"LR range test: no suggestion. {e}")
+    plot(result, run_dir / "lr_finder.png", skip_start=settings.skip_start, skip_end=settings.skip_end,
+         suggestion=suggestion)
+    from jaxcam.checkpoint import write_json
+
+    write_json(run_dir / "lr_finder.json", {
+        "lrs": result.lrs, "losses": result.losses, "diverged": result.diverged,
+        "suggested_lr": suggestion[1] if suggestion else None, "suggested_index": suggestion[0] if suggestion else None,
+    })
+    return suggestion[1] if suggestion else None
