@@ -62,3 +62,16 @@ def run_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         return fail("interrupted; the latest checkpoint can be resumed with --resume.")
     except EXPECTED_ERRORS as e:
         return fail(str(e))
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from jaxcam import explain
+
+    try:
+        explain.explain_run(args.workdir, args.out, layers=args.layer, method=args.method, num=args.num,
+                            image_files=args.images, faithfulness_images=args.faithfulness)
+        return 0
+    except KeyboardInterrupt:
+        return fail("interrupted.")
+    except EXPECTED_ERRORS as e:
+        return fail(str(e))

@@ -155,7 +155,7 @@ def plot(result: RangeTestResult, path: str | Path, *, skip_start: int = 10, ski
 
     end = len(result.lrs) - skip_end
     lrs, losses = result.lrs[skip_start:end], result.losses[skip_start:end]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120, layout="constrained")
     ax.plot(lrs, losses, color="#1f77b4", lw=1.8)
     ax.set_xscale("log")
     ax.set_xlabel("Learning rate")
@@ -169,7 +169,6 @@ def plot(result: RangeTestResult, path: str | Path, *, skip_start: int = 10, ski
         title += f" (suggested max LR {lr:.2e})"
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 

@@ -82,3 +82,19 @@ def tiny_dataset(real_subset) -> data_lib.Cifar10:
     """128 real training and 40 real test images: enough for fast runs that use real pixels."""
     d = real_subset
     return data_lib.Cifar10(d.train_images[:128], d.train_labels[:128], d.test_images[:40], d.test_labels[:40], d.class_names)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(official_folder, tmp_path_factory) -> Path:
+    """One tiny real training run (train.py in-process) shared by the explain and LR tests."""
+    import train as train_cli
+
+    workdir = tmp_path_factory.mktemp("runs")
+    code = train_cli.main([
+        "--workdir", str(workdir), "--config", str(ROOT / "configs" / "smoke.py"), "--config.width=4",
+        "--config.epochs=2", "--config.batch_size=32", "--config.eval_batch_size=16",
+        f"--config.data_dir={str(official_folder)!r}",
+    ])
+    assert code == 0
+    (run_dir,) = workdir.iterdir()
+    return run_dir

@@ -1,0 +1,29 @@
+"""Explain a trained jaxcam run: curves, galleries, Grad-CAM overlays and a report.
+
+    python explain.py --workdir RUN_DIR [--out DIR] [--layer layer3 layer2] [--method gradcam]
+                      [--num 10] [--images a.png b.jpg]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jaxcam import cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="a run directory written by train.py")
+    parser.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
+    parser.add_argument("--layer", nargs="+", default=["layer3", "layer2"], help="stages to explain (first is the main one)")
+    parser.add_argument("--method", default="gradcam", help="gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, scorecam")
+    parser.add_argument("--num", type=int, default=10, help="how many misclassified images to show")
+    parser.add_argument("--images", nargs="+", default=[], help="your own PNG/JPEG files to classify and explain")
+    parser.add_argument("--faithfulness", type=int, default=64, help="test images for the faithfulness metrics (0: skip)")
+    args = parser.parse_args(argv)
+    return cli.run_explain(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Reports for a trained run: curves, galleries, Grad-CAM overlays, confusion matrix,
+per-class accuracy, precision/recall/F1, faithfulness, and `report.md` / `report.html`."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from jaxcam import cam as cam_lib
+from jaxcam import data as data_lib
+from jaxcam import metrics as metrics_lib
+from jaxcam import train as train_lib
+from jaxcam import viz
+from jaxcam.checkpoint import CheckpointError, load_variables
+from jaxcam.configuration import ConfigError, config_from_json
+
+REQUIRED_FILES = ("curves.png", "misclassified.png", "gradcam_layer3.png", "gradcam_layer2.png",
+                  "gradcam_targets.png", "confusion_matrix.png", "report.md")
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A run's config, history, model and best variables, with the dataset's normalization."""
+
+    run_dir: Path
+    config: object
+    history: list[dict]
+    model: object
+    variables: dict
+    meta: dict
+    dataset: data_lib.Cifar10
+
+    def normalize(self, images: np.ndarray) -> np.ndarray:
+        return np.asarray(data_lib.normalize(data_lib.check_images(images), self.dataset.mean, self.dataset.std))
+
+
+def load_run(run_dir: str | os.PathLike, which: str = "best") -> LoadedRun:
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(f"{str(run_dir)!r} is not a jaxcam run directory (no config.json).")
+    config = config_from_json(run_dir / "config.json")
+    history_path = run_dir / "history.json"
+    try:
+        history = json.loads(history_path.read_text()) if history_path.exists() else []
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{str(history_path)!r} is not valid JSON ({e}).") from None
+    variables, meta = load_variables(run_dir, which)
+    dataset = data_lib.load_cifar10(config.data_dir, tfds_data_dir=config.get("tfds_data_dir"))
+    # Explanations run in float32 whatever the training compute dtype was.
+    config.dtype = "float32"
+    model = train_lib.build(config, dataset.num_classes)
+    try:
+        model.apply(variables, np.zeros((1, 32, 32, 3), np.float32), train=False)
+    except Exception as e:
+        raise CheckpointError(f"The checkpoint in {str(run_dir)!r} does not fit its config's model ({type(e).__name__}).") from None
+    return LoadedRun(run_dir, config, history, model, variables, meta, dataset)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(-1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(-1, keepdims=True)
+
+
+def load_image_files(paths: Sequence[str | os.PathLike]) -> np.ndarray:
+    """Read PNG/JPEG files as uint8 RGB (N, 32, 32, 3), resized with antialiasing."""
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                images.append(np.asarray(img.convert("RGB").resize((32, 32), Image.Resampling.LANCZOS), np.uint8))
+        except FileNotFoundError:
+            raise data_lib.DataError(f"Image file {str(path)!r} does not exist.") from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise data_lib.DataError(f"{str(path)!r} is not a readable PNG or JPEG image ({type(e).__name__}).") from None
+    return np.stack(images)
+
+
+def explain_run(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    layers: Sequence[str] = ("layer3", "layer2"),
+    method: str = "gradcam",
+    num: int = 10,
+    image_files: Sequence[str] = (),
+    faithfulness_images: int = 64,
+    log=print,
+) -> Path:
+    """Write every report file for `run_dir` into `out_dir` (default `<run_dir>/report`)."""
+    for layer in layers:
+        cam_lib._check_layers(layer)
+    if method not in cam_lib.METHODS:
+        raise ValueError(f"Unknown CAM method {method!r}; choose one of {', '.join(cam_lib.METHODS)}.")
+    if num < 1:
+        raise ValueError(f"--num must be at least 1, got {num}.")
+    run = load_run(run_dir)
+    names = run.dataset.class_names
+    custom = load_image_files(image_files) if image_files else None  # read before writing anything
+    out = Path(out_dir) if out_dir is not None else run.run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+
+    mesh = train_lib.make_mesh()
+    predict_fn = train_lib.make_predict_fn(run.model, mesh, run.dataset.mean, run.dataset.std)
+    batch = max(len(jax.local_devices()), (500 // len(jax.local_devices())) * len(jax.local_devices()))
+    test_images, test_labels = run.dataset.test_images, run.dataset.test_labels
+    logits = train_lib.predict(predict_fn, run.variables, test_images, batch, mesh)
+    probabilities = _softmax(logits)
+    predictions = logits.argmax(-1)
+    summary = train_lib.evaluate(logits, test_labels)
+    written: dict[str, str] = {}
+
+    if run.history:
+        viz.plot_curves(run.history, out / "curves.png")
+    else:  # an empty history still gets a (blank) figure so the report is complete
+        viz.plot_curves([], out / "curves.png")
+    written["curves.png"] = "Loss and accuracy per epoch"
+
+    # The most confident mistakes are the most instructive ones.
+    wrong = np.flatnonzero(predictions != test_labels)
+    wrong = wrong[np.argsort(-probabilities[wrong, predictions[wrong]], kind="stable")][:num]
+    if len(wrong) == 0:
+        wrong = np.arange(min(num, len(test_labels)))  # a perfect model: show correct ones instead
+    picked = test_images[wrong]
+    viz.plot_misclassified(picked, test_labels[wrong], predictions[wrong], probabilities[wrong, predictions[wrong]],
+                           names, out / "misclassified.png")
+    written["misclassified.png"] = f"The {len(wrong)} most confident misclassifications (true → predicted)"
+
+    normalized = run.normalize(picked)
+    for layer in layers:
+        cams_pred = cam_lib.compute(run.model, run.variables, normalized, layer=layer, targets=predictions[wrong], method=method)
+        cams_true = cam_lib.compute(run.model, run.variables, normalized, layer=layer, targets=test_labels[wrong], method=method)
+        size = {"layer1": 32, "layer2": 16, "layer3": 8, "layer4": 4}[layer]
+        name = f"gradcam_{layer}.png"
+        viz.plot_cam_grid(picked, cams_pred, cams_true, test_labels[wrong], predictions[wrong], names, out / name,
+                          title=f"{method} at {layer} ({size}x{size}): predicted vs true class")
+        written[name] = f"{method} at {layer} ({size}x{size}) for the predicted and the true class"
+
+    # One confidently, correctly classified image explained for every class.
+    right = np.flatnonzero(predictions == test_labels)
+    index = int(right[np.argmax(probabilities[right, predictions[right]])]) if len(right) else 0
+    one = run.normalize(test_images[index : index + 1])
+    every = np.arange(run.dataset.num_classes)
+    cams_all = cam_lib.compute(run.model, run.variables, np.repeat(one, len(every), 0), layer=layers[0], targets=every,
+                               method=method)
+    viz.plot_all_targets(test_images[index], cams_all, probabilities[index], names, out / "gradcam_targets.png",
+                         title=f"{method} at {layers[0]} for every class (true: {names[test_labels[index]]})")
+    written["gradcam_targets.png"] = "One test image explained for each of the classes"
+
+    matrix = viz.confusion_matrix(test_labels, predictions, run.dataset.num_classes)
+    viz.plot_confusion_matrix(matrix, names, out / "confusion_matrix.png")
+    written["confusion_matrix.png"] = "Confusion matrix on the test split"
+    per_class = train_lib.per_class_accuracy(predictions, test_labels, run.dataset.num_classes)
+    viz.plot_per_class_accuracy(per_class, names, out / "per_class_accuracy.png")
+    written["per_class_accuracy.png"] = "Accuracy per class"
+    viz.plot_samples_per_class(run.dataset.train_images, run.dataset.train_labels, names, out / "samples.png")
+    written["samples.png"] = "Training samples per class"
+    report = viz.classification_report(test_labels, predictions, names)
+
+    faithfulness_rows = []
+    if faithfulness_images > 0:
+        chosen = np.arange(min(faithfulness_images, len(test_images)))
+        x = run.normalize(test_images[chosen])
+        predict = lambda imgs: np.asarray(run.model.apply(run.variables, imgs, train=False))
+        maps = cam_lib.compute(run.model, run.variables, x, layer=layers[0], method=method)
+        targets = predictions[chosen]
+        for label, saliency in ((f"{method} ({layers[0]})", maps),
+                                ("random baseline", metrics_lib.random_saliency(maps.shape))):
+            faithfulness_rows.append((label, metrics_lib.faithfulness(predict, x, saliency, targets, steps=16)))
+
+    custom_rows = []
+    if custom is not None:
+        x = run.normalize(custom)
+        cams_custom, custom_logits, used = cam_lib.compute_with_outputs(run.model, run.variables, x, layer=layers[0],
+                                                                        method=method)
+        custom_probs = _softmax(custom_logits)
+        for path, probs in zip(image_files, custom_probs):
+            top = np.argsort(-probs)[:3]
+            text = ", ".join(f"{names[i]} {100 * probs[i]:.1f}%" for i in top)
+            log(f"{path}: {text}")
+            custom_rows.append((str(path), text))
+        viz.plot_cam_grid(custom, cams_custom, cams_custom, used, used, names, out / "custom_images.png",
+                          title=f"Your images: {method} at {layers[0]} for the top class")
+        written["custom_images.png"] = "Your images with the CAM of their top class"
+
+    _write_report(out, run, summary, report, written, faithfulness_rows, custom_rows, method, layers)
+    log(f"Wrote the report to {out / 'report.md'} and {out / 'report.html'}")
+    return out
+
+
+def _write_report(out: Path, run: LoadedRun, summary, report, written, faithfulness_rows, custom_rows, method, layers):
+    best = max(run.history, key=lambda r: r["test_acc"]) if run.history else None
+    lines = [
+        f"# jaxcam report: {run.run_dir.name}",
+        "",
+        f"- Model: {run.config.model} (width {run.config.width}), best checkpoint of epoch {run.meta.get('epoch')}",
+        f"- Test accuracy: **{100 * summary['accuracy']:.2f}%** ({summary['correct']}/{summary['total']}), "
+        f"test loss {summary['loss']:.4f}",
+    ]
+    if best:
+        lines.append(f"- Epochs trained: {len(run.history)}; best epoch {best['epoch']} "
+                     f"({100 * best['test_acc']:.2f}%); final train accuracy {100 * run.history[-1]['train_acc']:.2f}%")
+    lines += [f"- Explanations: {method} at {', '.join(layers)}", ""]
+    for name, caption in written.items():
+        lines += [f"## {caption}", "", f"![{caption}]({name})", ""]
+    lines += ["## Precision, recall and F1 (test)", "", viz.report_table(report), ""]
+    if faithfulness_rows:
+        lines += ["## Faithfulness (first test images, predicted class)", "",
+                  "| map | deletion AUC ↓ | insertion AUC ↑ | average drop % ↓ | increase in confidence % ↑ |",
+                  "|---|---:|---:|---:|---:|"]
+        for label, m in faithfulness_rows:
+            lines.append(f"| {label} | {m['deletion_auc']:.3f} | {m['insertion_auc']:.3f} | "
+                         f"{m['average_drop']:.1f} | {m['increase_in_confidence']:.1f} |")
+        lines.append("")
+    if custom_rows:
+        lines += ["## Your images (top-3 classes)", ""] + [f"- `{p}`: {t}" for p, t in custom_rows] + [""]
+    text = "\n".join(lines)
+    tmp = out / "report.md.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, out / "report.md")
+    (out / "report.html").write_text(_markdown_to_html(text, out))
+
+
+def _markdown_to_html(text: str, folder: Path) -> str:
+    """A small converter for the report's own Markdown, embedding images as base64 (self-contained)."""
+    body, table = [], []
+
+    def flush_table():
+        if table:
+            rows = [r for r in table if not set(r.replace("|", "").strip()) <= set("-: ")]
+            cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in cells[0])
+            rest = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in cells[1:])
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rest}</tbody></table>")
+            table.clear()
+
+    for line in text.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush_table()
+        if line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("![") and "](" in line:
+            alt, name = line[2:].split("](", 1)
+            data = base64.b64encode((folder / name.rstrip(")")).read_bytes()).decode()
+            body.append(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">')
+        elif line.startswith("- "):
+            item = html.escape(line[2:]).replace("**", "")
+            body.append(f"<li>{item}</li>")
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    flush_table()
+    style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}"
+             "img{max-width:100%;border:1px solid #ddd}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>jaxcam report</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"

@@ -1,0 +1,123 @@
+"""Faithfulness of saliency maps: deletion / insertion AUC (Petsiuk et al. 2018, RISE) and
+average drop / increase in confidence (Chattopadhyay et al. 2018).
+
+All functions take a `predict` callable from normalized float images (B, H, W, 3) to logits
+(B, K); probabilities are the softmax of the target class. Images are normalized, so the
+deletion baseline 0 is the dataset mean colour.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+Predict = Callable[[np.ndarray], np.ndarray]
+
+
+def _softmax_target(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    probs = np.exp(shifted) / np.exp(shifted).sum(-1, keepdims=True)
+    return probs[np.arange(len(targets)), targets]
+
+
+def _predict_in_chunks(predict: Predict, images: np.ndarray, batch_size: int) -> np.ndarray:
+    return np.concatenate([np.asarray(predict(images[i : i + batch_size])) for i in range(0, len(images), batch_size)])
+
+
+def blur(images: np.ndarray, sigma: float = 5.0) -> np.ndarray:
+    """Separable Gaussian blur of (N, H, W, C) images (edge-replicated): RISE's insertion canvas."""
+    radius = max(1, int(3 * sigma))
+    x = np.arange(-radius, radius + 1)
+    kernel = np.exp(-0.5 * (x / sigma) ** 2)
+    kernel /= kernel.sum()
+    out = np.asarray(images, np.float64)
+    for axis in (1, 2):
+        padded = np.pad(out, [(radius, radius) if a == axis else (0, 0) for a in range(4)], mode="edge")
+        out = sum(w * np.take(padded, np.arange(i, i + out.shape[axis]), axis=axis) for i, w in enumerate(kernel))
+    return out.astype(np.float32)
+
+
+def deletion_insertion_curves(
+    predict: Predict,
+    images: np.ndarray,
+    saliency: np.ndarray,
+    targets: np.ndarray,
+    *,
+    steps: int = 32,
+    mode: str = "deletion",
+    baseline: np.ndarray | None = None,
+    batch_size: int = 512,
+) -> np.ndarray:
+    """Target probability (N, steps + 1) as pixels are deleted (or inserted) most-salient first.
+
+    Step k has the top `round(k / steps * H * W)` pixels of the saliency (N, H, W) replaced by
+    the baseline (deletion: 0 = mean colour; insertion starts from the baseline, by default a
+    blurred copy, and puts the image's pixels back).
+    """
+    images = np.asarray(images, np.float32)
+    n, h, w, _ = images.shape
+    if saliency.shape != (n, h, w):
+        raise ValueError(f"Saliency maps must have shape {(n, h, w)}, got {saliency.shape}.")
+    if mode not in ("deletion", "insertion"):
+        raise ValueError(f"Unknown mode {mode!r}; choose 'deletion' or 'insertion'.")
+    if baseline is None:
+        baseline = np.zeros_like(images) if mode == "deletion" else blur(images)
+    order = np.argsort(-saliency.reshape(n, -1), axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(h * w)[None].repeat(n, 0), axis=1)
+    counts = np.round(np.linspace(0, h * w, steps + 1)).astype(int)
+    changed = ranks[:, None, :] < counts[None, :, None]  # (N, steps + 1, H*W): pixels switched so far
+    changed = changed.reshape(n, steps + 1, h, w, 1)
+    start, end = (images, baseline) if mode == "deletion" else (baseline, images)
+    sequence = np.where(changed, end[:, None], start[:, None]).reshape(-1, h, w, images.shape[-1])
+    logits = _predict_in_chunks(predict, sequence, batch_size)
+    return _softmax_target(logits, np.repeat(targets, steps + 1)).reshape(n, steps + 1)
+
+
+def auc(curves: np.ndarray) -> np.ndarray:
+    """Area under each curve (N, steps + 1) over x in [0, 1] by the trapezoid rule: (N,)."""
+    curves = np.asarray(curves, np.float64)
+    return (curves[:, 1:] + curves[:, :-1]).sum(1) / (2 * (curves.shape[1] - 1))
+
+
+def confidence_change(
+    predict: Predict, images: np.ndarray, saliency: np.ndarray, targets: np.ndarray, batch_size: int = 512
+) -> tuple[float, float]:
+    """(average drop %, increase in confidence %) of the explanation map `image * saliency`.
+
+    Average drop = mean over images of max(0, Y - O) / Y * 100; increase in confidence = the
+    percentage of images with O > Y; Y and O are the target probabilities of the image and
+    of the explanation map.
+    """
+    images = np.asarray(images, np.float32)
+    full = _softmax_target(_predict_in_chunks(predict, images, batch_size), targets)
+    masked = _softmax_target(_predict_in_chunks(predict, images * saliency[..., None], batch_size), targets)
+    drop = np.maximum(0.0, full - masked) / full
+    return float(100 * drop.mean()), float(100 * np.mean(masked > full))
+
+
+def faithfulness(
+    predict: Predict,
+    images: np.ndarray,
+    saliency: np.ndarray,
+    targets: np.ndarray,
+    *,
+    steps: int = 32,
+    batch_size: int = 512,
+) -> dict[str, float]:
+    """Deletion AUC (lower is better), insertion AUC (higher), average drop % (lower) and
+    increase in confidence % (higher), averaged over the images."""
+    deletion = auc(deletion_insertion_curves(predict, images, saliency, targets, steps=steps, mode="deletion",
+                                             batch_size=batch_size))
+    insertion = auc(deletion_insertion_curves(predict, images, saliency, targets, steps=steps, mode="insertion",
+                                              batch_size=batch_size))
+    drop, increase = confidence_change(predict, images, saliency, targets, batch_size)
+    return {"deletion_auc": float(deletion.mean()), "insertion_auc": float(insertion.mean()),
+            "average_drop": drop, "increase_in_confidence": increase}
+
+
+def random_saliency(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    """The random-map baseline: uniform noise maps (N, H, W)."""
+    return np.random.default_rng(seed).random(shape, dtype=np.float32)

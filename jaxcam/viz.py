@@ -1,0 +1,181 @@
+"""Figures for reports: CAM overlays, curves, galleries, confusion matrix, per-class bars.
+
+Images are uint8 RGB (N, 32, 32, 3) as loaded (never BGR); CAMs are float maps in [0, 1]
+drawn with a perceptual colormap ('inferno' by default).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+CMAP = "inferno"
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5, cmap: str = CMAP) -> np.ndarray:
+    """Blend a colormapped CAM (H, W) in [0, 1] over a uint8 RGB image (H, W, 3): float RGB in [0, 1]."""
+    if image.shape[:2] != cam.shape:
+        raise ValueError(f"The CAM {cam.shape} and the image {image.shape[:2]} must have the same size.")
+    heat = plt.get_cmap(cmap)(np.clip(cam, 0, 1))[..., :3]
+    return np.clip((1 - alpha) * image.astype(np.float32) / 255 + alpha * heat, 0, 1)
+
+
+def _save(fig, path: str | os.PathLike) -> None:
+    fig.savefig(path, dpi=fig.dpi, bbox_inches="tight", facecolor="white")
+    plt.close(fig)
+
+
+def _show(ax, picture, title: str | None = None, color: str = "black", fontsize: int = 8) -> None:
+    ax.imshow(picture, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=fontsize, color=color)
+
+
+def plot_curves(history: Sequence[dict], path: str | os.PathLike) -> None:
+    """Train and test loss and accuracy per epoch."""
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110, layout="constrained")
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train", color="#1f77b4")
+    ax_loss.plot(epochs, [r["test_loss"] for r in history], "s-", label="test", color="#d62728")
+    ax_loss.set_title("Loss")
+    ax_acc.plot(epochs, [100 * r["train_acc"] for r in history], "o-", label="train", color="#1f77b4")
+    ax_acc.plot(epochs, [100 * r["test_acc"] for r in history], "s-", label="test", color="#d62728")
+    ax_acc.set_title("Accuracy (%)")
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _save(fig, path)
+
+
+def plot_misclassified(images, labels, predictions, confidences, class_names, path) -> None:
+    """A gallery of misclassified images titled 'true → predicted (confidence)'."""
+    n = len(images)
+    cols = min(5, n)
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), dpi=110, layout="constrained", squeeze=False)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    for ax, image, t, p, c in zip(axes.ravel(), images, labels, predictions, confidences):
+        _show(ax, image, f"true: {class_names[t]}\npred: {class_names[p]} ({100 * c:.0f}%)", color="#b00020")
+    fig.suptitle("Misclassified test images", fontsize=11)
+    _save(fig, path)
+
+
+def plot_cam_grid(images, cams_predicted, cams_true, labels, predictions, class_names, path, title: str,
+                  alpha: float = 0.5) -> None:
+    """Rows of image | CAM for the predicted class | CAM for the true class."""
+    n = len(images)
+    fig, axes = plt.subplots(n, 3, figsize=(6.6, 2.2 * n), dpi=110, layout="constrained", squeeze=False)
+    for row, (image, cp, ct, t, p) in enumerate(zip(images, cams_predicted, cams_true, labels, predictions)):
+        _show(axes[row, 0], image, f"true {class_names[t]}")
+        _show(axes[row, 1], overlay(image, cp, alpha), f"pred: {class_names[p]}", color="#b00020" if p != t else "black")
+        _show(axes[row, 2], overlay(image, ct, alpha), f"true: {class_names[t]}")
+    fig.suptitle(title, fontsize=11)
+    _save(fig, path)
+
+
+def plot_all_targets(image, cams, probabilities, class_names, path, title: str, alpha: float = 0.5) -> None:
+    """One image explained for every class: the image, then one overlay per class with its probability."""
+    k = len(cams)
+    cols = 6 if k > 5 else k + 1
+    rows = int(np.ceil((k + 1) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.4 * rows), dpi=110, layout="constrained", squeeze=False)
+    for ax in axes.ravel()[k + 1 :]:
+        ax.axis("off")
+    best = int(np.argmax(probabilities))
+    _show(axes.ravel()[0], image, "input")
+    for ax, (index, cam_map) in zip(axes.ravel()[1:], enumerate(cams)):
+        _show(ax, overlay(image, cam_map, alpha), f"{class_names[index]} ({100 * probabilities[index]:.1f}%)",
+              color="#006400" if index == best else "black")
+    fig.suptitle(title, fontsize=11)
+    _save(fig, path)
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts (K, K): rows are true classes, columns predicted classes."""
+    return np.bincount(labels * num_classes + predictions, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def plot_confusion_matrix(matrix: np.ndarray, class_names, path) -> None:
+    k = len(class_names)
+    fig, ax = plt.subplots(figsize=(7.2, 6.2), dpi=110, layout="constrained")
+    image = ax.imshow(matrix, cmap="Blues")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(k), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if matrix[i, j] > threshold else "black")
+    ax.set_title("Confusion matrix (test)")
+    _save(fig, path)
+
+
+def plot_per_class_accuracy(accuracies: np.ndarray, class_names, path) -> None:
+    fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=110, layout="constrained")
+    bars = ax.bar(range(len(class_names)), 100 * np.nan_to_num(accuracies), color="#4c72b0")
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=30, ha="right")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("Per-class test accuracy")
+    _save(fig, path)
+
+
+def plot_samples_per_class(images, labels, class_names, path, per_class: int = 8) -> None:
+    """A grid with one row per class and `per_class` training images in it."""
+    k = len(class_names)
+    fig, axes = plt.subplots(k, per_class, figsize=(1.1 * per_class + 1.2, 1.15 * k), dpi=110, layout="constrained", squeeze=False)
+    for row, name in enumerate(class_names):
+        picks = np.flatnonzero(labels == row)[:per_class]
+        for col in range(per_class):
+            ax = axes[row, col]
+            if col < len(picks):
+                _show(ax, images[picks[col]])
+            else:
+                ax.axis("off")
+        axes[row, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    fig.suptitle("Training samples per class", fontsize=11)
+    _save(fig, path)
+
+
+def classification_report(labels: np.ndarray, predictions: np.ndarray, class_names) -> dict[str, dict[str, float]]:
+    """Precision, recall, F1 and support per class, plus macro and weighted averages."""
+    k = len(class_names)
+    matrix = confusion_matrix(labels, predictions, k).astype(np.float64)
+    tp = np.diag(matrix)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.nan_to_num(tp / matrix.sum(0))
+        recall = np.nan_to_num(tp / matrix.sum(1))
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
+    support = matrix.sum(1)
+    report = {name: {"precision": precision[i], "recall": recall[i], "f1": f1[i], "support": int(support[i])}
+              for i, name in enumerate(class_names)}
+    report["macro avg"] = {"precision": precision.mean(), "recall": recall.mean(), "f1": f1.mean(),
+                           "support": int(support.sum())}
+    weights = support / max(support.sum(), 1)
+    report["weighted avg"] = {"precision": (precision * weights).sum(), "recall": (recall * weights).sum(),
+                              "f1": (f1 * weights).sum(), "support": int(support.sum())}
+    return report
+
+
+def report_table(report: dict[str, dict[str, float]]) -> str:
+    """The classification report as a Markdown table."""
+    lines = ["| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+    for name, row in report.items():
+        lines.append(f"| {name} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {row['support']} |")
+    return "\n".join(lines)

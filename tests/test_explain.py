@@ -1,0 +1,100 @@
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import explain as explain_cli
+from jaxcam.explain import REQUIRED_FILES
+
+
+def run(args, capsys):
+    code = explain_cli.main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def report(smoke_run, tmp_path_factory, capsys_module=None):
+    out = tmp_path_factory.mktemp("report")
+    image = tmp_path_factory.mktemp("mine") / "mine.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)).save(image)
+    code = explain_cli.main(["--workdir", str(smoke_run), "--out", str(out), "--num", "4", "--images", str(image),
+                             "--faithfulness", "8"])
+    assert code == 0
+    return out
+
+
+def test_every_promised_file_is_a_sensible_png(report):
+    for name in REQUIRED_FILES + ("per_class_accuracy.png", "samples.png", "custom_images.png"):
+        path = report / name
+        assert path.is_file(), name
+        if name.endswith(".png"):
+            with Image.open(path) as img:
+                img.verify()
+            with Image.open(path) as img:
+                assert img.format == "PNG" and img.width >= 300 and img.height >= 250, (name, img.size)
+                pixels = np.asarray(img.convert("RGB"))
+                assert pixels.std() > 10, f"{name} looks blank"
+
+
+def test_report_markdown_and_html(report):
+    text = (report / "report.md").read_text()
+    for name in REQUIRED_FILES[:-1]:
+        assert f"]({name})" in text
+    assert "Test accuracy" in text and "| airplane |" in text and "deletion AUC" in text and "random baseline" in text
+    html = (report / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 8 and 'src="curves.png"' not in html
+
+
+def test_own_images_print_top3(smoke_run, tmp_path, capsys):
+    image = tmp_path / "cat.jpg"
+    Image.fromarray(np.full((40, 40, 3), 120, np.uint8)).save(image)
+    code, out, err = run(["--workdir", smoke_run, "--out", tmp_path / "r", "--images", image, "--faithfulness", "0",
+                          "--layer", "layer2"], capsys)
+    assert code == 0, err
+    line = next(l for l in out.splitlines() if l.startswith(str(image)))
+    assert line.count("%") == 3
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--layer", "layer9"], "Unknown layer 'layer9'"),
+        (["--method", "gradcam2"], "Unknown CAM method 'gradcam2'"),
+        (["--num", "0"], "--num must be at least 1"),
+        (["--images", "/nonexistent.png"], "does not exist"),
+    ],
+)
+def test_bad_arguments_give_one_clear_error(smoke_run, tmp_path, capsys, extra, message):
+    code, _, err = run(["--workdir", smoke_run, "--out", tmp_path / "r", *extra], capsys)
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_not_an_image_file(smoke_run, tmp_path, capsys):
+    bogus = tmp_path / "notes.png"
+    bogus.write_text("hello")
+    code, _, err = run(["--workdir", smoke_run, "--out", tmp_path / "r", "--images", bogus], capsys)
+    assert code == 1 and "not a readable PNG or JPEG" in err
+
+
+def test_not_a_run_directory(tmp_path, capsys):
+    code, _, err = run(["--workdir", tmp_path], capsys)
+    assert code == 1 and "not a jaxcam run directory" in err
+
+
+def test_corrupt_best_checkpoint_keeps_the_existing_report(smoke_run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(smoke_run, copy)
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "report.md").write_text("an earlier report")
+    (step,) = (copy / "checkpoints" / "best").iterdir()
+    for f in (step / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\x00garbage")
+    code, _, err = run(["--workdir", copy, "--out", out], capsys)
+    assert code == 1 and "corrupt" in err and len(err.strip().splitlines()) == 1
+    assert (out / "report.md").read_text() == "an earlier report"

@@ -1,0 +1,90 @@
+import json
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import train as train_cli
+from conftest import ROOT
+from jaxcam import lr_finder, models, train as train_lib
+
+
+def test_lr_sequence_formulas():
+    exp = lr_finder.lr_sequence(1e-5, 10.0, 7, "exp")
+    np.testing.assert_allclose(exp, [1e-5 * (10.0 / 1e-5) ** (i / 6) for i in range(7)], rtol=1e-12)
+    lin = lr_finder.lr_sequence(0.1, 1.0, 4, "linear")
+    np.testing.assert_allclose(lin, [0.1, 0.4, 0.7, 1.0])
+    with pytest.raises(ValueError, match="step_mode"):
+        lr_finder.lr_sequence(1e-5, 1.0, 5, "cos")
+    with pytest.raises(ValueError, match="start_lr < end_lr"):
+        lr_finder.lr_sequence(1.0, 0.1, 5)
+
+
+def test_smoothing_matches_the_ema_formula():
+    losses = [2.0, 1.0, 3.0, 0.5]
+    smoothed, diverged = lr_finder.smooth_and_stop(losses, smooth_f=0.1, diverge_th=100)
+    expected = [2.0]
+    for loss in losses[1:]:
+        expected.append(0.1 * loss + 0.9 * expected[-1])
+    np.testing.assert_allclose(smoothed, expected)
+    assert not diverged
+
+
+def test_divergence_stops_after_the_first_divergent_point():
+    losses = [1.0, 0.8, 0.6, 0.5, 2.6, 9.0, 9.0]
+    smoothed, diverged = lr_finder.smooth_and_stop(losses, smooth_f=0.0, diverge_th=5.0)
+    assert diverged and smoothed == [1.0, 0.8, 0.6, 0.5, 2.6]  # 2.6 > 5 * 0.5 stops, kept as in pytorch-lr-finder
+    assert lr_finder.smooth_and_stop([1.0, float("nan")], 0.0)[1]
+
+
+def test_suggestion_is_the_steepest_descent():
+    lrs = list(np.logspace(-5, 1, 40))
+    losses = [2.3] * 40
+    for i in range(15, 25):
+        losses[i] = 2.3 - 0.05 * (i - 14)
+    losses[19] -= 0.3  # the steepest drop is into 19 and out of 18: np.gradient is most negative at 18/19
+    for i in range(25, 40):
+        losses[i] = losses[24]
+    index, lr = lr_finder.suggest_lr(lrs, losses, skip_start=5, skip_end=3)
+    gradient = np.gradient(np.array(losses[5:37]))
+    assert index == 5 + int(gradient.argmin()) and lr == lrs[index]
+    assert index in (18, 19)
+    with pytest.raises(ValueError, match="Too few points"):
+        lr_finder.suggest_lr(lrs[:12], losses[:12], skip_start=10, skip_end=5)
+
+
+def test_range_test_leaves_the_state_untouched(tiny_dataset):
+    model = models.ResNet18(width=4)
+    variables = models.init_variables(model, jax.random.key(0))
+    before = jax.tree_util.tree_map(np.array, variables)
+
+    def batches():
+        while True:
+            yield tiny_dataset.train_images[:32], tiny_dataset.train_labels[:32]
+
+    result = lr_finder.range_test(model, variables, lambda s: optax.sgd(s, momentum=0.9), batches(),
+                                  mean=tiny_dataset.mean, std=tiny_dataset.std, start_lr=1e-4, end_lr=100.0,
+                                  num_iter=12, progress=False)
+    assert 2 <= len(result.lrs) == len(result.losses) <= 12
+    np.testing.assert_allclose(result.lrs, lr_finder.lr_sequence(1e-4, 100.0, 12)[: len(result.lrs)], rtol=1e-6)
+    after = jax.tree_util.tree_map(np.array, variables)  # still readable (not donated) and unchanged
+    jax.tree_util.tree_map(np.testing.assert_array_equal, before, after)
+
+
+def test_cli_find_lr_writes_plot_and_suggestion(official_folder, tmp_path, capsys):
+    code = train_cli.main([
+        "--workdir", str(tmp_path), "--config", str(ROOT / "configs" / "smoke.py"), "--config.width=4",
+        "--config.epochs=1", "--config.batch_size=16", "--config.eval_batch_size=16", "--config.max_lr=auto",
+        "--config.lr_finder.num_iter=12", f"--config.data_dir={str(official_folder)!r}", "--config.tensorboard=False",
+    ])
+    out = capsys.readouterr().out
+    assert code == 0
+    (run_dir,) = tmp_path.iterdir()
+    saved = json.loads((run_dir / "lr_finder.json").read_text())
+    assert saved["suggested_lr"] is not None and len(saved["lrs"]) == len(saved["losses"])
+    assert saved["suggested_lr"] == saved["lrs"][saved["suggested_index"]]
+    assert (run_dir / "lr_finder.png").stat().st_size > 10_000
+    assert f"suggested max LR {saved['suggested_lr']:.3g}" in out
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["max_lr"] == pytest.approx(saved["suggested_lr"])  # training used the suggestion

@@ -1,0 +1,77 @@
+"""Faithfulness metrics on a constructed model whose target probability is known in closed form."""
+
+import numpy as np
+import pytest
+
+from jaxcam import metrics
+
+H = W = 8
+REGION = (slice(0, 4), slice(0, 4))  # the "object": 16 of 64 pixels
+
+
+def predict(images):
+    """Class 0 probability p = mean of channel 0 over REGION (images in [0, 1]); logits = log(p, 1-p)."""
+    p = np.clip(np.asarray(images, np.float64)[:, REGION[0], REGION[1], 0].mean(axis=(1, 2)), 1e-12, 1 - 1e-12)
+    return np.log(np.stack([p, 1 - p], -1))
+
+
+def object_saliency(n):
+    s = np.zeros((n, H, W), np.float32)
+    s[:, REGION[0], REGION[1]] = 1.0
+    s += np.linspace(0, 0.5, H * W).reshape(H, W)[None] * (s == 0)  # a strict order outside the object
+    return s
+
+
+def test_deletion_auc_known_answer():
+    images = np.ones((2, H, W, 3), np.float32)
+    # Deleting the 16 object pixels first: p falls linearly to 0 over the first 16/64 of the x-axis,
+    # then stays 0. With 16 steps (4 pixels each) the trapezoid is exact: AUC = (16/64) / 2.
+    curves = metrics.deletion_insertion_curves(predict, images, object_saliency(2), np.zeros(2, int), steps=16)
+    np.testing.assert_allclose(curves[0, :5], [1, 0.75, 0.5, 0.25, 0], atol=1e-9)
+    np.testing.assert_allclose(metrics.auc(curves), 0.125, atol=1e-9)
+    # Least relevant first: the object goes last, AUC = 1 - 0.125.
+    reverse = metrics.auc(metrics.deletion_insertion_curves(predict, images, -object_saliency(2), np.zeros(2, int), steps=16))
+    np.testing.assert_allclose(reverse, 0.875, atol=1e-9)
+
+
+def test_insertion_auc_known_answer():
+    images = np.ones((1, H, W, 3), np.float32)
+    baseline = np.zeros_like(images)
+    curves = metrics.deletion_insertion_curves(predict, images, object_saliency(1), np.zeros(1, int), steps=16,
+                                               mode="insertion", baseline=baseline)
+    # p rises linearly to 1 over the first quarter, then stays: AUC = 1 - 0.125.
+    np.testing.assert_allclose(metrics.auc(curves), 0.875, atol=1e-9)
+
+
+def test_average_drop_and_increase_known_answer():
+    images = np.ones((2, H, W, 3), np.float32)
+    # A map that keeps the object fully: no drop, no increase.
+    drop, increase = metrics.confidence_change(predict, images, object_saliency(2), np.zeros(2, int))
+    assert drop == pytest.approx(0.0, abs=1e-9) and increase == 0.0
+    # A flat 0.5 map halves p: average drop 50%.
+    drop, increase = metrics.confidence_change(predict, images, np.full((2, H, W), 0.5, np.float32), np.zeros(2, int))
+    assert drop == pytest.approx(50.0, abs=1e-6) and increase == 0.0
+    # A map of ones keeps every image as it is: no drop.
+    half = images.copy()
+    half[1] *= 0.5
+    drop, increase = metrics.confidence_change(predict, half, np.full((2, H, W), 1.0, np.float32), np.zeros(2, int))
+    assert drop == pytest.approx(0.0, abs=1e-9)
+
+
+def test_object_map_beats_random_baseline():
+    images = np.ones((8, H, W, 3), np.float32)
+    targets = np.zeros(8, int)
+    good = metrics.faithfulness(predict, images, object_saliency(8), targets, steps=16)
+    rand = metrics.faithfulness(predict, images, metrics.random_saliency((8, H, W)), targets, steps=16)
+    assert good["deletion_auc"] < rand["deletion_auc"]
+    assert good["average_drop"] < rand["average_drop"]
+
+
+def test_blur_preserves_constant_images():
+    x = np.full((1, 8, 8, 3), 0.3, np.float32)
+    np.testing.assert_allclose(metrics.blur(x), x, atol=1e-6)
+
+
+def test_saliency_shape_is_checked():
+    with pytest.raises(ValueError, match="Saliency maps must have shape"):
+        metrics.deletion_insertion_curves(predict, np.ones((2, H, W, 3)), np.ones((2, 4, 4)), np.zeros(2, int))
