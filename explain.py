@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="gradcam", help="gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, scorecam")
     parser.add_argument("--num", type=int, default=10, help="how many misclassified images to show")
     parser.add_argument("--images", nargs="+", default=[], help="your own PNG/JPEG files to classify and explain")
+    parser.add_argument("--data-dir", default=None, help="CIFAR-10 location if not the one the run was trained on")
     parser.add_argument("--faithfulness", type=int, default=64, help="test images for the faithfulness metrics (0: skip)")
     args = parser.parse_args(argv)
     return cli.run_explain(args)

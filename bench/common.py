@@ -66,3 +66,12 @@ def import_pytorch_grad_cam():
         return importlib.import_module("pytorch_grad_cam")
     except ImportError:
         return None
+
+
+def torch_device_and_sync():
+    """("cuda" or "cpu", a sync function for timing) for PyTorch."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", lambda result: torch.cuda.synchronize()
+    return "cpu", lambda result: result

@@ -21,7 +21,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import describe, import_pytorch_grad_cam, timed  # noqa: E402
+from bench.common import describe, import_pytorch_grad_cam, timed, torch_device_and_sync  # noqa: E402
 
 MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
 STD = np.array([0.2470, 0.2435, 0.2616], np.float32)
@@ -63,12 +63,14 @@ def bench_jax_train(width: int, batch: int, dtype: str, steps: int) -> dict:
     jax.block_until_ready(metrics)
     first = time.perf_counter() - start
     flops = None
-    try:
+    try:  # the compiled shard_map program is per device (SPMD)
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        flops = float(cost.get("flops", 0.0)) or None
+        flops = float(cost.get("flops", 0.0)) * len(jax.devices()) or None
     except Exception:
         pass
+    # ResNet18 at width 64: about 1.11 GFLOP forward per image, 3x that for a training step.
+    flops = flops or 3.33e9 * batch * (width / 64) ** 2
 
     def run_steps():
         nonlocal state
@@ -78,12 +80,11 @@ def bench_jax_train(width: int, batch: int, dtype: str, steps: int) -> dict:
 
     seconds = timed(run_steps, repeats=3, sync=jax.block_until_ready) / steps
     result = {"images_per_s": batch / seconds, "step_s": seconds, "first_step_s": first, "epoch_50k_s": 50_000 / (batch / seconds)}
-    if flops:
-        result["flops_per_step"] = flops * (len(jax.devices()) if flops < 1e9 * batch else 1)
-        kind = jax.devices()[0].device_kind
-        peak = next((v[dtype] for k, v in PEAK_FLOPS.items() if k in kind), None)
-        if peak and on_gpu():
-            result["mfu"] = result["flops_per_step"] / seconds / (peak * len(jax.devices()))
+    result["flops_per_step"] = flops
+    kind = jax.devices()[0].device_kind
+    peak = next((v[dtype] for k, v in PEAK_FLOPS.items() if k in kind), None)
+    if peak and on_gpu():
+        result["mfu"] = flops / seconds / (peak * len(jax.devices()))
     return result
 
 
@@ -94,7 +95,7 @@ def bench_torch_train(width: int, batch: int, steps: int, mode: str) -> dict | N
         return None
     from bench.torch_resnet import ResNet18
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device, sync = torch_device_and_sync()
     if mode != "eager_fp32" and device == "cpu":
         return None
     torch.manual_seed(0)
@@ -118,7 +119,6 @@ def bench_torch_train(width: int, batch: int, steps: int, mode: str) -> dict | N
         return loss
 
     forward_step = torch.compile(step) if mode == "tuned" else step
-    sync = (lambda r: torch.cuda.synchronize()) if device == "cuda" else (lambda r: r)
     model.train()
     start = time.perf_counter()
     sync(forward_step())
@@ -228,10 +228,9 @@ def section_eval(args) -> dict:
 
         from bench.torch_resnet import ResNet18
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device, sync = torch_device_and_sync()
         reference = ResNet18(width=args.width).to(device).eval()
         tx = torch.randn(batch, 3, 32, 32, device=device)
-        sync = (lambda r: torch.cuda.synchronize()) if device == "cuda" else (lambda r: r)
         with torch.no_grad():
             reference(tx)
             results["torch_eager_fp32"] = {"images_per_s": batch / timed(lambda: reference(tx), 5, sync)}
@@ -258,7 +257,7 @@ def section_cam(args) -> dict:
 
         from bench.torch_resnet import ResNet18
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device, _ = torch_device_and_sync()
         torch_model = ResNet18(width=args.width).to(device).eval()
         classes = {"gradcam": grad_cam.GradCAM, "gradcam++": grad_cam.GradCAMPlusPlus, "hirescam": grad_cam.HiResCAM,
                    "xgradcam": grad_cam.XGradCAM, "layercam": grad_cam.LayerCAM, "eigencam": grad_cam.EigenCAM,
@@ -286,6 +285,39 @@ def section_cam(args) -> dict:
         results[method] = row
         print(f"  {method}: {row}", flush=True)
     return results
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def section_e2e(args) -> dict:
+    """train_and_evaluate of the default recipe on CIFAR-shaped random data: wall time with
+    compilation, the input pipeline, evaluation and checkpoints included."""
+    import tempfile
+
+    from jaxcam import configuration, data as data_lib, train as train_lib
+
+    gpu = on_gpu()
+    n_train, n_test = (50_000, 10_000) if gpu else (5_120, 1_024)
+    rng = np.random.default_rng(0)
+    dataset = data_lib.Cifar10(
+        rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n_train).astype(np.int32),
+        rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n_test).astype(np.int32),
+        data_lib.CIFAR10_CLASSES)
+    config = configuration.load_config_file(ROOT / "configs" / "default.py")
+    config.update(dict(epochs=args.e2e_epochs or (20 if gpu else 1), width=args.width if gpu else 16,
+                       dtype="bfloat16" if gpu else "float32", batch_size=args.batch, print_summary=False,
+                       tensorboard=False))
+    with tempfile.TemporaryDirectory() as run_dir:
+        start = time.perf_counter()
+        result = train_lib.train_and_evaluate(config, run_dir, dataset=dataset, progress=False, log=lambda s: None)
+        total = time.perf_counter() - start
+    epoch_times = [r["epoch_time"] for r in result.history]
+    out = {"epochs": config.epochs, "train_images": n_train, "width": config.width, "dtype": config.dtype,
+           "total_s": total, "first_epoch_s": epoch_times[0],
+           "steady_epoch_s": float(np.median(epoch_times[1:])) if len(epoch_times) > 1 else epoch_times[0]}
+    print(f"  {out}", flush=True)
+    return out
 
 
 # ----------------------------------------------------------------------------- report
@@ -325,15 +357,21 @@ def table(results: dict) -> str:
         lines += ["| CAM method (layer3) | batch | jaxcam CAMs/s | pytorch-grad-cam CAMs/s | speed-up |", "|---|---:|---:|---:|---:|"]
         for name, r in results["cam"].items():
             torch_rate = r.get("pytorch_grad_cam_cams_per_s")
-            lines.append(f"| {name} | {r['batch']} | {r['jaxcam_cams_per_s']:,.1f} | "
-                         f"{f'{torch_rate:,.1f}' if torch_rate else 'n/a'} | {f'{r['speedup']:.2f}x' if torch_rate else 'n/a'} |")
+            torch_text = f"{torch_rate:,.1f}" if torch_rate else "n/a"
+            speedup = f"{r['speedup']:.2f}x" if torch_rate else "n/a"
+            lines.append(f"| {name} | {r['batch']} | {r['jaxcam_cams_per_s']:,.1f} | {torch_text} | {speedup} |")
+    if "e2e" in results:
+        e = results["e2e"]
+        lines += ["", f"End to end: {e['epochs']} epochs of {e['train_images']:,} images (width {e['width']}, {e['dtype']}) "
+                  f"in {e['total_s']:.1f} s with compilation and evaluation; steady epoch {e['steady_epoch_s']:.2f} s."]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=["train", "pipeline", "eval", "cam"],
-                        choices=["train", "pipeline", "eval", "cam"])
+                        choices=["train", "pipeline", "eval", "cam", "e2e"])
+    parser.add_argument("--e2e-epochs", type=int, default=None, help="epochs for the e2e section (GPU: 20)")
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--batch", type=int, default=None, help="training batch (default 512 on GPU, 64 on CPU)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per repeat")

@@ -69,7 +69,7 @@ def run_explain(args: argparse.Namespace) -> int:
 
     try:
         explain.explain_run(args.workdir, args.out, layers=args.layer, method=args.method, num=args.num,
-                            image_files=args.images, faithfulness_images=args.faithfulness)
+                            image_files=args.images, faithfulness_images=args.faithfulness, data_dir=args.data_dir)
         return 0
     except KeyboardInterrupt:
         return fail("interrupted.")

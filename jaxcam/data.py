@@ -247,11 +247,13 @@ def augment_batch(
 ) -> np.ndarray:
     """RandomCrop(32, padding) with zeros, optional horizontal flip, Cutout; uint8 NHWC in and out.
 
-    Vectorized over the batch: the crop copies one slice per distinct offset (at most
-    (2*padding+1)^2 of them, however large the batch), flip and cutout are masked writes.
-    Cutout follows DeVries & Taylor: a `cutout_size` square whose centre is uniform over the
-    image, clipped at the border, applied with probability `cutout_prob`, filled with
-    `fill` (the dataset mean, so 0 after normalization). Deterministic for a given `rng` state.
+    Vectorized over the batch: images are sorted once by (crop offset, flip), each run of
+    equal draws is one contiguous slice copy (at most 2 * (2*padding+1)^2 of them, however
+    large the batch; the flip is a negative-stride slice), Cutout is one masked `copyto`,
+    and one gather restores the input order. Cutout follows DeVries & Taylor: a
+    `cutout_size` square whose centre is uniform over the image, clipped at the border,
+    applied with probability `cutout_prob`, filled with `fill` (the dataset mean, so 0 after
+    normalization). Deterministic for a given `rng` state.
     """
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4:
@@ -259,38 +261,35 @@ def augment_batch(
     n, h, w, c = images.shape
     # All random draws first, in a fixed order, so results depend only on the rng state.
     offsets = rng.integers(0, 2 * padding + 1, size=(n, 2)) if padding else np.zeros((n, 2), np.int64)
-    flips = rng.random(n) < 0.5 if flip else None
+    flips = rng.random(n) < 0.5 if flip else np.zeros(n, bool)
     centres = rng.integers(0, (h, w), size=(n, 2))
     apply_cutout = rng.random(n) < cutout_prob if cutout_size > 0 else np.zeros(n, bool)
 
-    if padding:
-        padded = np.zeros((n, h + 2 * padding, w + 2 * padding, c), np.uint8)
-        padded[:, padding : padding + h, padding : padding + w] = images
-        out = np.empty_like(images)
-        codes = offsets[:, 0] * (2 * padding + 1) + offsets[:, 1]
-        order = np.argsort(codes, kind="stable")
-        bounds = np.flatnonzero(np.diff(codes[order])) + 1
-        for group in np.split(order, bounds):
-            dy, dx = offsets[group[0]]
-            out[group] = padded[group, dy : dy + h, dx : dx + w]
-    else:
-        out = images.copy()
-
-    if flips is not None and flips.any():
-        out[flips] = out[flips, :, ::-1]
+    codes = (offsets[:, 0] * (2 * padding + 1) + offsets[:, 1]) * 2 + flips
+    order = np.argsort(codes, kind="stable")
+    padded = np.zeros((n, h + 2 * padding, w + 2 * padding, c), np.uint8)
+    padded[:, padding : padding + h, padding : padding + w] = images[order]
+    out = np.empty_like(images)
+    sorted_codes = codes[order]
+    starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
+    ends = np.r_[starts[1:], n]
+    for start, end in zip(starts.tolist(), ends.tolist()):
+        first = order[start]
+        dy, dx = offsets[first]
+        window = padded[start:end, dy : dy + h, dx : dx + w]
+        out[start:end] = window[:, :, ::-1] if flips[first] else window
 
     if apply_cutout.any():
         half = cutout_size // 2
-        y0 = np.clip(centres[:, 0] - half, 0, h)
-        y1 = np.clip(centres[:, 0] + half, 0, h)
-        x0 = np.clip(centres[:, 1] - half, 0, w)
-        x1 = np.clip(centres[:, 1] + half, 0, w)
+        cy, cx = centres[order, 0], centres[order, 1]
         rows, cols = np.arange(h), np.arange(w)
-        in_rows = (rows >= y0[:, None]) & (rows < y1[:, None]) & apply_cutout[:, None]
-        in_cols = (cols >= x0[:, None]) & (cols < x1[:, None])
-        mask = in_rows[:, :, None] & in_cols[:, None, :]
-        out[mask] = np.asarray(fill, np.uint8)
-    return out
+        in_rows = (rows >= cy[:, None] - half) & (rows < cy[:, None] + half) & apply_cutout[order, None]
+        in_cols = (cols >= cx[:, None] - half) & (cols < cx[:, None] + half)
+        mask = in_rows[:, :, None, None] & in_cols[:, None, :, None]
+        np.copyto(out, np.asarray(fill, np.uint8), where=mask)
+    restored = np.empty_like(out)
+    restored[order] = out
+    return restored
 
 
 def normalize(images: Any, mean: Sequence[float], std: Sequence[float], dtype: Any = None) -> Any:

@@ -42,7 +42,8 @@ class LoadedRun:
         return np.asarray(data_lib.normalize(data_lib.check_images(images), self.dataset.mean, self.dataset.std))
 
 
-def load_run(run_dir: str | os.PathLike, which: str = "best") -> LoadedRun:
+def load_run(run_dir: str | os.PathLike, which: str = "best", data_dir: str | None = None) -> LoadedRun:
+    """A run's config, history and `which` checkpoint, and its dataset (from `data_dir` if given)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise ConfigError(f"{str(run_dir)!r} is not a jaxcam run directory (no config.json).")
@@ -53,6 +54,8 @@ def load_run(run_dir: str | os.PathLike, which: str = "best") -> LoadedRun:
     except json.JSONDecodeError as e:
         raise ConfigError(f"{str(history_path)!r} is not valid JSON ({e}).") from None
     variables, meta = load_variables(run_dir, which)
+    if data_dir is not None:
+        config.data_dir = data_dir
     dataset = data_lib.load_cifar10(config.data_dir, tfds_data_dir=config.get("tfds_data_dir"))
     # Explanations run in float32 whatever the training compute dtype was.
     config.dtype = "float32"
@@ -95,6 +98,7 @@ def explain_run(
     num: int = 10,
     image_files: Sequence[str] = (),
     faithfulness_images: int = 64,
+    data_dir: str | None = None,
     log=print,
 ) -> Path:
     """Write every report file for `run_dir` into `out_dir` (default `<run_dir>/report`)."""
@@ -104,7 +108,7 @@ def explain_run(
         raise ValueError(f"Unknown CAM method {method!r}; choose one of {', '.join(cam_lib.METHODS)}.")
     if num < 1:
         raise ValueError(f"--num must be at least 1, got {num}.")
-    run = load_run(run_dir)
+    run = load_run(run_dir, data_dir=data_dir)
     names = run.dataset.class_names
     custom = load_image_files(image_files) if image_files else None  # read before writing anything
     out = Path(out_dir) if out_dir is not None else run.run_dir / "report"

@@ -186,16 +186,13 @@ def run_for_config(config: Any, dataset: data_lib.Cifar10, run_dir: str | Path, 
         # pytorch-lr-finder runs the user's optimizer.
         return train_lib.optimizer_with_schedule(config, schedule, config.momentum)
 
-    fill = tuple(int(round(v)) for v in dataset.mean * 255)
+    augment = train_lib.make_augment(config, dataset)
 
     def epochs() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        # Its own seed, so the range test does not replay the training run's first batches.
         for epoch in itertools.count(1):
-            for batch in data_lib.train_batches(
-                dataset.train_images, dataset.train_labels, config.batch_size, seed=config.seed + 7919, epoch=epoch,
-                augment=(lambda x, rng: data_lib.augment_batch(x, rng, padding=config.crop_padding,
-                         cutout_size=config.cutout_size, cutout_prob=config.cutout_prob, fill=fill, flip=config.flip))
-                if config.augment else None,
-            ):
+            for batch in data_lib.train_batches(dataset.train_images, dataset.train_labels, config.batch_size,
+                                                seed=config.seed + 7919, epoch=epoch, augment=augment):
                 yield batch.images, batch.labels
 
     result = range_test(

@@ -280,6 +280,48 @@ def _load_data(config: ml_collections.ConfigDict) -> data_lib.Cifar10:
     return data_lib.load_cifar10(config.data_dir, tfds_data_dir=config.get("tfds_data_dir"))
 
 
+def train_epoch(
+    train_step: Callable, state: TrainState, batches: Any, steps: int, description: str, progress: bool = True
+) -> tuple[TrainState, dict[str, float]]:
+    """Run `train_step` over `batches` (sharded (images, labels)) with a progress bar of the
+    running loss and accuracy; returns the new state and the epoch's mean metrics.
+
+    Metrics are read two steps behind the newest dispatched step, so the host never stalls
+    the device queue. Raises TrainingDiverged at the first non-finite loss.
+    """
+    bar = tqdm(total=steps, desc=description, disable=not progress, dynamic_ncols=True, leave=True, file=sys.stdout)
+    pending: list[dict] = []
+    totals = {"loss": 0.0, "accuracy": 0.0}
+    done = 0
+
+    def drain(keep: int) -> None:
+        nonlocal done
+        while len(pending) > keep:
+            metrics = jax.device_get(pending.pop(0))
+            if not np.isfinite(metrics["loss"]):
+                raise TrainingDiverged(
+                    f"The training loss became {float(metrics['loss'])} in {description.lower()} (step {done + 1}); "
+                    "stopped, and the last good checkpoint is kept."
+                )
+            totals["loss"] += float(metrics["loss"])
+            totals["accuracy"] += float(metrics["accuracy"])
+            done += 1
+            bar.update(1)
+        if done:
+            bar.set_postfix(loss=f"{totals['loss'] / done:.4f}", acc=f"{100 * totals['accuracy'] / done:.2f}%",
+                            refresh=False)
+
+    try:
+        for images, labels in batches:
+            state, metrics = train_step(state, images, labels)
+            pending.append(metrics)
+            drain(keep=2)
+        drain(keep=0)
+    finally:
+        bar.close()
+    return state, {k: v / max(done, 1) for k, v in totals.items()}
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError with one clear sentence for names and numbers that cannot work."""
     if config.model.lower() not in models.MODELS:
@@ -297,6 +339,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{key} must be a positive integer, got {config[key]!r}.")
     if config.max_lr != "auto" and not (isinstance(config.max_lr, (int, float)) and config.max_lr > 0):
         raise ValueError(f"config.max_lr must be a positive number or 'auto', got {config.max_lr!r}.")
+
+
+def make_augment(config: ml_collections.ConfigDict, dataset: data_lib.Cifar10) -> Callable | None:
+    """The config's augmentation as f(uint8 batch, rng), cutout filled with the dataset's mean; None if off."""
+    if not config.augment:
+        return None
+    fill = tuple(int(round(v)) for v in dataset.mean * 255)
+
+    def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return data_lib.augment_batch(images, rng, padding=config.crop_padding, cutout_size=config.cutout_size,
+                                      cutout_prob=config.cutout_prob, fill=fill, flip=config.flip)
+
+    return augment
 
 
 def build(config: ml_collections.ConfigDict, num_classes: int) -> models.ResNet:
@@ -338,7 +393,6 @@ def train_and_evaluate(
             f"batch_size {config.batch_size} is larger than the {len(dataset.train_images)} training images."
         )
     mean, std = dataset.mean, dataset.std
-    fill = tuple(int(round(v)) for v in mean * 255)
     model = build(config, dataset.num_classes)
     steps_per_epoch = len(dataset.train_images) // config.batch_size
     total_steps = config.epochs * steps_per_epoch
@@ -364,16 +418,7 @@ def train_and_evaluate(
     predict_fn = make_predict_fn(model, mesh, mean, std)
     state = replicate(state, mesh)
 
-    def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        return data_lib.augment_batch(
-            images,
-            rng,
-            padding=config.crop_padding,
-            cutout_size=config.cutout_size,
-            cutout_prob=config.cutout_prob,
-            fill=fill,
-            flip=config.flip,
-        )
+    augment = make_augment(config, dataset)
 
     writer = _summary_writer(run_dir, config)
     test_logits = np.zeros((0, dataset.num_classes), np.float32)
@@ -383,40 +428,13 @@ def train_and_evaluate(
             batches = data_lib.prefetch(
                 data_lib.train_batches(
                     dataset.train_images, dataset.train_labels, config.batch_size,
-                    seed=config.seed, epoch=epoch, augment=augment if config.augment else None,
+                    seed=config.seed, epoch=epoch, augment=augment,
                 ),
                 transfer=lambda b: shard_batch((b.images, b.labels), mesh),
                 size=config.prefetch,
             )
-            bar = tqdm(total=steps_per_epoch, desc=f"Epoch {epoch}/{config.epochs}", disable=not progress,
-                       dynamic_ncols=True, leave=True, file=sys.stdout)
-            pending: list[dict] = []
-            totals = {"loss": 0.0, "accuracy": 0.0, "steps": 0}
-
-            def drain(keep: int) -> None:
-                # Read the metrics of steps that are (almost surely) finished, keeping the newest
-                # `keep` in flight so the host never stalls the device queue.
-                while len(pending) > keep:
-                    m = jax.device_get(pending.pop(0))
-                    if not np.isfinite(m["loss"]):
-                        raise TrainingDiverged(
-                            f"The training loss became {float(m['loss'])} in epoch {epoch} (step "
-                            f"{totals['steps'] + 1}); stopped, and the last good checkpoint is kept."
-                        )
-                    totals["loss"] += float(m["loss"])
-                    totals["accuracy"] += float(m["accuracy"])
-                    totals["steps"] += 1
-                    bar.update(1)
-                if totals["steps"]:
-                    bar.set_postfix(loss=f"{totals['loss'] / totals['steps']:.4f}",
-                                    acc=f"{100 * totals['accuracy'] / totals['steps']:.2f}%", refresh=False)
-
-            for images, labels in batches:
-                state, metrics = train_step(state, images, labels)
-                pending.append(metrics)
-                drain(keep=2)
-            drain(keep=0)
-            bar.close()
+            state, train_metrics = train_epoch(train_step, state, batches, steps_per_epoch,
+                                               f"Epoch {epoch}/{config.epochs}", progress)
             train_time = time.perf_counter() - started
 
             variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -425,8 +443,8 @@ def train_and_evaluate(
             record = {
                 "epoch": epoch,
                 "lr": float(lr_schedule(epoch * steps_per_epoch - 1)),
-                "train_loss": totals["loss"] / max(totals["steps"], 1),
-                "train_acc": totals["accuracy"] / max(totals["steps"], 1),
+                "train_loss": train_metrics["loss"],
+                "train_acc": train_metrics["accuracy"],
                 "test_loss": test["loss"],
                 "test_acc": test["accuracy"],
                 "epoch_time": train_time,
@@ -447,6 +465,8 @@ def train_and_evaluate(
                 writer.flush()
             if on_epoch_end is not None:
                 on_epoch_end(epoch, record)
+        if writer is not None and len(test_logits):
+            _log_cam_gallery(writer, model, state, dataset, config.epochs)
     finally:
         checkpointer.wait()
         checkpointer.close()
@@ -460,6 +480,18 @@ def train_and_evaluate(
         for name, acc in zip(dataset.class_names, accuracies):
             log(f"  {name:<12} {100 * acc:6.2f}%")
     return TrainResult(state=state, history=history, run_dir=run_dir, test_logits=test_logits)
+
+
+def _log_cam_gallery(writer, model: models.ResNet, state: TrainState, dataset: data_lib.Cifar10, step: int) -> None:
+    """A Grad-CAM strip (first 8 test images over their layer3 maps) as a TensorBoard image."""
+    from jaxcam import cam, viz
+
+    images = dataset.test_images[:8]
+    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    maps = cam.compute(model.clone(dtype=jnp.float32), variables,
+                       np.asarray(data_lib.normalize(images, dataset.mean, dataset.std)), layer="layer3")
+    strip = np.concatenate([np.concatenate([img / 255.0, viz.overlay(img, m)], 0) for img, m in zip(images, maps)], 1)
+    writer.add_image("gradcam/layer3", strip.astype(np.float32), step, dataformats="HWC")
 
 
 def _summary_writer(run_dir: Path, config: ml_collections.ConfigDict):
