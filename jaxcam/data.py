@@ -247,13 +247,14 @@ def augment_batch(
 ) -> np.ndarray:
     """RandomCrop(32, padding) with zeros, optional horizontal flip, Cutout; uint8 NHWC in and out.
 
-    Vectorized over the batch: images are sorted once by (crop offset, flip), each run of
-    equal draws is one contiguous slice copy (at most 2 * (2*padding+1)^2 of them, however
-    large the batch; the flip is a negative-stride slice), Cutout is one masked `copyto`,
-    and one gather restores the input order. Cutout follows DeVries & Taylor: a
-    `cutout_size` square whose centre is uniform over the image, clipped at the border,
-    applied with probability `cutout_prob`, filled with `fill` (the dataset mean, so 0 after
-    normalization). Deterministic for a given `rng` state.
+    Vectorized over the batch: images are gathered once in the order of their (flip, crop
+    offset) draws, flipped ones mirrored in that gather (flip(crop(x, dy, dx)) equals
+    crop(flip(x), dy, 2 * padding - dx)), each run of equal offsets is one contiguous slice
+    copy (at most 2 * (2 * padding + 1)^2 of them, however large the batch), Cutout is one
+    masked copy over rows of W*C bytes, and one scatter restores the input order.
+    Cutout follows DeVries & Taylor: a `cutout_size` square whose centre is uniform over the
+    image, clipped at the border, applied with probability `cutout_prob`, filled with `fill`
+    (the dataset mean, so 0 after normalization). Deterministic for a given `rng` state.
     """
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4:
@@ -265,28 +266,34 @@ def augment_batch(
     centres = rng.integers(0, (h, w), size=(n, 2))
     apply_cutout = rng.random(n) < cutout_prob if cutout_size > 0 else np.zeros(n, bool)
 
-    codes = (offsets[:, 0] * (2 * padding + 1) + offsets[:, 1]) * 2 + flips
+    dy = offsets[:, 0]
+    dx = np.where(flips, 2 * padding - offsets[:, 1], offsets[:, 1])  # the offset in the mirrored image
+    side = 2 * padding + 1
+    codes = (flips * side + dy) * side + dx
     order = np.argsort(codes, kind="stable")
+    n_plain = n - int(flips.sum())
     padded = np.zeros((n, h + 2 * padding, w + 2 * padding, c), np.uint8)
-    padded[:, padding : padding + h, padding : padding + w] = images[order]
+    inner = padded[:, padding : padding + h, padding : padding + w]
+    inner[:n_plain] = images[order[:n_plain]]
+    if n_plain < n:
+        # Mirror whole pixels (c bytes as one void item): twice as fast as a uint8 reversed copy.
+        pixels = f"V{c}"
+        inner[n_plain:].view(pixels)[..., 0] = images[order[n_plain:]].view(pixels)[..., 0][:, :, ::-1]
     out = np.empty_like(images)
     sorted_codes = codes[order]
     starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
-    ends = np.r_[starts[1:], n]
-    for start, end in zip(starts.tolist(), ends.tolist()):
-        first = order[start]
-        dy, dx = offsets[first]
-        window = padded[start:end, dy : dy + h, dx : dx + w]
-        out[start:end] = window[:, :, ::-1] if flips[first] else window
+    for start, end in zip(starts.tolist(), np.r_[starts[1:], n].tolist()):
+        y, x = dy[order[start]], dx[order[start]]
+        out[start:end] = padded[start:end, y : y + h, x : x + w]
 
     if apply_cutout.any():
         half = cutout_size // 2
         cy, cx = centres[order, 0], centres[order, 1]
-        rows, cols = np.arange(h), np.arange(w)
+        rows, cols = np.arange(h), np.repeat(np.arange(w), c)  # a column per byte of a row
         in_rows = (rows >= cy[:, None] - half) & (rows < cy[:, None] + half) & apply_cutout[order, None]
         in_cols = (cols >= cx[:, None] - half) & (cols < cx[:, None] + half)
-        mask = in_rows[:, :, None, None] & in_cols[:, None, :, None]
-        np.copyto(out, np.asarray(fill, np.uint8), where=mask)
+        np.copyto(out.reshape(n, h, w * c), np.tile(np.asarray(fill, np.uint8), w),
+                  where=in_rows[:, :, None] & in_cols[:, None, :])
     restored = np.empty_like(out)
     restored[order] = out
     return restored
