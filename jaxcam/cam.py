@@ -159,7 +159,7 @@ def _check_layers(layer: str | Sequence[str]) -> tuple[str, ...]:
     return layers
 
 
-def check_images(model: Any, images: Any) -> jax.Array:
+def check_float_images(images: Any) -> jax.Array:
     """Validate normalized float NHWC images (N, H, W, 3)."""
     dtype = getattr(images, "dtype", None)
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
@@ -272,7 +272,7 @@ def compute_with_outputs(
     layers = _check_layers(layer)
     if method not in METHODS:
         raise ValueError(f"Unknown CAM method {method!r}; choose one of {', '.join(METHODS)}.")
-    images = check_images(model, images)
+    images = check_float_images(images)
     n, height, width, _ = images.shape
     num_classes = model.num_classes
     targets = _check_targets(targets, n, num_classes)

@@ -99,13 +99,17 @@ def range_test(
     label_smoothing: float = 0.0,
     val_data: tuple[np.ndarray, np.ndarray] | None = None,
     val_batch_size: int = 500,
+    opt_state: Any = None,
     mesh: Any = None,
     progress: bool = True,
 ) -> RangeTestResult:
     """Run the range test from `variables` ({'params', 'batch_stats'}) with BatchNorm in training mode.
 
     `make_optimizer(schedule)` builds the optimizer with the given lr schedule (the test's
-    sweep). `batches` yields uint8 images (B, 32, 32, 3) and labels (B,). With `val_data`
+    sweep); `opt_state`, if given, is its starting state (e.g. the momentum buffers of a
+    TrainState whose optimizer has the same structure), else a fresh one. Neither
+    `variables` nor `opt_state` is modified. `batches` yields uint8 images (B, 32, 32, 3)
+    and labels (B,). With `val_data`
     (images, labels) the recorded loss is the validation loss after each step (slower, as in
     pytorch-lr-finder's `val_loader` mode). Runs data-parallel over `mesh` (all local devices).
     """
@@ -114,9 +118,15 @@ def range_test(
     tx = make_optimizer(schedule)
     mesh = mesh if mesh is not None else train_lib.make_mesh()
     # Copies, because the train step donates its state buffers: the caller's arrays stay valid.
-    copied = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), variables)
+    copy = lambda tree: jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
+    copied = copy(variables)
     state = train_lib.TrainState.create(apply_fn=model.apply, params=copied["params"], tx=tx,
                                         batch_stats=copied["batch_stats"])
+    if opt_state is not None:
+        expected = jax.tree_util.tree_structure(state.opt_state)
+        if jax.tree_util.tree_structure(opt_state) != expected:
+            raise ValueError("opt_state does not have the structure of the range test's optimizer.")
+        state = state.replace(opt_state=copy(opt_state))
     state = train_lib.replicate(state, mesh)
     step = train_lib.make_train_step(model, mesh, mean, std, label_smoothing)
     predict_fn = train_lib.make_predict_fn(model, mesh, mean, std) if val_data is not None else None

@@ -26,15 +26,6 @@ DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
 # PyTorch's BatchNorm2d(momentum=0.1, eps=1e-5): Flax's momentum is the decay of the old value.
 BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
-# PyTorch's default Conv2d/Linear init, kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in)). Behind
-# BatchNorm the weight scale sets the effective learning rate, so matching the reference's init
-# keeps its learning-rate recipes meaningful here.
-torch_default_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
-
-
-def torch_default_bias_init(fan_in: int):
-    bound = 1 / np.sqrt(fan_in)
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any) -> nn.Conv:
@@ -47,7 +38,7 @@ def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any) -> nn.
         strides=(stride, stride),
         padding=((pad, pad), (pad, pad)),
         use_bias=False,
-        kernel_init=torch_default_init,
+        kernel_init=nn.initializers.kaiming_normal(),
         dtype=dtype,
         name=name,
     )
@@ -143,8 +134,7 @@ class ResNet(nn.Module):
                 x, train
             )
         x = jnp.mean(x, axis=(1, 2))
-        x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=torch_default_init,
-                     bias_init=torch_default_bias_init(x.shape[-1]), name="linear")(x)
+        x = nn.Dense(self.num_classes, dtype=self.dtype, name="linear")(x)
         return x.astype(jnp.float32)
 
 

@@ -56,20 +56,30 @@ def test_suggestion_is_the_steepest_descent():
 
 def test_range_test_leaves_the_state_untouched(tiny_dataset):
     model = models.ResNet18(width=4)
-    variables = models.init_variables(model, jax.random.key(0))
-    before = jax.tree_util.tree_map(np.array, variables)
+    make_optimizer = lambda schedule: optax.sgd(schedule, momentum=0.9)
+    # A state in the middle of training: non-zero momentum buffers and moved BatchNorm statistics.
+    mesh = train_lib.make_mesh()
+    state = train_lib.replicate(train_lib.create_train_state(model, jax.random.key(0), make_optimizer(0.05)), mesh)
+    step = train_lib.make_train_step(model, mesh, tiny_dataset.mean, tiny_dataset.std)
+    state, _ = step(state, *train_lib.shard_batch((tiny_dataset.train_images[:32], tiny_dataset.train_labels[:32]), mesh))
+    before = jax.device_get(state)
 
     def batches():
         while True:
-            yield tiny_dataset.train_images[:32], tiny_dataset.train_labels[:32]
+            yield tiny_dataset.train_images[32:64], tiny_dataset.train_labels[32:64]
 
-    result = lr_finder.range_test(model, variables, lambda s: optax.sgd(s, momentum=0.9), batches(),
-                                  mean=tiny_dataset.mean, std=tiny_dataset.std, start_lr=1e-4, end_lr=100.0,
-                                  num_iter=12, progress=False)
+    result = lr_finder.range_test(model, {"params": state.params, "batch_stats": state.batch_stats}, make_optimizer,
+                                  batches(), opt_state=state.opt_state, mean=tiny_dataset.mean, std=tiny_dataset.std,
+                                  start_lr=1e-4, end_lr=100.0, num_iter=12, progress=False, mesh=mesh)
     assert 2 <= len(result.lrs) == len(result.losses) <= 12
     np.testing.assert_allclose(result.lrs, lr_finder.lr_sequence(1e-4, 100.0, 12)[: len(result.lrs)], rtol=1e-6)
-    after = jax.tree_util.tree_map(np.array, variables)  # still readable (not donated) and unchanged
-    jax.tree_util.tree_map(np.testing.assert_array_equal, before, after)
+    after = jax.device_get(state)  # still readable (not donated) and unchanged
+    for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="structure"):
+        lr_finder.range_test(model, {"params": state.params, "batch_stats": state.batch_stats},
+                             lambda s: optax.adam(s), batches(), opt_state=state.opt_state, mean=tiny_dataset.mean,
+                             std=tiny_dataset.std, num_iter=3, progress=False, mesh=mesh)
 
 
 def test_cli_find_lr_writes_plot_and_suggestion(official_folder, tmp_path, capsys):
