@@ -175,7 +175,8 @@ def explain_run(
     if faithfulness_images > 0:
         chosen = np.arange(min(faithfulness_images, len(test_images)))
         x = run.normalize(test_images[chosen])
-        predict = lambda imgs: np.asarray(run.model.apply(run.variables, imgs, train=False))
+        apply = jax.jit(lambda variables, imgs: run.model.apply(variables, imgs, train=False))
+        predict = lambda imgs: np.asarray(apply(run.variables, imgs))
         maps = cam_lib.compute(run.model, run.variables, x, layer=layers[0], method=method)
         targets = predictions[chosen]
         for label, saliency in ((f"{method} ({layers[0]})", maps),

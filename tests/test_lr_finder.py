@@ -59,7 +59,8 @@ def test_range_test_leaves_the_state_untouched(tiny_dataset):
     make_optimizer = lambda schedule: optax.sgd(schedule, momentum=0.9)
     # A state in the middle of training: non-zero momentum buffers and moved BatchNorm statistics.
     mesh = train_lib.make_mesh()
-    state = train_lib.replicate(train_lib.create_train_state(model, jax.random.key(0), make_optimizer(0.05)), mesh)
+    state = train_lib.replicate(
+        train_lib.create_train_state(model, jax.random.key(0), make_optimizer(optax.constant_schedule(0.05))), mesh)
     step = train_lib.make_train_step(model, mesh, tiny_dataset.mean, tiny_dataset.std)
     state, _ = step(state, *train_lib.shard_batch((tiny_dataset.train_images[:32], tiny_dataset.train_labels[:32]), mesh))
     before = jax.device_get(state)
