@@ -51,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.lr_finder.diverge_th = 5.0
     config.lr_finder.skip_start = 10
     config.lr_finder.skip_end = 5
+    config.lr_finder.up_to_minimum = True  # False: pytorch-lr-finder's rule over the whole curve
     # Bookkeeping.
     config.seed = 0
     config.tensorboard = True

@@ -67,16 +67,29 @@ def smooth_and_stop(losses: Iterable[float], smooth_f: float = 0.05, diverge_th:
     return history, False
 
 
-def suggest_lr(lrs: list[float], losses: list[float], skip_start: int = 10, skip_end: int = 5) -> tuple[int, float]:
-    """(index into `lrs`, lr) of the steepest loss descent after trimming; ValueError if too few points."""
+def suggest_lr(
+    lrs: list[float], losses: list[float], skip_start: int = 10, skip_end: int = 5, *, up_to_minimum: bool = True
+) -> tuple[int, float]:
+    """(index into `lrs`, lr) of the steepest loss descent after trimming; ValueError if too few points.
+
+    pytorch-lr-finder takes the most negative `np.gradient` over all trimmed points
+    (`up_to_minimum=False`). A BatchNorm network with weight decay often survives a loss spike
+    at high learning rates and descends again without ever reaching `diverge_th`; that
+    rule then suggests a rate on the far side of the spike. With `up_to_minimum` (default)
+    only the points up to the lowest smoothed loss count: the valley before divergence. On a
+    curve whose minimum comes last, as when the test stops at divergence, both agree.
+    """
     if skip_start < 0 or skip_end < 0:
         raise ValueError("skip_start and skip_end must be non-negative.")
     end = len(lrs) - skip_end
     trimmed = np.asarray(losses[skip_start:end], np.float64)
+    if up_to_minimum and len(trimmed):
+        trimmed = trimmed[: int(np.argmin(trimmed)) + 1]
     if len(trimmed) < 2:
         raise ValueError(
-            f"Too few points for a suggestion: {len(lrs)} recorded, {len(trimmed)} left after skipping "
-            f"{skip_start} at the start and {skip_end} at the end; run more iterations or skip fewer."
+            f"Too few points for a suggestion: {len(lrs)} recorded, {len(trimmed)} usable after skipping "
+            f"{skip_start} at the start and {skip_end} at the end"
+            f"{' and cutting at the loss minimum' if up_to_minimum else ''}; run more iterations or skip fewer."
         )
     index = int(np.gradient(trimmed).argmin())
     return skip_start + index, float(lrs[skip_start + index])
@@ -212,7 +225,8 @@ def run_for_config(config: Any, dataset: data_lib.Cifar10, run_dir: str | Path, 
         progress=progress,
     )
     try:
-        suggestion = suggest_lr(result.lrs, result.losses, settings.skip_start, settings.skip_end)
+        suggestion = suggest_lr(result.lrs, result.losses, settings.skip_start, settings.skip_end,
+                                up_to_minimum=settings.get("up_to_minimum", True))
         print(f"LR range test: suggested max LR {suggestion[1]:.3g} (steepest descent of the smoothed loss).")
     except ValueError as e:
         suggestion = None

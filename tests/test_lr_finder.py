@@ -46,12 +46,32 @@ def test_suggestion_is_the_steepest_descent():
     losses[19] -= 0.3  # the steepest drop is into 19 and out of 18: np.gradient is most negative at 18/19
     for i in range(25, 40):
         losses[i] = losses[24]
-    index, lr = lr_finder.suggest_lr(lrs, losses, skip_start=5, skip_end=3)
+    # pytorch-lr-finder's rule: the most negative np.gradient over the trimmed curve.
+    index, lr = lr_finder.suggest_lr(lrs, losses, skip_start=5, skip_end=3, up_to_minimum=False)
     gradient = np.gradient(np.array(losses[5:37]))
     assert index == 5 + int(gradient.argmin()) and lr == lrs[index]
     assert index in (18, 19)
+    # Where the minimum comes last (the test stopped at divergence), the default rule agrees.
+    falling = list(np.linspace(3.0, 2.0, 40) - 0.2 * np.exp(-0.5 * ((np.arange(40) - 22) / 2.0) ** 2).cumsum() / 5)
+    assert int(np.argmin(falling[5:37])) == 31
+    assert lr_finder.suggest_lr(lrs, falling, 5, 3) == lr_finder.suggest_lr(lrs, falling, 5, 3, up_to_minimum=False)
     with pytest.raises(ValueError, match="Too few points"):
         lr_finder.suggest_lr(lrs[:12], losses[:12], skip_start=10, skip_end=5)
+
+
+def test_suggestion_ignores_a_recovery_after_a_spike():
+    """A loss that dips, spikes and falls steeply again: pytorch-lr-finder's rule picks the
+    recovery; up_to_minimum keeps to the valley before the spike."""
+    lrs = list(np.logspace(-4, 1, 50))
+    losses = list(np.linspace(2.8, 2.3, 30))  # steady descent to the minimum at index 29
+    losses[20:30] = list(np.linspace(losses[20], 2.3, 10))  # a steeper stretch before the minimum
+    losses += [2.6, 2.9, 2.85, 2.7, 2.5, 2.35, 2.34, 2.33, 2.33, 2.33, 2.33, 2.33, 2.33, 2.33, 2.33, 2.33, 2.33, 2.33,
+               2.33, 2.33]
+    whole, _ = lr_finder.suggest_lr(lrs, losses, skip_start=2, skip_end=2, up_to_minimum=False)
+    valley, _ = lr_finder.suggest_lr(lrs, losses, skip_start=2, skip_end=2)
+    assert 30 < whole < 40  # on the far side of the spike
+    expected = 2 + int(np.gradient(np.array(losses[2:30])).argmin())
+    assert valley == expected and valley < 30
 
 
 def test_range_test_leaves_the_state_untouched(tiny_dataset):
