@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,12 @@ def on_gpu() -> bool:
     import jax
 
     return jax.devices()[0].platform == "gpu"
+
+
+def _print_rates(results: dict) -> dict:
+    for name, row in results.items():
+        print(f"  {name}: {row['images_per_s']:,.0f} images/s", flush=True)
+    return results
 
 
 # ----------------------------------------------------------------------------- training
@@ -201,9 +206,7 @@ def section_pipeline(args) -> dict:
         results["albumentations_per_image"] = {"images_per_s": len(subset) / timed(albumentations_all, 3)}
     except ImportError:
         pass
-    for k, v in results.items():
-        print(f"  {k}: {v['images_per_s']:,.0f} images/s", flush=True)
-    return results
+    return _print_rates(results)
 
 
 # ----------------------------------------------------------------------------- eval and CAM
@@ -236,9 +239,7 @@ def section_eval(args) -> dict:
             results["torch_eager_fp32"] = {"images_per_s": batch / timed(lambda: reference(tx), 5, sync)}
     except ImportError:
         pass
-    for k, v in results.items():
-        print(f"  {k}: {v['images_per_s']:,.0f} images/s", flush=True)
-    return results
+    return _print_rates(results)
 
 
 def section_cam(args) -> dict:

@@ -1,6 +1,5 @@
 """The PyTorch reference: the kuangliu CIFAR ResNet18/34 the seed projects trained (with a width knob)."""
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

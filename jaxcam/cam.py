@@ -149,7 +149,8 @@ def combine_layers(per_layer: Sequence[jax.Array], size: tuple[int, int] | None)
 # ----------------------------------------------------------------------------- the core
 
 
-def _check_layers(layer: str | Sequence[str]) -> tuple[str, ...]:
+def check_layers(layer: str | Sequence[str]) -> tuple[str, ...]:
+    """Stage names as a tuple; ValueError for an empty list or an unknown name."""
     layers = (layer,) if isinstance(layer, str) else tuple(layer)
     if not layers:
         raise ValueError("Name at least one layer for the CAM.")
@@ -157,6 +158,12 @@ def _check_layers(layer: str | Sequence[str]) -> tuple[str, ...]:
         if name not in STAGES:
             raise ValueError(f"Unknown layer {name!r}; choose from {', '.join(STAGES)}.")
     return layers
+
+
+def check_method(method: str) -> None:
+    """ValueError unless `method` is one of METHODS."""
+    if method not in METHODS:
+        raise ValueError(f"Unknown CAM method {method!r}; choose one of {', '.join(METHODS)}.")
 
 
 def check_float_images(images: Any) -> jax.Array:
@@ -269,9 +276,8 @@ def compute_with_outputs(
     batch_size: int = 64,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Like `compute`, also returning the logits (N, K) and the target classes used (N,)."""
-    layers = _check_layers(layer)
-    if method not in METHODS:
-        raise ValueError(f"Unknown CAM method {method!r}; choose one of {', '.join(METHODS)}.")
+    layers = check_layers(layer)
+    check_method(method)
     images = check_float_images(images)
     n, height, width, _ = images.shape
     num_classes = model.num_classes

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from jaxcam.checkpoint import CheckpointError, write_json
+from jaxcam.checkpoint import CheckpointError
 from jaxcam.configuration import ConfigError, apply_overrides, config_from_json, load_config_file
 from jaxcam.data import DataError
 
@@ -24,7 +24,6 @@ def fail(message: str) -> int:
 
 
 def run_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
-    from jaxcam import data as data_lib
     from jaxcam import train as train_lib
 
     try:
@@ -35,14 +34,14 @@ def run_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
             if not (run_dir / "config.json").is_file():
                 raise ConfigError(f"{str(run_dir)!r} is not a jaxcam run directory (no config.json).")
             config = config_from_json(run_dir / "config.json")
-            dataset = data_lib.load_cifar10(config.data_dir, tfds_data_dir=config.get("tfds_data_dir"))
+            dataset = train_lib.load_dataset(config)
             train_lib.train_and_evaluate(config, run_dir, resume=True, dataset=dataset)
             return 0
 
         config = apply_overrides(load_config_file(args.config), overrides)
         train_lib.validate_config(config)
         # Load the data before creating the run directory: bad data leaves nothing behind.
-        dataset = data_lib.load_cifar10(config.data_dir, tfds_data_dir=config.get("tfds_data_dir"))
+        dataset = train_lib.load_dataset(config)
         run_dir = train_lib.create_run_dir(args.workdir, config.name)
         print(f"Run directory: {run_dir}")
         if args.find_lr or args.find_lr_only or config.max_lr == "auto":

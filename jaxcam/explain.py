@@ -21,6 +21,7 @@ from jaxcam import train as train_lib
 from jaxcam import viz
 from jaxcam.checkpoint import CheckpointError, load_variables
 from jaxcam.configuration import ConfigError, config_from_json
+from jaxcam.models import STAGES
 
 REQUIRED_FILES = ("curves.png", "misclassified.png", "gradcam_layer3.png", "gradcam_layer2.png",
                   "gradcam_targets.png", "confusion_matrix.png", "report.md")
@@ -56,7 +57,7 @@ def load_run(run_dir: str | os.PathLike, which: str = "best", data_dir: str | No
     variables, meta = load_variables(run_dir, which)
     if data_dir is not None:
         config.data_dir = data_dir
-    dataset = data_lib.load_cifar10(config.data_dir, tfds_data_dir=config.get("tfds_data_dir"))
+    dataset = train_lib.load_dataset(config)
     # Explanations run in float32 whatever the training compute dtype was.
     config.dtype = "float32"
     model = train_lib.build(config, dataset.num_classes)
@@ -102,10 +103,8 @@ def explain_run(
     log=print,
 ) -> Path:
     """Write every report file for `run_dir` into `out_dir` (default `<run_dir>/report`)."""
-    for layer in layers:
-        cam_lib._check_layers(layer)
-    if method not in cam_lib.METHODS:
-        raise ValueError(f"Unknown CAM method {method!r}; choose one of {', '.join(cam_lib.METHODS)}.")
+    cam_lib.check_layers(layers)
+    cam_lib.check_method(method)
     if num < 1:
         raise ValueError(f"--num must be at least 1, got {num}.")
     run = load_run(run_dir, data_dir=data_dir)
@@ -141,7 +140,7 @@ def explain_run(
     for layer in layers:
         cams_pred = cam_lib.compute(run.model, run.variables, normalized, layer=layer, targets=predictions[wrong], method=method)
         cams_true = cam_lib.compute(run.model, run.variables, normalized, layer=layer, targets=test_labels[wrong], method=method)
-        size = {"layer1": 32, "layer2": 16, "layer3": 8, "layer4": 4}[layer]
+        size = 32 >> STAGES.index(layer)  # stages halve the resolution
         name = f"gradcam_{layer}.png"
         viz.plot_cam_grid(picked, cams_pred, cams_true, test_labels[wrong], predictions[wrong], names, out / name,
                           title=f"{method} at {layer} ({size}x{size}): predicted vs true class")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -20,9 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from jaxcam import data as data_lib
 from jaxcam import train as train_lib
+from jaxcam.checkpoint import write_json
 
 
 @dataclasses.dataclass
@@ -147,8 +148,6 @@ def range_test(
     raw: list[float] = []
     smoothed: list[float] = []
     diverged = False
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=num_iter, desc="LR range test", disable=not progress)
     for i, (images, labels) in enumerate(itertools.islice(batches, num_iter)):
         state, metrics = step(state, *train_lib.shard_batch((images, labels), mesh))
@@ -233,8 +232,6 @@ def run_for_config(config: Any, dataset: data_lib.Cifar10, run_dir: str | Path, 
         print(f"LR range test: no suggestion. {e}")
     plot(result, run_dir / "lr_finder.png", skip_start=settings.skip_start, skip_end=settings.skip_end,
          suggestion=suggestion)
-    from jaxcam.checkpoint import write_json
-
     write_json(run_dir / "lr_finder.json", {
         "lrs": result.lrs, "losses": result.losses, "diverged": result.diverged,
         "suggested_lr": suggestion[1] if suggestion else None, "suggested_index": suggestion[0] if suggestion else None,

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -276,7 +275,8 @@ class TrainResult:
     test_logits: np.ndarray
 
 
-def _load_data(config: ml_collections.ConfigDict) -> data_lib.Cifar10:
+def load_dataset(config: ml_collections.ConfigDict) -> data_lib.Cifar10:
+    """The CIFAR-10 copy `config` names (`data_dir`, or tensorflow-datasets in `tfds_data_dir`)."""
     return data_lib.load_cifar10(config.data_dir, tfds_data_dir=config.get("tfds_data_dir"))
 
 
@@ -382,7 +382,7 @@ def train_and_evaluate(
     validate_config(config)
     if config.max_lr == "auto":
         raise ValueError("config.max_lr is 'auto': run the LR range test first (train.py --find-lr).")
-    dataset = dataset if dataset is not None else _load_data(config)
+    dataset = dataset if dataset is not None else load_dataset(config)
     mesh = make_mesh(devices)
     num_devices = mesh.devices.size
     for key in ("batch_size", "eval_batch_size"):

@@ -1,11 +1,10 @@
 import pickle
 import sys
-import tarfile
 
 import numpy as np
 import pytest
 
-from conftest import SUBSET, synthetic_arrays, write_official_batches
+from conftest import synthetic_arrays, write_official_batches
 from jaxcam import data as data_lib
 from jaxcam.data import DataError
 

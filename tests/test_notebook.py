@@ -1,10 +1,8 @@
 """Run the Colab notebook's code for real (tiny parameters, local data), skipping only the install cell."""
 
 import json
-import os
 
 import matplotlib
-import pytest
 
 from conftest import ROOT
 
