@@ -217,3 +217,16 @@ def test_overrides_parse_types():
                              "--config.data_dir=/some/where", "--config.max_lr=auto"])
     assert config.max_lr == "auto" and config.flip is False and config.lr_finder.num_iter == 7
     assert config.data_dir == "/some/where"
+
+
+@pytest.mark.parametrize("name", ["default", "smoke", "learning_check"])
+def test_every_config_file_is_valid(name):
+    train_lib.validate_config(load_config_file(ROOT / "configs" / f"{name}.py"))
+
+
+def test_learning_check_is_the_default_recipe_at_the_issues_size():
+    default = load_config_file(ROOT / "configs" / "default.py").to_dict()
+    check = load_config_file(ROOT / "configs" / "learning_check.py").to_dict()
+    changed = {key for key in default if check[key] != default[key]}
+    assert changed <= {"name", "data_dir", "width", "epochs", "batch_size"}
+    assert (check["width"], check["epochs"], check["batch_size"]) == (16, 15, 128)
