@@ -6,17 +6,13 @@ local CIFAR-10 subset (../shared/data/cifar10-subset: 5,085 training and 1,017 t
 Everything else (optimizer, one-cycle, label smoothing, crop + flip + cutout) is the default recipe.
 """
 
-import os
-
-from configs import default
+from configs import default, shared_subset
 
 
 def get_config():
     config = default.get_config()
     config.name = "learning_check"
-    here = os.path.dirname(os.path.abspath(__file__))
-    subset = os.path.normpath(os.path.join(here, "..", "..", "shared", "data", "cifar10-subset"))
-    config.data_dir = subset if os.path.isdir(subset) else None
+    config.data_dir = shared_subset()
     config.width = 16
     config.epochs = 15
     config.batch_size = 128

@@ -1,16 +1,12 @@
 """A tiny run that finishes in seconds on a CPU: width-8 ResNet18, 2 epochs on the local subset."""
 
-import os
-
-from configs import default
+from configs import default, shared_subset
 
 
 def get_config():
     config = default.get_config()
     config.name = "smoke"
-    here = os.path.dirname(os.path.abspath(__file__))
-    subset = os.path.join(here, "..", "..", "shared", "data", "cifar10-subset")
-    config.data_dir = os.path.normpath(subset) if os.path.isdir(subset) else None
+    config.data_dir = shared_subset()
     config.width = 8
     config.epochs = 2
     config.batch_size = 256
