@@ -324,6 +324,16 @@ def section_e2e(args) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
+def _rate_rows(title: str, section: dict, base_key: str, base_name: str, ratio_digits: int) -> list[str]:
+    """A markdown table of images/s per entry of `section`, each as a ratio to `section[base_key]`."""
+    base = section.get(base_key, {}).get("images_per_s")
+    lines = [f"| {title} | images/s | vs {base_name} |", "|---|---:|---:|"]
+    for name, r in section.items():
+        ratio = f"{r['images_per_s'] / base:.{ratio_digits}f}x" if base else "n/a"
+        lines.append(f"| {name} | {r['images_per_s']:,.0f} | {ratio} |")
+    return [*lines, ""]
+
+
 def table(results: dict) -> str:
     lines = []
     if "train" in results:
@@ -339,21 +349,9 @@ def table(results: dict) -> str:
             lines.append(f"| {name} | {r['images_per_s']:,.1f} | {r['epoch_50k_s']:,.1f} | {r['first_step_s']:.1f} | {ratio} | {ratio_tuned} | {mfu} |")
         lines.append("")
     if "pipeline" in results:
-        p = results["pipeline"]
-        base = p.get("albumentations_per_image", {}).get("images_per_s")
-        lines += ["| input pipeline | images/s | vs albumentations |", "|---|---:|---:|"]
-        for name, r in p.items():
-            ratio = f"{r['images_per_s'] / base:.1f}x" if base else "n/a"
-            lines.append(f"| {name} | {r['images_per_s']:,.0f} | {ratio} |")
-        lines.append("")
+        lines += _rate_rows("input pipeline", results["pipeline"], "albumentations_per_image", "albumentations", 1)
     if "eval" in results:
-        e = results["eval"]
-        base = e.get("torch_eager_fp32", {}).get("images_per_s")
-        lines += ["| evaluation | images/s | vs torch eager fp32 |", "|---|---:|---:|"]
-        for name, r in e.items():
-            ratio = f"{r['images_per_s'] / base:.2f}x" if base else "n/a"
-            lines.append(f"| {name} | {r['images_per_s']:,.0f} | {ratio} |")
-        lines.append("")
+        lines += _rate_rows("evaluation", results["eval"], "torch_eager_fp32", "torch eager fp32", 2)
     if "cam" in results:
         lines += ["| CAM method (layer3) | batch | jaxcam CAMs/s | pytorch-grad-cam CAMs/s | speed-up |", "|---|---:|---:|---:|---:|"]
         for name, r in results["cam"].items():
