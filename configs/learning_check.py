@@ -6,14 +6,8 @@ local CIFAR-10 subset (../shared/data/cifar10-subset: 5,085 training and 1,017 t
 Everything else (optimizer, one-cycle, label smoothing, crop + flip + cutout) is the default recipe.
 """
 
-from configs import default, shared_subset
+from configs import default_on_shared_subset
 
 
 def get_config():
-    config = default.get_config()
-    config.name = "learning_check"
-    config.data_dir = shared_subset()
-    config.width = 16
-    config.epochs = 15
-    config.batch_size = 128
-    return config
+    return default_on_shared_subset("learning_check", width=16, epochs=15, batch_size=128)
