@@ -163,8 +163,13 @@ def create_model(name: str, num_classes: int = 10, width: int = 64, **kwargs: An
 
 def init_variables(model: ResNet, rng: jax.Array, image_size: int = 32) -> dict:
     """{'params', 'batch_stats'} for `model`, without the per-call `perturbations`/`intermediates`."""
-    variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
-    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    # Jitted: one compilation instead of one per initializer op (eager init took ~17 s on 2 CPU cores).
+    @jax.jit
+    def init(rng: jax.Array) -> dict:
+        variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
+        return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+    return init(rng)
 
 
 def count_params(params: Any) -> int:
