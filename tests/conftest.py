@@ -18,12 +18,14 @@ import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-SUBSET = ROOT.parent / "shared" / "data" / "cifar10-subset"
 
 jax.config.update("jax_compilation_cache_dir", str(ROOT / ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
+from configs import shared_subset  # noqa: E402
 from jaxcam import data as data_lib  # noqa: E402
+
+SUBSET = shared_subset()  # ../shared/data/cifar10-subset, or None where this clone has no ../shared
 
 
 def write_official_batches(folder: Path, images: np.ndarray, labels: np.ndarray, test_images, test_labels) -> Path:
@@ -72,20 +74,20 @@ def official_archive(official_folder: Path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def real_subset() -> data_lib.Cifar10:
     """The real CIFAR-10 subset from ../shared when present (skipped otherwise)."""
-    if not SUBSET.is_dir():
+    if SUBSET is None:
         pytest.skip("../shared/data/cifar10-subset is not present")
     return data_lib.load_cifar10(SUBSET)
 
 
 @pytest.fixture(scope="session")
-def tiny_dataset() -> data_lib.Cifar10:
+def tiny_dataset(request) -> data_lib.Cifar10:
     """128 training and 40 test images: real ones from ../shared when present, else synthetic.
 
     The tests that use it (data-parallel step, resume, NaN stop, range test) check properties of
     the training machinery, so they must run in a clone that has no ../shared beside it too.
     """
-    if SUBSET.is_dir():
-        d = data_lib.load_cifar10(SUBSET)
+    if SUBSET is not None:
+        d = request.getfixturevalue("real_subset")  # the session's one load of the subset
         return data_lib.Cifar10(d.train_images[:128], d.train_labels[:128], d.test_images[:40], d.test_labels[:40],
                                 d.class_names)
     return data_lib.Cifar10(*synthetic_arrays(128, 40, seed=1), data_lib.CIFAR10_CLASSES)
