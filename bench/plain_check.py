@@ -1,0 +1,119 @@
+"""An independent ~60-line JAX trainer for the learning check, sharing no code with jaxcam.
+
+    python bench/plain_check.py [seed=0] [cutout=0.5] [lr=0.4] [ls=0.1] [wd=5e-4] [pct=0.25]
+
+It trains the CIFAR ResNet18 at width 16 for 15 epochs at batch 128 on ../shared/data/cifar10-subset
+with crop 4 + flip + Cutout 16 (probability `cutout`), SGD + Nesterov, weight decay and optax's
+one-cycle, and prints the test accuracy after each epoch. It exists to cross-check jaxcam's
+learning-check figures (bench/LEARNING.md) against a plain script written from scratch. One
+difference from jaxcam: it augments in normalized space, so the crop pads with the mean, not black.
+"""
+
+import functools
+import pickle
+import sys
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+args = {k: float(v) for k, v in (a.split("=") for a in sys.argv[1:])}
+SEED, CUT, LR = int(args.get("seed", 0)), args.get("cutout", 0.5), args.get("lr", 0.4)
+LS, WD, PCT = args.get("ls", 0.1), args.get("wd", 5e-4), args.get("pct", 0.25)
+DATA = Path(__file__).resolve().parents[2] / "shared/data/cifar10-subset/cifar-10-batches-py"
+
+
+def load(names):
+    batches = [pickle.load(open(DATA / n, "rb"), encoding="bytes") for n in names]
+    x = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return x, np.concatenate([b[b"labels"] for b in batches]).astype(np.int32)
+
+
+xtr, ytr = load([f"data_batch_{i}" for i in range(1, 6)])
+xte, yte = load(["test_batch"])
+mean, std = xtr.reshape(-1, 3).mean(0) / 255, xtr.reshape(-1, 3).std(0) / 255
+
+
+def norm(x):
+    return ((x / 255.0 - mean) / std).astype(np.float32)
+
+
+i32 = np.arange(32)
+
+
+def augment(x, rng):  # in normalized space, where 0 is the mean: crop pads and Cutout fills with it
+    n = len(x)
+    padded = np.pad(norm(x), ((0, 0), (4, 4), (4, 4), (0, 0)))
+    dy, dx = rng.integers(0, 9, (2, n, 1, 1))
+    x = padded[np.arange(n)[:, None, None], dy + i32[:, None], dx + i32[None, :]]
+    flip = rng.random(n) < 0.5
+    x[flip] = x[flip, :, ::-1]
+    cy, cx = rng.integers(0, 32, (2, n, 1, 1))  # a 16x16 square centred anywhere, clipped at the border
+    rows, cols = (i32[:, None] >= cy - 8) & (i32[:, None] < cy + 8), (i32[None, :] >= cx - 8) & (i32[None, :] < cx + 8)
+    x[rows & cols & (rng.random(n) < CUT)[:, None, None]] = 0.0
+    return x
+
+
+conv = functools.partial(nn.Conv, use_bias=False, kernel_init=nn.initializers.kaiming_normal())
+
+
+def norm_layer(train):  # PyTorch's BatchNorm2d momentum 0.1
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9)
+
+
+class Block(nn.Module):
+    features: int
+    stride: int
+
+    @nn.compact
+    def __call__(self, x, train):
+        s = (self.stride, self.stride)
+        y = nn.relu(norm_layer(train)(conv(self.features, (3, 3), s, padding=1)(x)))
+        y = norm_layer(train)(conv(self.features, (3, 3), padding=1)(y))
+        if self.stride != 1 or x.shape[-1] != self.features:
+            x = norm_layer(train)(conv(self.features, (1, 1), s)(x))
+        return nn.relu(y + x)
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.relu(norm_layer(train)(conv(16, (3, 3), padding=1)(x)))
+        for i, stride in enumerate([1, 2, 2, 2]):
+            x = Block(16 * 2**i, 1)(Block(16 * 2**i, stride)(x, train), train)
+        return nn.Dense(10)(x.mean((1, 2)))
+
+
+net, batch, epochs = Net(), 128, 15
+steps = len(xtr) // batch
+variables = net.init(jax.random.key(SEED), jnp.zeros((1, 32, 32, 3)), False)
+tx = optax.chain(optax.add_decayed_weights(WD),
+                 optax.sgd(optax.cosine_onecycle_schedule(steps * epochs, LR, PCT, 25.0, 1e4), 0.9, nesterov=True))
+params, stats = variables["params"], variables["batch_stats"]
+opt = tx.init(params)
+
+
+@jax.jit
+def train_step(params, stats, opt, x, y):
+    def loss_fn(p):
+        logits, new = net.apply({"params": p, "batch_stats": stats}, x, True, mutable=["batch_stats"])
+        return optax.softmax_cross_entropy(logits, optax.smooth_labels(jax.nn.one_hot(y, 10), LS)).mean(), new
+
+    (loss, new), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt = tx.update(grads, opt, params)
+    return optax.apply_updates(params, updates), new["batch_stats"], opt, loss
+
+
+predict = jax.jit(lambda p, s, x: net.apply({"params": p, "batch_stats": s}, x, False).argmax(-1))
+rng, start = np.random.default_rng(SEED), time.time()
+for epoch in range(epochs):
+    order = rng.permutation(len(xtr))
+    for k in range(steps):
+        idx = order[k * batch:(k + 1) * batch]
+        params, stats, opt, loss = train_step(params, stats, opt, augment(xtr[idx], rng), ytr[idx])
+    hits = sum(int((predict(params, stats, norm(xte[i:i + 500])) == yte[i:i + 500]).sum()) for i in range(0, len(xte), 500))
+    print(f"epoch {epoch + 1}: loss {float(loss):.3f}, test {100 * hits / len(xte):.2f}%, {time.time() - start:.0f} s", flush=True)
