@@ -1,4 +1,4 @@
-"""An independent ~60-line JAX trainer for the learning check, sharing no code with jaxcam.
+"""An independent, short JAX trainer for the learning check, sharing no code with jaxcam.
 
     python bench/plain_check.py [seed=0] [cutout=0.5] [lr=0.4] [ls=0.1] [wd=5e-4] [pct=0.25]
 
@@ -15,16 +15,23 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from configs import shared_subset  # the subset's location only; no jaxcam code
+
 args = {k: float(v) for k, v in (a.split("=") for a in sys.argv[1:])}
 SEED, CUT, LR = int(args.get("seed", 0)), args.get("cutout", 0.5), args.get("lr", 0.4)
 LS, WD, PCT = args.get("ls", 0.1), args.get("wd", 5e-4), args.get("pct", 0.25)
-DATA = Path(__file__).resolve().parents[2] / "shared/data/cifar10-subset/cifar-10-batches-py"
+SUBSET = shared_subset()
+if SUBSET is None:
+    sys.exit("plain_check needs ../shared/data/cifar10-subset beside this checkout.")
+DATA = Path(SUBSET) / "cifar-10-batches-py"
 
 
 def load(names):
@@ -42,6 +49,7 @@ def norm(x):
     return ((x / 255.0 - mean) / std).astype(np.float32)
 
 
+test_inputs = norm(xte)  # once, not every epoch
 i32 = np.arange(32)
 
 
@@ -115,5 +123,5 @@ for epoch in range(epochs):
     for k in range(steps):
         idx = order[k * batch:(k + 1) * batch]
         params, stats, opt, loss = train_step(params, stats, opt, augment(xtr[idx], rng), ytr[idx])
-    hits = sum(int((predict(params, stats, norm(xte[i:i + 500])) == yte[i:i + 500]).sum()) for i in range(0, len(xte), 500))
+    hits = sum(int((predict(params, stats, test_inputs[i:i + 500]) == yte[i:i + 500]).sum()) for i in range(0, len(xte), 500))
     print(f"epoch {epoch + 1}: loss {float(loss):.3f}, test {100 * hits / len(xte):.2f}%, {time.time() - start:.0f} s", flush=True)
