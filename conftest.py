@@ -1,5 +1,6 @@
-"""Shared test setup: two host CPU devices (real data-parallel path), a persistent compilation
-cache, headless matplotlib, and small real/synthetic datasets."""
+"""Shared setup for the tests beside the code (jaxcam/*_test.py, notebooks/*_test.py): two host
+CPU devices (real data-parallel path), a persistent compilation cache, headless matplotlib, and
+small real/synthetic datasets."""
 
 import os
 import pickle
@@ -16,7 +17,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 jax.config.update("jax_compilation_cache_dir", str(ROOT / ".jax_cache"))
