@@ -13,6 +13,8 @@ after a bare `import jaxcam` without paying for TensorFlow Datasets or the model
     metrics     faithfulness metrics (deletion/insertion AUC, average drop/increase)
     viz         overlays, galleries and plots
     explain     the report of a run directory (explain.py)
+    configuration  Python config files and --config.KEY=VALUE overrides
+    cli         the front ends of train.py and explain.py (one-sentence errors, exit 1)
 """
 
 import importlib
