@@ -4,7 +4,6 @@ small real/synthetic datasets."""
 
 import os
 import pickle
-import sys
 import tarfile
 from pathlib import Path
 
@@ -17,8 +16,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+# pytest puts this file's folder, the repository root, on sys.path (rootdir conftest, prepend mode),
+# so `configs`, `train` and `explain` import from here.
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
 
 jax.config.update("jax_compilation_cache_dir", str(ROOT / ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

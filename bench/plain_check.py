@@ -35,7 +35,7 @@ DATA = Path(SUBSET) / "cifar-10-batches-py"
 
 
 def load(names):
-    batches = [pickle.load(open(DATA / n, "rb"), encoding="bytes") for n in names]
+    batches = [pickle.loads((DATA / n).read_bytes(), encoding="bytes") for n in names]
     x = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return x, np.concatenate([b[b"labels"] for b in batches]).astype(np.int32)
 

@@ -8,19 +8,16 @@ import pytest
 from conftest import ROOT
 
 
-def run_python(code: str) -> subprocess.CompletedProcess:
-    # A fresh interpreter: in this one the tests have imported the submodules already.
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
 def test_bare_import_reaches_the_public_api_lazily():
-    result = run_python(
+    # A fresh interpreter: in this one the tests have imported the submodules already.
+    code = (
         "import sys, jaxcam\n"
         "print(sorted(m for m in sys.modules if m.startswith('jaxcam.')))\n"
         "print(callable(jaxcam.models.ResNet18), callable(jaxcam.data.augment_batch), callable(jaxcam.cam.compute),"
         " callable(jaxcam.train.onecycle), callable(jaxcam.models.from_torch_state_dict))\n"
         "print('jaxcam.cam' in sys.modules, 'jaxcam.explain' in sys.modules)\n"
     )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     before, reached, loaded = result.stdout.splitlines()
     assert before == "[]"  # nothing heavy at import time
