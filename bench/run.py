@@ -316,8 +316,7 @@ def section_e2e(args) -> dict:
         data_lib.CIFAR10_CLASSES)
     config = configuration.load_config_file(ROOT / "configs" / "default.py")
     config.update(dict(epochs=args.e2e_epochs or (20 if gpu else 1), width=args.width if gpu else 16,
-                       dtype="bfloat16" if gpu else "float32", batch_size=args.batch, print_summary=False,
-                       tensorboard=False))
+                       batch_size=args.batch, print_summary=False, tensorboard=False))
     ends = []  # wall time at the end of each epoch (after its evaluation and checkpoint)
     with tempfile.TemporaryDirectory() as run_dir:
         start = time.perf_counter()
@@ -328,7 +327,7 @@ def section_e2e(args) -> dict:
     steady = float(np.median(epoch_times[1:])) if len(epoch_times) > 1 else epoch_times[0]
     # Between two epoch ends: that epoch's training, then its evaluation and checkpoint.
     between = [b - a - t for a, b, t in zip(ends, ends[1:], epoch_times[1:])]
-    out = {"epochs": config.epochs, "train_images": n_train, "width": config.width, "dtype": config.dtype,
+    out = {"epochs": config.epochs, "train_images": n_train, "width": config.width, "dtype": train_lib.resolve_dtype(config.dtype),
            "total_s": total, "first_epoch_s": epoch_times[0], "steady_epoch_s": steady,
            "train_s": float(sum(epoch_times)),
            "setup_and_first_eval_s": ends[0] - start - epoch_times[0],

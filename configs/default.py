@@ -13,7 +13,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Model.
     config.model = "resnet18"
     config.width = 64
-    config.dtype = "float32"  # compute dtype; "bfloat16" keeps float32 parameters
+    # Compute dtype; parameters stay float32. "auto": bfloat16 on GPU/TPU, float32 on CPU.
+    config.dtype = "auto"
     # Optimization.
     config.epochs = 20
     config.batch_size = 512

@@ -42,6 +42,20 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def resolve_dtype(name: str, backend: str | None = None) -> str:
+    """The compute dtype that config.dtype `name` means on `backend` (default: JAX's).
+
+    "auto" is bfloat16 on GPUs and TPUs, whose matrix units run it at twice the float32 (TF32)
+    rate (73.5k against 36.7k images/s on an H100, bench/RESULTS.md), and float32 on CPUs,
+    which have no fast bfloat16 arithmetic. Parameters stay float32 either way.
+    """
+    if name == "auto":
+        return "bfloat16" if (backend or jax.default_backend()) in ("gpu", "tpu") else "float32"
+    if name not in DTYPES:
+        raise ValueError(f"Unknown dtype {name!r}; choose one of auto, {', '.join(DTYPES)}.")
+    return name
+
+
 class TrainState(train_state.TrainState):
     """Flax TrainState plus the BatchNorm running statistics."""
 
@@ -328,8 +342,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"Unknown model {config.model!r}; choose one of {', '.join(models.MODELS)}.")
     if config.optimizer.lower() not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {config.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
-    if config.dtype not in DTYPES:
-        raise ValueError(f"Unknown dtype {config.dtype!r}; choose one of {', '.join(DTYPES)}.")
+    resolve_dtype(config.dtype)
     if config.schedule not in ("onecycle", "constant"):
         raise ValueError(f"Unknown schedule {config.schedule!r}; choose 'onecycle' or 'constant'.")
     if config.anneal_strategy not in ("cos", "linear"):
@@ -356,9 +369,8 @@ def make_augment(config: ml_collections.ConfigDict, dataset: data_lib.Cifar10) -
 
 def build(config: ml_collections.ConfigDict, num_classes: int) -> models.ResNet:
     """The model of `config` (name, width, compute dtype)."""
-    if config.dtype not in DTYPES:
-        raise ValueError(f"Unknown dtype {config.dtype!r}; choose one of {', '.join(DTYPES)}.")
-    return models.create_model(config.model, num_classes=num_classes, width=config.width, dtype=DTYPES[config.dtype])
+    dtype = DTYPES[resolve_dtype(config.dtype)]
+    return models.create_model(config.model, num_classes=num_classes, width=config.width, dtype=dtype)
 
 
 def train_and_evaluate(
@@ -412,6 +424,7 @@ def train_and_evaluate(
     else:
         write_json(run_dir / "config.json", json.loads(config.to_json_best_effort()))
         log(models.summary(model) if config.get("print_summary", True) else f"{config.model} width {config.width}")
+        log(f"Compute dtype: {resolve_dtype(config.dtype)} (config.dtype={config.dtype!r}, {jax.default_backend()}).")
     best_acc = max((r["test_acc"] for r in history), default=-1.0)
 
     train_step = make_train_step(model, mesh, mean, std, config.label_smoothing)

@@ -1,6 +1,7 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -113,6 +114,16 @@ def test_optimizers_build_and_unknown_names_fail():
         train_lib.create_optimizer(tiny_config(optimizer="lamb"), total_steps=10)
 
 
+def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu():
+    assert train_lib.resolve_dtype("auto", "gpu") == train_lib.resolve_dtype("auto", "tpu") == "bfloat16"
+    assert train_lib.resolve_dtype("auto", "cpu") == "float32"
+    assert tiny_config().dtype == "auto"  # the default recipe
+    assert train_lib.build(tiny_config(), 10).dtype == jnp.float32  # this machine is a CPU
+    assert train_lib.build(tiny_config(dtype="bfloat16"), 10).dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match="Unknown dtype 'float16'; choose one of auto, float32, bfloat16"):
+        train_lib.build(tiny_config(dtype="float16"), 10)
+
+
 def test_sgd_matches_torch_sgd_with_weight_decay_and_nesterov():
     torch = pytest.importorskip("torch")
     config = tiny_config(schedule="constant", max_lr=0.1, cycle_momentum=False, momentum=0.9, weight_decay=5e-4)
@@ -155,6 +166,7 @@ def test_cli_trains_and_writes_the_run_directory(official_folder, tmp_path, caps
     assert set(record) >= {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc"}
     assert (run_dir / "checkpoints" / "latest" / "1").is_dir() and (run_dir / "checkpoints" / "best" / "1").is_dir()
     assert "Accuracy: " in out and "/30 (" in out
+    assert "Compute dtype: float32 (config.dtype='auto', cpu)." in out
     variables, meta = load_variables(run_dir)
     assert meta["epoch"] == 1 and variables["params"]["conv1"]["kernel"].shape == (3, 3, 3, 4)
 
@@ -164,6 +176,7 @@ def test_cli_trains_and_writes_the_run_directory(official_folder, tmp_path, caps
     [
         (["--config.model='resnet50'"], "Unknown model 'resnet50'"),
         (["--config.optimizer='lamb'"], "Unknown optimizer 'lamb'"),
+        (["--config.dtype='float16'"], "Unknown dtype 'float16'"),
         (["--config.epoch=3"], "Unknown config key 'epoch'"),
         (["--config.batch_size=big"], "takes a int"),
         (["--config.data_dir='/nonexistent/cifar'"], "does not exist"),
