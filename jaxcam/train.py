@@ -298,10 +298,13 @@ def train_epoch(
     train_step: Callable, state: TrainState, batches: Any, steps: int, description: str, progress: bool = True
 ) -> tuple[TrainState, dict[str, float]]:
     """Run `train_step` over `batches` (sharded (images, labels)) with a progress bar of the
-    running loss and accuracy; returns the new state and the epoch's mean metrics.
+    running loss and accuracy; returns the new state and the epoch's mean metrics, with
+    `data_wait`: the seconds spent waiting for the next batch.
 
     Metrics are read two steps behind the newest dispatched step, so the host never stalls
-    the device queue. Raises TrainingDiverged at the first non-finite loss.
+    the device queue. Waiting for a batch is then the only way the input pipeline can hold
+    the device up, so `data_wait` bounds the device's idle time for want of data (0 when the
+    pipeline keeps ahead). Raises TrainingDiverged at the first non-finite loss.
     """
     bar = tqdm(total=steps, desc=description, disable=not progress, dynamic_ncols=True, leave=True, file=sys.stdout)
     pending: list[dict] = []
@@ -325,15 +328,22 @@ def train_epoch(
             bar.set_postfix(loss=f"{totals['loss'] / done:.4f}", acc=f"{100 * totals['accuracy'] / done:.2f}%",
                             refresh=False)
 
+    data_wait = 0.0
+    batches = iter(batches)
     try:
-        for images, labels in batches:
-            state, metrics = train_step(state, images, labels)
+        while True:
+            started = time.perf_counter()
+            batch = next(batches, None)
+            data_wait += time.perf_counter() - started
+            if batch is None:
+                break
+            state, metrics = train_step(state, *batch)
             pending.append(metrics)
             drain(keep=2)
         drain(keep=0)
     finally:
         bar.close()
-    return state, {k: v / max(done, 1) for k, v in totals.items()}
+    return state, {**{k: v / max(done, 1) for k, v in totals.items()}, "data_wait": data_wait}
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -461,6 +471,7 @@ def train_and_evaluate(
                 "test_loss": test["loss"],
                 "test_acc": test["accuracy"],
                 "epoch_time": train_time,
+                "data_wait": train_metrics["data_wait"],
             }
             history.append(record)
             log(

@@ -1,4 +1,5 @@
 import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -104,6 +105,21 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, tmp_pat
     assert [r["epoch"] for r in json.loads((tmp_path / "history.json").read_text())] == [1]
 
 
+def test_train_epoch_measures_the_wait_for_data():
+    step = jax.jit(lambda count, images, labels: (count + 1, {"loss": jnp.mean(images), "accuracy": jnp.mean(labels)}))
+
+    def slow_batches(n, delay):
+        for i in range(n):
+            time.sleep(delay)  # a producer slower than the step: the step must wait for it
+            yield np.full((4, 2), i, np.float32), np.ones(4, np.float32)
+
+    started = time.perf_counter()
+    count, metrics = train_lib.train_epoch(step, 0, slow_batches(5, 0.05), 5, "wait", progress=False)
+    elapsed = time.perf_counter() - started
+    assert int(count) == 5 and metrics["loss"] == 2.0 and metrics["accuracy"] == 1.0
+    assert 5 * 0.05 <= metrics["data_wait"] <= elapsed
+
+
 def test_optimizers_build_and_unknown_names_fail():
     for name in ("sgd", "adam", "adamw"):
         tx, lr = train_lib.create_optimizer(tiny_config(optimizer=name), total_steps=10)
@@ -164,6 +180,7 @@ def test_cli_trains_and_writes_the_run_directory(official_folder, tmp_path, caps
     assert config["width"] == 4 and config["data_dir"] == str(official_folder)
     (record,) = json.loads((run_dir / "history.json").read_text())
     assert set(record) >= {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc"}
+    assert 0 <= record["data_wait"] <= record["epoch_time"]
     assert (run_dir / "checkpoints" / "latest" / "1").is_dir() and (run_dir / "checkpoints" / "best" / "1").is_dir()
     assert "Accuracy: " in out and "/30 (" in out
     assert "Compute dtype: float32 (config.dtype='auto', cpu)." in out
