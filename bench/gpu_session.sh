@@ -54,3 +54,9 @@ step eval 60 python3 -m bench.run --sections eval --out "$OUT/eval.json"
 step cam 150 python3 -m bench.run --sections cam --out "$OUT/cam.json"
 step default_recipe_subset 100 python3 train.py --config configs/default.py --workdir /tmp/runs \
   --config.data_dir="$DATA" --config.dtype=bfloat16 --config.tensorboard=False --config.print_summary=False
+# Lowest priority: does XLA's GPU autotuning or its Triton GEMMs change the bf16 step? (A
+# bigger step or a shorter first compile here points at where the MFU or end-to-end time goes.)
+step flags_no_autotune 120 env XLA_FLAGS="--xla_gpu_autotune_level=0" \
+  python3 -m bench.run --sections train --dtypes bfloat16 --no-torch --out "$OUT/flags_no_autotune.json"
+step flags_no_triton_gemm 120 env XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" \
+  python3 -m bench.run --sections train --dtypes bfloat16 --no-torch --out "$OUT/flags_no_triton_gemm.json"

@@ -332,7 +332,11 @@ def section_e2e(args) -> dict:
            "train_s": float(sum(epoch_times)),
            "setup_and_first_eval_s": ends[0] - start - epoch_times[0],
            "eval_and_checkpoint_per_epoch_s": float(np.median(between)) if between else None,
-           "finish_s": start + total - ends[-1]}
+           "finish_s": start + total - ends[-1],
+           # Seconds the train loop waited for the input pipeline (the device's idle time for data).
+           "data_wait_s": float(sum(r["data_wait"] for r in result.history)),
+           "data_wait_per_later_epoch_s": float(np.median([r["data_wait"] for r in result.history[1:]]))
+           if len(result.history) > 1 else None}
     print(f"  {out}", flush=True)
     return out
 
@@ -381,7 +385,8 @@ def table(results: dict) -> str:
                   f"in {e['total_s']:.1f} s with compilation and evaluation; steady epoch {e['steady_epoch_s']:.2f} s; "
                   f"first epoch (with compilation) {e['first_epoch_s']:.1f} s; set-up and first evaluation "
                   f"{e['setup_and_first_eval_s']:.1f} s; evaluation and checkpoint per later epoch "
-                  f"{e['eval_and_checkpoint_per_epoch_s'] or 0:.2f} s; finish {e['finish_s']:.1f} s."]
+                  f"{e['eval_and_checkpoint_per_epoch_s'] or 0:.2f} s; finish {e['finish_s']:.1f} s; "
+                  f"waiting for input {e['data_wait_s']:.2f} s in all."]
     return "\n".join(lines)
 
 
