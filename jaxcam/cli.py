@@ -7,6 +7,7 @@ to stderr and returns exit status 1; nothing already written is removed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -23,9 +24,34 @@ def fail(message: str) -> int:
     return 1
 
 
+def use_compilation_cache() -> str | None:
+    """Turn on JAX's persistent compilation cache in `$XDG_CACHE_HOME/jaxcam/jax` (default
+    `~/.cache/jaxcam/jax`) unless a cache folder is already configured; returns the folder in
+    use, or None when the cache is off.
+
+    A re-run of the same model then loads its compiled init, train and eval programs instead
+    of compiling them again (about 15 s on 2 CPU cores at width 16; the first bfloat16 train
+    step alone compiles for about 20 s on an H100). `JAX_COMPILATION_CACHE_DIR=DIR` picks
+    another folder and an empty `JAX_COMPILATION_CACHE_DIR=` turns the cache off.
+    """
+    import jax
+
+    configured = jax.config.jax_compilation_cache_dir
+    if configured is not None:  # the user's (or JAX_COMPILATION_CACHE_DIR's) choice stands
+        return configured or None
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxcam" / "jax"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None  # an unwritable home only costs the re-compilation
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    return str(folder)
+
+
 def run_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from jaxcam import train as train_lib
 
+    use_compilation_cache()
     try:
         if args.resume:
             if overrides:
@@ -66,6 +92,7 @@ def run_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 def run_explain(args: argparse.Namespace) -> int:
     from jaxcam import explain
 
+    use_compilation_cache()
     try:
         explain.explain_run(args.workdir, args.out, layers=args.layer, method=args.method, num=args.num,
                             image_files=args.images, faithfulness_images=args.faithfulness, data_dir=args.data_dir)

@@ -1,0 +1,37 @@
+import jax
+import pytest
+
+from jaxcam import cli
+
+
+@pytest.fixture
+def cache_setting():
+    """Run with no compilation cache folder configured; restore the suite's own afterwards."""
+    saved = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    yield
+    jax.config.update("jax_compilation_cache_dir", saved)
+
+
+def test_compilation_cache_defaults_to_the_user_cache_folder(cache_setting, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder = tmp_path / "jaxcam" / "jax"
+    assert cli.use_compilation_cache() == str(folder)
+    assert folder.is_dir() and jax.config.jax_compilation_cache_dir == str(folder)
+
+
+def test_a_configured_compilation_cache_folder_stands(cache_setting, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
+    assert cli.use_compilation_cache() == str(tmp_path / "mine")
+    jax.config.update("jax_compilation_cache_dir", "")  # what JAX_COMPILATION_CACHE_DIR= gives: off
+    assert cli.use_compilation_cache() is None
+    assert jax.config.jax_compilation_cache_dir == "" and not (tmp_path / "jaxcam").exists()
+
+
+def test_an_unwritable_cache_home_leaves_the_cache_off(cache_setting, monkeypatch, tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    assert cli.use_compilation_cache() is None
+    assert jax.config.jax_compilation_cache_dir is None
