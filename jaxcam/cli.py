@@ -30,7 +30,7 @@ def use_compilation_cache() -> str | None:
     use, or None when the cache is off.
 
     A re-run of the same model then loads its compiled init, train and eval programs instead
-    of compiling them again (about 15 s on 2 CPU cores at width 16; the first bfloat16 train
+    of compiling them again (about 14 s on 2 CPU cores at width 16; the first bfloat16 train
     step alone compiles for about 20 s on an H100). `JAX_COMPILATION_CACHE_DIR=DIR` picks
     another folder and an empty `JAX_COMPILATION_CACHE_DIR=` turns the cache off.
     """
