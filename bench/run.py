@@ -300,6 +300,11 @@ def section_cam(args) -> dict:
 # ----------------------------------------------------------------------------- end to end
 
 
+def _median(values: list[float]) -> float | None:
+    """The median of `values`, or None for none (a one-epoch run has no later epochs)."""
+    return float(np.median(values)) if values else None
+
+
 def section_e2e(args) -> dict:
     """train_and_evaluate of the default recipe on CIFAR-shaped random data: wall time with
     compilation, the input pipeline, evaluation and checkpoints included."""
@@ -324,19 +329,17 @@ def section_e2e(args) -> dict:
                                               on_epoch_end=lambda epoch, record: ends.append(time.perf_counter()))
         total = time.perf_counter() - start
     epoch_times = [r["epoch_time"] for r in result.history]
-    steady = float(np.median(epoch_times[1:])) if len(epoch_times) > 1 else epoch_times[0]
+    # Seconds the train loop waited for the input pipeline (the device's idle time for data).
+    data_waits = [r["data_wait"] for r in result.history]
     # Between two epoch ends: that epoch's training, then its evaluation and checkpoint.
     between = [b - a - t for a, b, t in zip(ends, ends[1:], epoch_times[1:])]
     out = {"epochs": config.epochs, "train_images": n_train, "width": config.width, "dtype": train_lib.resolve_dtype(config.dtype),
-           "total_s": total, "first_epoch_s": epoch_times[0], "steady_epoch_s": steady,
+           "total_s": total, "first_epoch_s": epoch_times[0], "steady_epoch_s": _median(epoch_times[1:]) or epoch_times[0],
            "train_s": float(sum(epoch_times)),
            "setup_and_first_eval_s": ends[0] - start - epoch_times[0],
-           "eval_and_checkpoint_per_epoch_s": float(np.median(between)) if between else None,
+           "eval_and_checkpoint_per_epoch_s": _median(between),
            "finish_s": start + total - ends[-1],
-           # Seconds the train loop waited for the input pipeline (the device's idle time for data).
-           "data_wait_s": float(sum(r["data_wait"] for r in result.history)),
-           "data_wait_per_later_epoch_s": float(np.median([r["data_wait"] for r in result.history[1:]]))
-           if len(result.history) > 1 else None}
+           "data_wait_s": float(sum(data_waits)), "data_wait_per_later_epoch_s": _median(data_waits[1:])}
     print(f"  {out}", flush=True)
     return out
 

@@ -434,7 +434,7 @@ def train_and_evaluate(
     else:
         write_json(run_dir / "config.json", json.loads(config.to_json_best_effort()))
         log(models.summary(model) if config.get("print_summary", True) else f"{config.model} width {config.width}")
-        log(f"Compute dtype: {resolve_dtype(config.dtype)} (config.dtype={config.dtype!r}, {jax.default_backend()}).")
+        log(f"Compute dtype: {jnp.dtype(model.dtype).name} (config.dtype={config.dtype!r}, {jax.default_backend()}).")
     best_acc = max((r["test_acc"] for r in history), default=-1.0)
 
     train_step = make_train_step(model, mesh, mean, std, config.label_smoothing)
