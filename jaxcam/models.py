@@ -161,15 +161,24 @@ def create_model(name: str, num_classes: int = 10, width: int = 64, **kwargs: An
     return MODELS[key](num_classes=num_classes, width=width, **kwargs)
 
 
+# XLA:CPU compiles at LLVM -O3 by default, which spends 8-17 s on the unrolled threefry hashes
+# of the ~20 initializers (the most at small widths); -O2 compiles the same init in 3-5 s and
+# gives bitwise-identical variables (models_test checks it), so seeded results do not move.
+# The init runs once, so its own run time does not matter.
+INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 2}}
+
+
 def init_variables(model: ResNet, rng: jax.Array, image_size: int = 32) -> dict:
     """{'params', 'batch_stats'} for `model`, without the per-call `perturbations`/`intermediates`."""
-    # Jitted: one compilation instead of one per initializer op (eager init took ~17 s on 2 CPU cores).
-    @jax.jit
     def init(rng: jax.Array) -> dict:
         variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
         return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 
-    return init(rng)
+    # Jitted: one compilation instead of one per initializer op (eager init took ~17 s on 2 CPU cores).
+    # Under a trace (jax.eval_shape for shapes) the jit is nested, and JAX takes compiler options
+    # only at the top level.
+    options = {} if isinstance(rng, jax.core.Tracer) else INIT_COMPILER_OPTIONS.get(jax.default_backend(), {})
+    return jax.jit(init, compiler_options=options)(rng)
 
 
 def count_params(params: Any) -> int:

@@ -25,6 +25,17 @@ def test_layout_names_and_stage_shapes():
     assert shapes == {"layer1": (2, 32, 32, 8), "layer2": (2, 16, 16, 16), "layer3": (2, 8, 8, 32), "layer4": (2, 4, 4, 64)}
 
 
+def test_init_compiled_at_lower_optimization_gives_the_same_variables():
+    # init_variables compiles with INIT_COMPILER_OPTIONS to save compile time; seeded results
+    # (learning checks, resume) rely on it giving exactly what the default compilation gives.
+    model = models.ResNet18(width=4)
+    x = jnp.zeros((1, 32, 32, 3), jnp.float32)
+    default = jax.jit(lambda rng: model.init(rng, x, train=False))(jax.random.key(1))
+    ours = models.init_variables(model, jax.random.key(1))
+    for collection in ("params", "batch_stats"):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, ours[collection], default[collection])
+
+
 def test_stride2_padding_is_symmetric_like_pytorch():
     # A 3x3 conv with stride 2 and padding 1 on a 4x4 input reads rows -1..1 for output 0.
     conv = models._conv(1, 3, 2, "c", jnp.float32)
