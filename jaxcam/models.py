@@ -169,24 +169,25 @@ INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 2}}
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_init(model: ResNet, image_size: int, compiler_options: tuple) -> Any:
-    """jit(rng -> variables) for `model`, made once per model (modules compare by value), so a
-    second init of the same model (the LR range test, then training) reuses the compiled program."""
+def _jitted_init(model: ResNet, image_size: int, backend: str | None) -> Any:
+    """jit(rng -> variables) for `model`, compiled with the `backend`'s INIT_COMPILER_OPTIONS (None:
+    none), made once per model (modules compare by value), so a second init of the same model (the
+    LR range test, then training) reuses the compiled program."""
 
     def init(rng: jax.Array) -> dict:
         variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
         return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 
     # Jitted: one compilation instead of one per initializer op (eager init took ~17 s on 2 CPU cores).
-    return jax.jit(init, compiler_options=dict(compiler_options))
+    return jax.jit(init, compiler_options=INIT_COMPILER_OPTIONS.get(backend, {}))
 
 
 def init_variables(model: ResNet, rng: jax.Array, image_size: int = 32) -> dict:
     """{'params', 'batch_stats'} for `model`, without the per-call `perturbations`/`intermediates`."""
     # Under a trace (jax.eval_shape for shapes) the jit is nested, and JAX takes compiler options
     # only at the top level.
-    options = {} if isinstance(rng, jax.core.Tracer) else INIT_COMPILER_OPTIONS.get(jax.default_backend(), {})
-    return _jitted_init(model, image_size, tuple(sorted(options.items())))(rng)
+    backend = None if isinstance(rng, jax.core.Tracer) else jax.default_backend()
+    return _jitted_init(model, image_size, backend)(rng)
 
 
 def count_params(params: Any) -> int:
