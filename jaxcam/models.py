@@ -187,7 +187,11 @@ def init_variables(model: ResNet, rng: jax.Array, image_size: int = 32) -> dict:
     # Under a trace (jax.eval_shape for shapes) the jit is nested, and JAX takes compiler options
     # only at the top level.
     backend = None if isinstance(rng, jax.core.Tracer) else jax.default_backend()
-    return _jitted_init(model, image_size, backend)(rng)
+    try:
+        init = _jitted_init(model, image_size, backend)
+    except TypeError:  # unhashable fields (stage_sizes as a list, as Flax's examples write it) cannot key the cache
+        init = _jitted_init.__wrapped__(model, image_size, backend)
+    return init(rng)
 
 
 def count_params(params: Any) -> int:

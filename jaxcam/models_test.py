@@ -36,6 +36,13 @@ def test_init_compiled_at_lower_optimization_gives_the_same_variables():
         jax.tree_util.tree_map(np.testing.assert_array_equal, ours[collection], default[collection])
 
 
+def test_init_of_a_model_with_list_fields_matches_the_tuple_one():
+    # Flax modules with list fields cannot be hashed, so they cannot key init_variables' cache.
+    listed = models.init_variables(models.ResNet([2, 2, 2, 2], width=4), jax.random.key(1))
+    tupled = models.init_variables(models.ResNet18(width=4), jax.random.key(1))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, listed, tupled)
+
+
 def test_stride2_padding_is_symmetric_like_pytorch():
     # A 3x3 conv with stride 2 and padding 1 on a 4x4 input reads rows -1..1 for output 0.
     conv = models._conv(1, 3, 2, "c", jnp.float32)
