@@ -90,6 +90,25 @@ def load_image_files(paths: Sequence[str | os.PathLike]) -> np.ndarray:
     return np.stack(images)
 
 
+def explain_images(
+    run: LoadedRun, images: np.ndarray, *, layer: str = "layer3", method: str = "gradcam", top: int = 2
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Classify unlabelled uint8 RGB images (N, H, W, 3) and explain their `top` most likely classes.
+
+    Returns the probabilities (N, K), the top classes ranked (N, top) and their CAMs (N, top, H, W).
+    """
+    if not 1 <= top <= run.dataset.num_classes:
+        raise ValueError(f"top must be between 1 and {run.dataset.num_classes}, got {top}.")
+    x = run.normalize(images)
+    logits = np.asarray(run.model.apply(run.variables, x, train=False))
+    probabilities = _softmax(logits)
+    classes = np.argsort(-probabilities, axis=1, kind="stable")[:, :top]
+    # Every (image, class) pair in one batch: one forward and VJP, not `top`.
+    cams = cam_lib.compute(run.model, run.variables, np.repeat(x, top, 0), layer=layer, targets=classes.ravel(),
+                           method=method)
+    return probabilities, classes, cams.reshape(len(images), top, *cams.shape[1:])
+
+
 def explain_run(
     run_dir: str | os.PathLike,
     out_dir: str | os.PathLike | None = None,
@@ -183,18 +202,16 @@ def explain_run(
 
     custom_rows = []
     if custom is not None:
-        x = run.normalize(custom)
-        cams_custom, custom_logits, used = cam_lib.compute_with_outputs(run.model, run.variables, x, layer=layers[0],
-                                                                        method=method)
-        custom_probs = _softmax(custom_logits)
-        for path, probs in zip(image_files, custom_probs):
-            top = np.argsort(-probs)[:3]
-            text = ", ".join(f"{names[i]} {100 * probs[i]:.1f}%" for i in top)
+        probs, top_classes, cams_top = explain_images(run, custom, layer=layers[0], method=method)
+        for path, image_probs in zip(image_files, probs):
+            top = np.argsort(-image_probs, kind="stable")[:3]
+            text = ", ".join(f"{names[i]} {100 * image_probs[i]:.1f}%" for i in top)
             log(f"{path}: {text}")
             custom_rows.append((str(path), text))
-        viz.plot_cam_grid(custom, cams_custom, cams_custom, used, used, names, out / "custom_images.png",
-                          title=f"Your images: {method} at {layers[0]} for the top class")
-        written["custom_images.png"] = "Your images with the CAM of their top class"
+        viz.plot_top_classes(custom, cams_top, top_classes, np.take_along_axis(probs, top_classes, 1),
+                             [Path(f).name for f in image_files], names, out / "custom_images.png",
+                             title=f"Your images: {method} at {layers[0]} for their top {top_classes.shape[1]} classes")
+        written["custom_images.png"] = "Your images with the CAMs of their two most likely classes"
 
     _write_report(out, run, summary, report, written, faithfulness_rows, custom_rows, method, layers)
     log(f"Wrote the report to {out / 'report.md'} and {out / 'report.html'}")

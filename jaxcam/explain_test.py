@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 
 import explain as explain_cli
-from jaxcam.explain import REQUIRED_FILES
+from jaxcam import cam
+from jaxcam.explain import REQUIRED_FILES, explain_images, load_run
 
 
 def run(args, capsys):
@@ -56,6 +57,22 @@ def test_own_images_print_top3(smoke_run, tmp_path, capsys):
     assert code == 0, err
     line = next(l for l in out.splitlines() if l.startswith(str(image)))
     assert line.count("%") == 3
+
+
+def test_own_images_are_explained_for_their_two_most_likely_classes(smoke_run):
+    run = load_run(smoke_run)
+    images = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    probs, classes, cams = explain_images(run, images, layer="layer2", top=2)
+    assert probs.shape == (3, 10) and classes.shape == (3, 2) and cams.shape == (3, 2, 32, 32)
+    np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
+    ranked = np.take_along_axis(probs, classes, 1)
+    assert (classes[:, 0] != classes[:, 1]).all() and (ranked[:, 0] >= ranked[:, 1]).all()
+    assert (ranked[:, 1] >= np.delete(probs, classes[:, 0], 1).max(1) - 1e-7).all()  # really the runner-up
+    for rank in range(2):  # each map is the one the CAM core gives for that class alone
+        expected = cam.compute(run.model, run.variables, run.normalize(images), layer="layer2", targets=classes[:, rank])
+        np.testing.assert_allclose(cams[:, rank], expected, atol=1e-5)
+    with pytest.raises(ValueError, match="top must be between 1 and 10"):
+        explain_images(run, images, top=11)
 
 
 @pytest.mark.parametrize(

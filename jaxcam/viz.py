@@ -72,17 +72,47 @@ def plot_misclassified(images, labels, predictions, confidences, class_names, pa
     _save(fig, path)
 
 
+def _plot_panel_rows(rows, path, title: str, panel_width: float = 2.2) -> None:
+    """A table of pictures: `rows` is a list of rows, each a list of (picture, title, title colour)."""
+    n, cols = len(rows), max(len(row) for row in rows)
+    fig, axes = plt.subplots(n, cols, figsize=(panel_width * cols, 2.2 * n), dpi=110, layout="constrained",
+                             squeeze=False)
+    for ax_row, row in zip(axes, rows):
+        for ax in ax_row[len(row) :]:
+            ax.axis("off")
+        for ax, (picture, panel_title, color) in zip(ax_row, row):
+            _show(ax, picture, panel_title, color=color)
+    fig.suptitle(title, fontsize=11)
+    _save(fig, path)
+
+
 def plot_cam_grid(images, cams_predicted, cams_true, labels, predictions, class_names, path, title: str,
                   alpha: float = 0.5) -> None:
     """Rows of image | CAM for the predicted class | CAM for the true class."""
-    n = len(images)
-    fig, axes = plt.subplots(n, 3, figsize=(6.6, 2.2 * n), dpi=110, layout="constrained", squeeze=False)
-    for row, (image, cp, ct, t, p) in enumerate(zip(images, cams_predicted, cams_true, labels, predictions)):
-        _show(axes[row, 0], image, f"true {class_names[t]}")
-        _show(axes[row, 1], overlay(image, cp, alpha), f"pred: {class_names[p]}", color="#b00020" if p != t else "black")
-        _show(axes[row, 2], overlay(image, ct, alpha), f"true: {class_names[t]}")
-    fig.suptitle(title, fontsize=11)
-    _save(fig, path)
+    rows = [
+        [(image, f"true: {class_names[t]}", "black"),
+         (overlay(image, cp, alpha), f"CAM for pred: {class_names[p]}", "#b00020" if p != t else "black"),
+         (overlay(image, ct, alpha), f"CAM for true: {class_names[t]}", "black")]
+        for image, cp, ct, t, p in zip(images, cams_predicted, cams_true, labels, predictions)
+    ]
+    _plot_panel_rows(rows, path, title)
+
+
+def plot_top_classes(images, cams, classes, probabilities, row_titles: Sequence[str], class_names, path, title: str,
+                     alpha: float = 0.5) -> None:
+    """Images without labels (a user's own files) explained for their top classes.
+
+    images: uint8 RGB (N, H, W, 3); cams: (N, k, H, W) in [0, 1] for the classes (N, k), ranked, with
+    their probabilities (N, k). Each row: the image titled `row_titles[i]`, then one overlay per class.
+    """
+    rows = [
+        [(image, title_i, "black")]
+        + [(overlay(image, cam, alpha), f"#{rank + 1}: {class_names[c]} ({100 * p:.1f}%)", "black")
+           for rank, (cam, c, p) in enumerate(zip(image_cams, image_classes, image_probs))]
+        for image, image_cams, image_classes, image_probs, title_i in zip(images, cams, classes, probabilities,
+                                                                          row_titles)
+    ]
+    _plot_panel_rows(rows, path, title)
 
 
 def plot_all_targets(image, cams, probabilities, class_names, path, title: str, alpha: float = 0.5) -> None:
