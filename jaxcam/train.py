@@ -317,8 +317,7 @@ def train_epoch(
             metrics = jax.device_get(pending.pop(0))
             if not np.isfinite(metrics["loss"]):
                 raise TrainingDiverged(
-                    f"The training loss became {float(metrics['loss'])} in {description.lower()} (step {done + 1}); "
-                    "stopped, and the last good checkpoint is kept."
+                    f"The training loss became {float(metrics['loss'])} in {description.lower()} (step {done + 1})"
                 )
             totals["loss"] += float(metrics["loss"])
             totals["accuracy"] += float(metrics["accuracy"])
@@ -430,7 +429,10 @@ def train_and_evaluate(
         history_path = run_dir / "history.json"
         if history_path.exists():
             history = [r for r in json.loads(history_path.read_text()) if r["epoch"] < start_epoch]
-        log(f"Resuming {run_dir} after epoch {start_epoch - 1}.")
+        if start_epoch > config.epochs:
+            log(f"{run_dir} already finished its {config.epochs} epochs; there is nothing to resume.")
+        else:
+            log(f"Resuming {run_dir} after epoch {start_epoch - 1}.")
     else:
         write_json(run_dir / "config.json", json.loads(config.to_json_best_effort()))
         log(models.summary(model) if config.get("print_summary", True) else f"{config.model} width {config.width}")
@@ -456,8 +458,13 @@ def train_and_evaluate(
                 transfer=lambda b: shard_batch((b.images, b.labels), mesh),
                 size=config.prefetch,
             )
-            state, train_metrics = train_epoch(train_step, state, batches, steps_per_epoch,
-                                               f"Epoch {epoch}/{config.epochs}", progress)
+            try:
+                state, train_metrics = train_epoch(train_step, state, batches, steps_per_epoch,
+                                                   f"Epoch {epoch}/{config.epochs}", progress)
+            except TrainingDiverged as diverged:
+                kept = (f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1
+                        else "no epoch had finished, so there is no checkpoint to keep")
+                raise TrainingDiverged(f"{diverged}; training stopped, and {kept}.") from None
             train_time = time.perf_counter() - started
 
             variables = {"params": state.params, "batch_stats": state.batch_stats}

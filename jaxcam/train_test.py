@@ -83,6 +83,15 @@ def test_resume_equals_uninterrupted(tiny_dataset, tmp_path):
     assert [r["test_acc"] for r in full.history] == [r["test_acc"] for r in resumed.history]
     assert len(json.loads((tmp_path / "resumed" / "history.json").read_text())) == 2
     assert int(resumed.state.step) == 2 * (128 // 32)
+    # Resuming a finished run says so and changes nothing.
+    logged = []
+    again = train_lib.train_and_evaluate(config, tmp_path / "full", resume=True, dataset=tiny_dataset, progress=False,
+                                         log=logged.append)
+    assert any("already finished its 2 epochs; there is nothing to resume" in line for line in logged)
+    assert again.history == json.loads((tmp_path / "full" / "history.json").read_text())
+    assert Checkpointer(tmp_path / "full", create=False).latest_epoch() == 2
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(full.state.params),
+                           jax.device_get(again.state.params))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, tmp_path):
@@ -96,13 +105,19 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, tmp_pat
                                      on_epoch_end=stop_after_first, log=lambda s: None)
     good, meta = load_variables(tmp_path, "latest")
     diverging = tiny_config(max_lr=1e30)
-    with pytest.raises(train_lib.TrainingDiverged, match="loss became (nan|inf) in epoch 2/2"):
+    kept_epoch_1 = r"loss became (nan|inf) in epoch 2/2 \(step \d+\); training stopped, and the checkpoint of epoch 1 is kept\."
+    with pytest.raises(train_lib.TrainingDiverged, match=kept_epoch_1):
         train_lib.train_and_evaluate(diverging, tmp_path, resume=True, dataset=tiny_dataset, progress=False,
                                      log=lambda s: None)
     kept, meta_after = load_variables(tmp_path, "latest")
     assert meta_after["epoch"] == meta["epoch"] == 1
     jax.tree_util.tree_map(np.testing.assert_array_equal, good, kept)
     assert [r["epoch"] for r in json.loads((tmp_path / "history.json").read_text())] == [1]
+    # Diverging in the first epoch: the message must not promise a checkpoint that was never written.
+    with pytest.raises(train_lib.TrainingDiverged, match="in epoch 1/2 .*no epoch had finished, so there is no checkpoint"):
+        train_lib.train_and_evaluate(diverging, tmp_path / "fresh", dataset=tiny_dataset, progress=False,
+                                     log=lambda s: None)
+    assert Checkpointer(tmp_path / "fresh", create=False).latest_epoch() is None
 
 
 def test_train_epoch_measures_the_wait_for_data():
