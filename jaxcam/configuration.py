@@ -15,6 +15,8 @@ import ml_collections
 
 # Keys whose value may also be one of these strings.
 SPECIAL_STRINGS = {"max_lr": ("auto",)}
+# A value's type in words, for errors ("config.width takes an integer, got 'abc'.").
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string"}
 
 
 class ConfigError(ValueError):
@@ -92,7 +94,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             value = float(value)
         elif type(value) is not type(current):
             raise ConfigError(
-                f"config.{dotted} takes a {type(current).__name__}, got {text!r} ({type(value).__name__})."
+                f"config.{dotted} takes {_TYPE_WORDS.get(type(current), type(current).__name__)}, got {text!r}."
             )
         node[key] = value
     return config

@@ -210,7 +210,7 @@ def test_cli_trains_and_writes_the_run_directory(official_folder, tmp_path, caps
         (["--config.optimizer='lamb'"], "Unknown optimizer 'lamb'"),
         (["--config.dtype='float16'"], "Unknown dtype 'float16'"),
         (["--config.epoch=3"], "Unknown config key 'epoch'"),
-        (["--config.batch_size=big"], "takes a int"),
+        (["--config.batch_size=big"], "config.batch_size takes an integer, got 'big'."),
         (["--config.data_dir='/nonexistent/cifar'"], "does not exist"),
     ],
 )
