@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import html
 import json
 import os
@@ -41,6 +42,15 @@ class LoadedRun:
 
     def normalize(self, images: np.ndarray) -> np.ndarray:
         return np.asarray(data_lib.normalize(data_lib.check_images(images), self.dataset.mean, self.dataset.std))
+
+    @functools.cached_property
+    def _forward(self):
+        # Jitted even for a few images: one compilation is quicker than eager op-by-op dispatch.
+        return jax.jit(lambda variables, x: self.model.apply(variables, x, train=False))
+
+    def logits(self, normalized: np.ndarray) -> np.ndarray:
+        """Logits (N, K) of normalized float images (N, H, W, 3), in eval mode."""
+        return np.asarray(self._forward(self.variables, normalized))
 
 
 def load_run(run_dir: str | os.PathLike, which: str = "best", data_dir: str | None = None) -> LoadedRun:
@@ -100,8 +110,7 @@ def explain_images(
     if not 1 <= top <= run.dataset.num_classes:
         raise ValueError(f"top must be between 1 and {run.dataset.num_classes}, got {top}.")
     x = run.normalize(images)
-    logits = np.asarray(run.model.apply(run.variables, x, train=False))
-    probabilities = _softmax(logits)
+    probabilities = _softmax(run.logits(x))  # the classes must be known before their CAMs
     classes = np.argsort(-probabilities, axis=1, kind="stable")[:, :top]
     # Every (image, class) pair in one batch: one forward and VJP, not `top`.
     cams = cam_lib.compute(run.model, run.variables, np.repeat(x, top, 0), layer=layer, targets=classes.ravel(),
@@ -192,13 +201,11 @@ def explain_run(
     if faithfulness_images > 0:
         chosen = np.arange(min(faithfulness_images, len(test_images)))
         x = run.normalize(test_images[chosen])
-        apply = jax.jit(lambda variables, imgs: run.model.apply(variables, imgs, train=False))
-        predict = lambda imgs: np.asarray(apply(run.variables, imgs))
         maps = cam_lib.compute(run.model, run.variables, x, layer=layers[0], method=method)
         targets = predictions[chosen]
         for label, saliency in ((f"{method} ({layers[0]})", maps),
                                 ("random baseline", metrics_lib.random_saliency(maps.shape))):
-            faithfulness_rows.append((label, metrics_lib.faithfulness(predict, x, saliency, targets, steps=16)))
+            faithfulness_rows.append((label, metrics_lib.faithfulness(run.logits, x, saliency, targets, steps=16)))
 
     custom_rows = []
     if custom is not None:
@@ -208,8 +215,8 @@ def explain_run(
             text = ", ".join(f"{names[i]} {100 * image_probs[i]:.1f}%" for i in top)
             log(f"{path}: {text}")
             custom_rows.append((str(path), text))
-        viz.plot_top_classes(custom, cams_top, top_classes, np.take_along_axis(probs, top_classes, 1),
-                             [Path(f).name for f in image_files], names, out / "custom_images.png",
+        viz.plot_top_classes(custom, cams_top, top_classes, probs, [Path(f).name for f in image_files], names,
+                             out / "custom_images.png",
                              title=f"Your images: {method} at {layers[0]} for their top {top_classes.shape[1]} classes")
         written["custom_images.png"] = "Your images with the CAMs of their two most likely classes"
 

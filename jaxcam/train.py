@@ -430,9 +430,12 @@ def train_and_evaluate(
         if history_path.exists():
             history = [r for r in json.loads(history_path.read_text()) if r["epoch"] < start_epoch]
         if start_epoch > config.epochs:
+            # Return before building steps or opening a TensorBoard writer: a finished run stays untouched.
             log(f"{run_dir} already finished its {config.epochs} epochs; there is nothing to resume.")
-        else:
-            log(f"Resuming {run_dir} after epoch {start_epoch - 1}.")
+            checkpointer.close()
+            return TrainResult(state=state, history=history, run_dir=run_dir,
+                               test_logits=np.zeros((0, dataset.num_classes), np.float32))
+        log(f"Resuming {run_dir} after epoch {start_epoch - 1}.")
     else:
         write_json(run_dir / "config.json", json.loads(config.to_json_best_effort()))
         log(models.summary(model) if config.get("print_summary", True) else f"{config.model} width {config.width}")

@@ -102,15 +102,16 @@ def plot_top_classes(images, cams, classes, probabilities, row_titles: Sequence[
                      alpha: float = 0.5) -> None:
     """Images without labels (a user's own files) explained for their top classes.
 
-    images: uint8 RGB (N, H, W, 3); cams: (N, k, H, W) in [0, 1] for the classes (N, k), ranked, with
-    their probabilities (N, k). Each row: the image titled `row_titles[i]`, then one overlay per class.
+    images: uint8 RGB (N, H, W, 3); cams: (N, k, H, W) in [0, 1] for the ranked classes (N, k);
+    probabilities: (N, K) over all classes. Each row: the image titled `row_titles[i]`, then one
+    overlay per class.
     """
     rows = [
-        [(image, title_i, "black")]
-        + [(overlay(image, cam, alpha), f"#{rank + 1}: {class_names[c]} ({100 * p:.1f}%)", "black")
-           for rank, (cam, c, p) in enumerate(zip(image_cams, image_classes, image_probs))]
-        for image, image_cams, image_classes, image_probs, title_i in zip(images, cams, classes, probabilities,
-                                                                          row_titles)
+        [(image, row_title, "black")]
+        + [(overlay(image, cam, alpha), f"#{rank + 1}: {class_names[c]} ({100 * image_probs[c]:.1f}%)", "black")
+           for rank, (cam, c) in enumerate(zip(image_cams, image_classes))]
+        for image, image_cams, image_classes, image_probs, row_title in zip(images, cams, classes, probabilities,
+                                                                            row_titles)
     ]
     _plot_panel_rows(rows, path, title)
 
