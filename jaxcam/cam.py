@@ -178,7 +178,12 @@ def check_float_images(images: Any) -> jax.Array:
         raise ValueError(f"Images must have shape (N, H, W, 3) NHWC, got {tuple(images.shape)}.")
     if images.shape[0] == 0:
         raise ValueError("No images to explain (the batch is empty).")
-    return jnp.asarray(images, jnp.float32)
+    images = jnp.asarray(images, jnp.float32)
+    # A NaN or inf pixel makes every map of its image NaN: say so instead of returning them.
+    finite = np.asarray(jnp.isfinite(images).all(axis=(1, 2, 3)))
+    if not finite.all():
+        raise ValueError(f"Image {int(np.argmin(finite))} of the batch has NaN or infinite values; it cannot be explained.")
+    return images
 
 
 def _check_targets(targets: Any, n: int, num_classes: int) -> np.ndarray:

@@ -238,3 +238,10 @@ def test_bad_images(setup):
         cam.compute(model, variables, images[:, :, :, :1])
     with pytest.raises(ValueError, match=r"shape \(N, H, W, 3\)"):
         cam.compute(model, variables, images[0])
+    corrupt = np.array(images)
+    corrupt[2, 5, 7, 1] = np.nan
+    with pytest.raises(ValueError, match="Image 2 of the batch has NaN or infinite values"):
+        cam.compute(model, variables, corrupt)
+    corrupt[2, 5, 7, 1] = np.inf
+    with pytest.raises(ValueError, match="Image 2 of the batch has NaN or infinite values"):
+        cam.compute(model, variables, corrupt)
