@@ -265,6 +265,17 @@ def augment_batch(
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"augment_batch takes a uint8 NHWC batch, got {images.dtype} with shape {images.shape}.")
     n, h, w, c = images.shape
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError(f"augment_batch takes a numpy.random.Generator (np.random.default_rng(seed)), "
+                         f"got {type(rng).__name__}.")
+    for name, value in (("padding", padding), ("cutout_size", cutout_size)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+    if not 0 <= cutout_prob <= 1:
+        raise ValueError(f"cutout_prob must lie in [0, 1], got {cutout_prob!r}.")
+    fill_values = np.asarray(fill)
+    if fill_values.shape != (c,) or not ((fill_values >= 0) & (fill_values <= 255)).all():
+        raise ValueError(f"fill must be {c} channel values in 0..255, got {fill!r}.")
     # All random draws first, in a fixed order, so results depend only on the rng state.
     offsets = rng.integers(0, 2 * padding + 1, size=(n, 2)) if padding else np.zeros((n, 2), np.int64)
     flips = rng.random(n) < 0.5 if flip else np.zeros(n, bool)
@@ -297,7 +308,7 @@ def augment_batch(
         rows, cols = np.arange(h), np.repeat(np.arange(w), c)  # a column per byte of a row
         in_rows = (rows >= cy[:, None] - half) & (rows < cy[:, None] + half) & apply_cutout[order, None]
         in_cols = (cols >= cx[:, None] - half) & (cols < cx[:, None] + half)
-        np.copyto(out.reshape(n, h, w * c), np.tile(np.asarray(fill, np.uint8), w),
+        np.copyto(out.reshape(n, h, w * c), np.tile(fill_values.astype(np.uint8), w),
                   where=in_rows[:, :, None] & in_cols[:, None, :])
     restored = np.empty_like(out)
     restored[order] = out
@@ -377,6 +388,9 @@ def prefetch(iterator: Iterator[Any], transfer: Callable[[Any], Any] = lambda x:
     Up to `size` items are prepared ahead, so the step never waits for augmentation or the
     host-to-device copy. Exceptions in the producer re-raise in the consumer.
     """
+    if size < 1:
+        # queue.Queue(0) would be unbounded: a whole epoch of batches could pile up on the device.
+        raise ValueError(f"prefetch size must be at least 1, got {size}.")
     items: queue.Queue = queue.Queue(maxsize=size)
     done = object()
     stop = threading.Event()

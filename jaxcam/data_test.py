@@ -215,6 +215,32 @@ def test_augment_rejects_wrong_dtype():
         data_lib.augment_batch(np.zeros((2, 32, 32, 3), np.float32), np.random.default_rng(0))
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(rng=0), "takes a numpy.random.Generator"),
+        (dict(padding=-1), "padding must be a non-negative integer, got -1"),
+        (dict(padding=2.5), "padding must be a non-negative integer, got 2.5"),
+        (dict(cutout_size=-3), "cutout_size must be a non-negative integer, got -3"),
+        (dict(cutout_prob=2.0), r"cutout_prob must lie in \[0, 1\], got 2.0"),
+        (dict(cutout_prob=-0.1), r"cutout_prob must lie in \[0, 1\]"),
+        (dict(fill=(1, 2)), r"fill must be 3 channel values in 0..255, got \(1, 2\)"),
+        (dict(fill=(0, 0, 300)), "fill must be 3 channel values in 0..255"),
+    ],
+)
+def test_augment_rejects_bad_arguments(kwargs, message):
+    # Without these checks a bad fill failed only when some image drew Cutout, and a probability
+    # above 1 silently meant 1.
+    arguments = dict(rng=np.random.default_rng(0)) | kwargs
+    with pytest.raises(ValueError, match=message):
+        data_lib.augment_batch(np.zeros((64, 32, 32, 3), np.uint8), **arguments)
+
+
+def test_prefetch_needs_a_bounded_queue():
+    with pytest.raises(ValueError, match="prefetch size must be at least 1, got 0"):
+        next(data_lib.prefetch(iter([1, 2]), size=0))
+
+
 # ----------------------------------------------------------------------------- pipeline
 
 

@@ -345,6 +345,16 @@ def train_epoch(
     return state, {**{k: v / max(done, 1) for k, v in totals.items()}, "data_wait": data_wait}
 
 
+# Keys whose value must lie in [0, 1], or in [0, 1) where a value of 1 means nothing
+# (label smoothing 1 is a uniform target, momentum 1 never forgets).
+_UNIT_CLOSED = ("cutout_prob", "pct_start")
+_UNIT_HALF_OPEN = ("label_smoothing", "momentum", "base_momentum", "max_momentum", "beta2")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError with one clear sentence for names and numbers that cannot work."""
     if config.model.lower() not in models.MODELS:
@@ -356,11 +366,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"Unknown schedule {config.schedule!r}; choose 'onecycle' or 'constant'.")
     if config.anneal_strategy not in ("cos", "linear"):
         raise ValueError(f"Unknown anneal_strategy {config.anneal_strategy!r}; choose 'cos' or 'linear'.")
-    for key in ("epochs", "batch_size", "eval_batch_size", "width"):
+    for key in ("epochs", "batch_size", "eval_batch_size", "width", "prefetch"):
         if not isinstance(config[key], int) or config[key] <= 0:
             raise ValueError(f"config.{key} must be a positive integer, got {config[key]!r}.")
-    if config.max_lr != "auto" and not (isinstance(config.max_lr, (int, float)) and config.max_lr > 0):
-        raise ValueError(f"config.max_lr must be a positive number or 'auto', got {config.max_lr!r}.")
+    for key in ("crop_padding", "cutout_size"):
+        if not isinstance(config[key], int) or isinstance(config[key], bool) or config[key] < 0:
+            raise ValueError(f"config.{key} must be a non-negative integer, got {config[key]!r}.")
+    # Numbers out of range would train without complaint but mean nothing (a Cutout probability
+    # of 2, a negative weight decay), so they stop here, before a run directory is made.
+    for key in _UNIT_CLOSED + _UNIT_HALF_OPEN:
+        value, closed = config[key], key in _UNIT_CLOSED
+        if not _is_number(value) or not (0 <= value <= 1 if closed else 0 <= value < 1):
+            raise ValueError(f"config.{key} must lie in [0, 1{']' if closed else ')'}, got {value!r}.")
+    if not _is_number(config.weight_decay) or config.weight_decay < 0:
+        raise ValueError(f"config.weight_decay must be zero or a positive number, got {config.weight_decay!r}.")
+    for key in ("div_factor", "final_div_factor"):
+        if not _is_number(config[key]) or config[key] <= 0:
+            raise ValueError(f"config.{key} must be a positive number, got {config[key]!r}.")
 
 
 def make_augment(config: ml_collections.ConfigDict, dataset: data_lib.Cifar10) -> Callable | None:

@@ -212,6 +212,8 @@ def test_cli_trains_and_writes_the_run_directory(official_folder, tmp_path, caps
         (["--config.epoch=3"], "Unknown config key 'epoch'"),
         (["--config.batch_size=big"], "config.batch_size takes an integer, got 'big'."),
         (["--config.data_dir='/nonexistent/cifar'"], "does not exist"),
+        (["--config.cutout_prob=2"], "config.cutout_prob must lie in [0, 1], got 2.0."),
+        (["--config.crop_padding=-1"], "config.crop_padding must be a non-negative integer, got -1."),
     ],
 )
 def test_cli_bad_input_gives_one_clear_error(extra, message, official_folder, tmp_path, capsys):
@@ -262,6 +264,39 @@ def test_overrides_parse_types():
                              "--config.data_dir=/some/where", "--config.max_lr=auto"])
     assert config.max_lr == "auto" and config.flip is False and config.lr_finder.num_iter == 7
     assert config.data_dir == "/some/where"
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("cutout_prob", 1.5, "config.cutout_prob must lie in [0, 1], got 1.5."),
+        ("pct_start", -0.1, "config.pct_start must lie in [0, 1], got -0.1."),
+        ("label_smoothing", 1.0, "config.label_smoothing must lie in [0, 1), got 1.0."),
+        ("momentum", 1.0, "config.momentum must lie in [0, 1), got 1.0."),
+        ("base_momentum", -0.5, "config.base_momentum must lie in [0, 1), got -0.5."),
+        ("max_momentum", 2.0, "config.max_momentum must lie in [0, 1), got 2.0."),
+        ("beta2", float("nan"), "config.beta2 must lie in [0, 1), got nan."),
+        ("weight_decay", -1e-4, "config.weight_decay must be zero or a positive number, got -0.0001."),
+        ("div_factor", 0.0, "config.div_factor must be a positive number, got 0.0."),
+        ("final_div_factor", "big", "config.final_div_factor must be a positive number, got 'big'."),
+        ("cutout_size", -3, "config.cutout_size must be a non-negative integer, got -3."),
+        ("crop_padding", 2.5, "config.crop_padding must be a non-negative integer, got 2.5."),
+        ("prefetch", 0, "config.prefetch must be a positive integer, got 0."),
+    ],
+)
+def test_validate_config_rejects_numbers_out_of_range(key, value, message):
+    config = load_config_file(ROOT / "configs" / "default.py")
+    config[key] = value
+    with pytest.raises(ValueError) as raised:
+        train_lib.validate_config(config)
+    assert str(raised.value) == message
+
+
+def test_validate_config_accepts_the_ends_of_each_range():
+    config = load_config_file(ROOT / "configs" / "default.py")
+    config.update(cutout_prob=1.0, pct_start=0.0, label_smoothing=0.0, momentum=0.0, weight_decay=0.0,
+                  cutout_size=0, crop_padding=0)
+    train_lib.validate_config(config)
 
 
 @pytest.mark.parametrize("name", ["default", "smoke", "learning_check"])
