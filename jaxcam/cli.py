@@ -66,13 +66,16 @@ def run_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
         config = apply_overrides(load_config_file(args.config), overrides)
         train_lib.validate_config(config)
+        find_lr = args.find_lr or args.find_lr_only or config.max_lr == "auto"
+        if find_lr:
+            from jaxcam import lr_finder
+
+            lr_finder.validate_settings(config.lr_finder)
         # Load the data before creating the run directory: bad data leaves nothing behind.
         dataset = train_lib.load_dataset(config)
         run_dir = train_lib.create_run_dir(args.workdir, config.name)
         print(f"Run directory: {run_dir}")
-        if args.find_lr or args.find_lr_only or config.max_lr == "auto":
-            from jaxcam import lr_finder
-
+        if find_lr:
             suggestion = lr_finder.run_for_config(config, dataset, run_dir)
             if args.find_lr_only:
                 return 0

@@ -195,11 +195,31 @@ def plot(result: RangeTestResult, path: str | Path, *, skip_start: int = 10, ski
     plt.close(fig)
 
 
+def validate_settings(settings: Any) -> None:
+    """Raise ValueError with one sentence if `config.lr_finder` cannot run; checked before a run
+    directory is made, so a typo leaves nothing behind."""
+    for key in ("num_iter", "skip_start", "skip_end"):
+        value, least = settings[key], 2 if key == "num_iter" else 0
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"config.lr_finder.{key} must be an integer of at least {least}, got {value!r}.")
+    if not 0 < settings.start_lr < settings.end_lr:
+        raise ValueError(f"config.lr_finder needs 0 < start_lr < end_lr, got {settings.start_lr!r} and {settings.end_lr!r}.")
+    if settings.step_mode not in ("exp", "linear"):
+        raise ValueError(f"Unknown config.lr_finder.step_mode {settings.step_mode!r}; choose 'exp' or 'linear'.")
+    # As pytorch-lr-finder: smooth_f 1 would ignore every new loss, and diverge_th <= 1 would stop
+    # at the first loss above the best one.
+    if not 0 <= settings.smooth_f < 1:
+        raise ValueError(f"config.lr_finder.smooth_f must lie in [0, 1), got {settings.smooth_f!r}.")
+    if not settings.diverge_th > 1:
+        raise ValueError(f"config.lr_finder.diverge_th must be greater than 1, got {settings.diverge_th!r}.")
+
+
 def run_for_config(config: Any, dataset: data_lib.Cifar10, run_dir: str | Path, *, progress: bool = True) -> float | None:
     """The range test of `config.lr_finder` on the config's model; writes `lr_finder.png` and
     `lr_finder.json` in `run_dir`, prints and returns the suggested LR (None if too few points)."""
     run_dir = Path(run_dir)
     settings = config.lr_finder
+    validate_settings(settings)
     model = train_lib.build(config, dataset.num_classes)
     variables = train_lib.models.init_variables(model, jax.random.key(config.seed))
 

@@ -119,3 +119,31 @@ def test_cli_find_lr_writes_plot_and_suggestion(official_folder, tmp_path, capsy
     assert f"suggested max LR {saved['suggested_lr']:.3g}" in out
     config = json.loads((run_dir / "config.json").read_text())
     assert config["max_lr"] == pytest.approx(saved["suggested_lr"])  # training used the suggestion
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("num_iter=1", "config.lr_finder.num_iter must be an integer of at least 2, got 1."),
+        ("skip_start=-1", "config.lr_finder.skip_start must be an integer of at least 0, got -1."),
+        ("start_lr=0.0", "config.lr_finder needs 0 < start_lr < end_lr, got 0.0 and 10.0."),
+        ("step_mode='log'", "Unknown config.lr_finder.step_mode 'log'; choose 'exp' or 'linear'."),
+        ("smooth_f=1.5", "config.lr_finder.smooth_f must lie in [0, 1), got 1.5."),
+        ("diverge_th=0.5", "config.lr_finder.diverge_th must be greater than 1, got 0.5."),
+    ],
+)
+def test_cli_bad_range_test_settings_stop_before_the_run_directory(override, message, tmp_path, capsys):
+    # Before, these failed after the run directory was made (leaving it empty), or ran and
+    # silently gave no suggestion (skip_start=-1) or a meaningless one (smooth_f=1.5).
+    code = train_cli.main(["--workdir", str(tmp_path), "--config", str(ROOT / "configs" / "smoke.py"),
+                           "--find-lr-only", f"--config.lr_finder.{override}"])
+    err = capsys.readouterr().err
+    assert code == 1 and err == f"error: {message}\n"
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_config_files_range_test_settings_are_valid():
+    from jaxcam.configuration import load_config_file
+
+    for name in ("default", "smoke", "learning_check"):
+        lr_finder.validate_settings(load_config_file(ROOT / "configs" / f"{name}.py").lr_finder)
