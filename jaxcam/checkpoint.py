@@ -119,3 +119,17 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def make_writable_folder(path: str | os.PathLike, what: str) -> Path:
+    """Create `path` if needed and check that files can be written in it, before any work is
+    done; OSError naming `what` (e.g. "workdir") and the reason if not."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".jaxcam_write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"Cannot write to {what} {str(path)!r} ({e.strerror or e}).") from None
+    return path

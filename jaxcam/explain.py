@@ -20,7 +20,7 @@ from jaxcam import data as data_lib
 from jaxcam import metrics as metrics_lib
 from jaxcam import train as train_lib
 from jaxcam import viz
-from jaxcam.checkpoint import CheckpointError, load_variables
+from jaxcam.checkpoint import CheckpointError, load_variables, make_writable_folder
 from jaxcam.configuration import ConfigError, config_from_json
 from jaxcam.models import STAGES
 
@@ -135,11 +135,12 @@ def explain_run(
     cam_lib.check_method(method)
     if num < 1:
         raise ValueError(f"--num must be at least 1, got {num}.")
+    if faithfulness_images < 0:
+        raise ValueError(f"--faithfulness must be 0 (skip) or a number of test images, got {faithfulness_images}.")
     run = load_run(run_dir, data_dir=data_dir)
     names = run.dataset.class_names
     custom = load_image_files(image_files) if image_files else None  # read before writing anything
-    out = Path(out_dir) if out_dir is not None else run.run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_writable_folder(out_dir if out_dir is not None else run.run_dir / "report", "the output folder")
 
     mesh = train_lib.make_mesh()
     predict_fn = train_lib.make_predict_fn(run.model, mesh, run.dataset.mean, run.dataset.std)

@@ -81,6 +81,7 @@ def test_own_images_are_explained_for_their_two_most_likely_classes(smoke_run):
         (["--layer", "layer9"], "Unknown layer 'layer9'"),
         (["--method", "gradcam2"], "Unknown CAM method 'gradcam2'"),
         (["--num", "0"], "--num must be at least 1"),
+        (["--faithfulness", "-1"], "--faithfulness must be 0 (skip) or a number of test images, got -1."),
         (["--images", "/nonexistent.png"], "does not exist"),
     ],
 )
@@ -95,6 +96,15 @@ def test_not_an_image_file(smoke_run, tmp_path, capsys):
     bogus.write_text("hello")
     code, _, err = run(["--workdir", smoke_run, "--out", tmp_path / "r", "--images", bogus], capsys)
     assert code == 1 and "not a readable PNG or JPEG" in err
+
+
+def test_unwritable_output_folder(smoke_run, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, _, err = run(["--workdir", smoke_run, "--out", blocker / "report"], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert f"Cannot write to the output folder {str(blocker / 'report')!r}" in err
+    assert blocker.read_text() == "not a folder"
 
 
 def test_not_a_run_directory(tmp_path, capsys):

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from jaxcam import data as data_lib
 from jaxcam import models
-from jaxcam.checkpoint import Checkpointer, write_json
+from jaxcam.checkpoint import Checkpointer, make_writable_folder, write_json
 from jaxcam.schedules import onecycle
 
 __all__ = [
@@ -248,14 +248,7 @@ def per_class_accuracy(predictions: np.ndarray, labels: np.ndarray, num_classes:
 
 def create_run_dir(workdir: str | os.PathLike, name: str) -> Path:
     """`<workdir>/<name>_<YYYYMMDD>_<HHMMSS>` (with a numeric suffix if that already exists)."""
-    workdir = Path(workdir)
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".jaxcam_write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise OSError(f"Cannot write to workdir {str(workdir)!r} ({e.strerror or e}).") from None
+    workdir = make_writable_folder(workdir, "workdir")
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
     run_dir = workdir / f"{name}_{stamp}"
     suffix = 1
