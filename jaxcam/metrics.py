@@ -15,8 +15,28 @@ import numpy as np
 Predict = Callable[[np.ndarray], np.ndarray]
 
 
+def _check_inputs(images: np.ndarray, saliency: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Images (N, H, W, C) as float32, saliency (N, H, W) and integer targets (N,), or ValueError."""
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4:
+        raise ValueError(f"Images must have shape (N, H, W, C), got {images.shape}.")
+    n, h, w, _ = images.shape
+    saliency, targets = np.asarray(saliency), np.asarray(targets)
+    if saliency.shape != (n, h, w):
+        raise ValueError(f"Saliency maps must have shape {(n, h, w)}, got {saliency.shape}.")
+    if not np.isfinite(saliency).all():
+        raise ValueError("Saliency maps contain NaN or infinite values, so they rank no pixels.")
+    if targets.shape != (n,) or not np.issubdtype(targets.dtype, np.integer):
+        raise ValueError(f"Give one integer target class per image: {n} images, targets {targets.dtype} {targets.shape}.")
+    return images, saliency, targets
+
+
 def _softmax_target(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     logits = np.asarray(logits, np.float64)
+    if targets.size and (targets.min() < 0 or targets.max() >= logits.shape[-1]):
+        # A negative index would silently pick a class from the end.
+        bad = targets[(targets < 0) | (targets >= logits.shape[-1])][0]
+        raise ValueError(f"Target class {int(bad)} is out of range for a model with {logits.shape[-1]} classes.")
     shifted = logits - logits.max(-1, keepdims=True)
     probs = np.exp(shifted) / np.exp(shifted).sum(-1, keepdims=True)
     return probs[np.arange(len(targets)), targets]
@@ -56,10 +76,10 @@ def deletion_insertion_curves(
     the baseline (deletion: 0 = mean colour; insertion starts from the baseline, by default a
     blurred copy, and puts the image's pixels back).
     """
-    images = np.asarray(images, np.float32)
+    images, saliency, targets = _check_inputs(images, saliency, targets)
     n, h, w, _ = images.shape
-    if saliency.shape != (n, h, w):
-        raise ValueError(f"Saliency maps must have shape {(n, h, w)}, got {saliency.shape}.")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}.")
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"Unknown mode {mode!r}; choose 'deletion' or 'insertion'.")
     if baseline is None:
@@ -91,7 +111,7 @@ def confidence_change(
     percentage of images with O > Y; Y and O are the target probabilities of the image and
     of the explanation map.
     """
-    images = np.asarray(images, np.float32)
+    images, saliency, targets = _check_inputs(images, saliency, targets)
     full = _softmax_target(_predict_in_chunks(predict, images, batch_size), targets)
     masked = _softmax_target(_predict_in_chunks(predict, images * saliency[..., None], batch_size), targets)
     drop = np.maximum(0.0, full - masked) / full

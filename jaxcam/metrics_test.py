@@ -72,6 +72,25 @@ def test_blur_preserves_constant_images():
     np.testing.assert_allclose(metrics.blur(x), x, atol=1e-6)
 
 
-def test_saliency_shape_is_checked():
-    with pytest.raises(ValueError, match="Saliency maps must have shape"):
-        metrics.deletion_insertion_curves(predict, np.ones((2, H, W, 3)), np.ones((2, 4, 4)), np.zeros(2, int))
+@pytest.mark.parametrize(
+    "saliency, targets, message",
+    [
+        (np.ones((2, 4, 4)), np.zeros(2, int), "Saliency maps must have shape"),
+        (np.full((2, H, W), np.nan), np.zeros(2, int), "Saliency maps contain NaN or infinite values"),
+        (np.ones((2, H, W)), np.zeros(3, int), "Give one integer target class per image: 2 images"),
+        (np.ones((2, H, W)), np.array([0.0, 1.0]), "Give one integer target class per image"),
+        (np.ones((2, H, W)), np.array([0, -1]), "Target class -1 is out of range for a model with 2 classes."),
+        (np.ones((2, H, W)), np.array([0, 2]), "Target class 2 is out of range for a model with 2 classes."),
+    ],
+)
+@pytest.mark.parametrize("metric", ["deletion_insertion_curves", "confidence_change"])
+def test_bad_inputs_are_checked(metric, saliency, targets, message):
+    # confidence_change had no checks: a wrong map shape broadcast silently, and a target of -1
+    # (here and in the curves) read the last class's probability.
+    with pytest.raises(ValueError, match=message):
+        getattr(metrics, metric)(predict, np.ones((2, H, W, 3)), saliency, targets)
+
+
+def test_steps_must_be_positive():
+    with pytest.raises(ValueError, match="steps must be a positive integer, got 0"):
+        metrics.deletion_insertion_curves(predict, np.ones((2, H, W, 3)), np.ones((2, H, W)), np.zeros(2, int), steps=0)
