@@ -121,6 +121,14 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
 
+    def __post_init__(self) -> None:
+        # Checked at construction: a bad size would otherwise surface deep inside init.
+        for name in ("width", "num_classes"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ResNet {name} must be a positive integer, got {value!r}.")
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = x.astype(self.dtype)
@@ -259,57 +267,67 @@ def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
     return out
 
 
+def _torch_name(collection: str, path: tuple[str, ...]) -> str:
+    """The reference PyTorch name of a Flax variable: ('params', conv1, kernel) -> conv1.weight."""
+    *module, leaf = path
+    prefix = ".".join(module)
+    if collection == "batch_stats":
+        return f"{prefix}.running_{leaf}"  # mean, var
+    return f"{prefix}.{'bias' if leaf == 'bias' else 'weight'}"  # kernel and scale are weights
+
+
+def _torch_axes(ndim: int) -> tuple[int, ...]:
+    """Axis order from a Flax to the PyTorch layout: conv kernel (kh, kw, I, O) -> weight
+    (O, I, kh, kw), Linear kernel (I, O) -> weight (O, I); vectors stay."""
+    return (3, 2, 0, 1) if ndim == 4 else (1, 0) if ndim == 2 else tuple(range(ndim))
+
+
+def _flax_variables(variables: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
+    """{(collection, *path): leaf} over 'params' and 'batch_stats'."""
+    return {(collection,) + path: leaf for collection in ("params", "batch_stats")
+            for path, leaf in flax_traverse(variables[collection]).items()}
+
+
 def from_torch_state_dict(state_dict: Mapping[str, Any], width: int = 64, depth: int = 18) -> dict:
     """PyTorch reference state dict (name -> array) to Flax `{'params', 'batch_stats'}`.
 
     Conv weights (O, I, kh, kw) become kernels (kh, kw, I, O), Linear (O, I) becomes (I, O),
     BatchNorm weight/bias/running_mean/running_var become scale/bias/mean/var;
     `num_batches_tracked` is dropped. Tensors are accepted as anything `np.asarray` takes
-    (call `.cpu()` on CUDA tensors first). Shapes and names are checked against the model.
+    (call `.cpu()` on CUDA tensors first). Names, shapes (both in PyTorch terms in errors)
+    and finiteness are checked against the model.
     """
     if depth not in DEPTHS:
         raise ValueError(f"Unknown ResNet depth {depth}; choose one of {sorted(DEPTHS)}.")
-    num_classes = None
-    if "linear.weight" in state_dict:
-        num_classes = int(np.asarray(state_dict["linear.weight"]).shape[0])
-    model = ResNet(DEPTHS[depth], num_classes=num_classes or 10, width=width)
+    given = {name: np.asarray(tensor, dtype=np.float32) for name, tensor in state_dict.items()
+             if not name.endswith("num_batches_tracked")}
+    if "conv1.weight" in given and given["conv1.weight"].shape[0] != width:
+        channels = given["conv1.weight"].shape[0]
+        raise ValueError(f"The state dict is of a width-{channels} model (conv1.weight has {channels} output "
+                         f"channels), not width {width}; pass width={channels}.")
+    num_classes = int(given["linear.weight"].shape[0]) if "linear.weight" in given else 10
+    model = ResNet(DEPTHS[depth], num_classes=num_classes, width=width)
     template = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
-    expected = {("params",) + k: v for k, v in flax_traverse(template["params"]).items()}
-    expected.update({("batch_stats",) + k: v for k, v in flax_traverse(template["batch_stats"]).items()})
-
-    flat: dict[tuple[str, ...], np.ndarray] = {}
-    for name, tensor in state_dict.items():
-        *module, leaf = name.split(".")
-        module = tuple(module)
-        if leaf == "num_batches_tracked":
-            continue
-        array = np.asarray(tensor, dtype=np.float32)
-        if leaf == "weight" and array.ndim == 4:
-            flat[("params",) + module + ("kernel",)] = array.transpose(2, 3, 1, 0)
-        elif leaf == "weight" and array.ndim == 2:
-            flat[("params",) + module + ("kernel",)] = array.T
-        elif leaf == "weight":
-            flat[("params",) + module + ("scale",)] = array
-        elif leaf == "bias":
-            flat[("params",) + module + ("bias",)] = array
-        elif leaf in ("running_mean", "running_var"):
-            flat[("batch_stats",) + module + (leaf[len("running_") :],)] = array
-        else:
-            raise ValueError(f"Unexpected entry {name!r} in the state dict: not a ResNet{depth} tensor.")
-    missing = sorted(".".join(k) for k in expected.keys() - flat.keys())
-    extra = sorted(".".join(k) for k in flat.keys() - expected.keys())
+    shapes = _flax_variables(template)
+    expected = {_torch_name(key[0], key[1:]): key for key in shapes}
+    missing, extra = sorted(expected.keys() - given.keys()), sorted(given.keys() - expected.keys())
     if missing or extra:
         raise ValueError(
             f"State dict does not match ResNet{depth} at width {width}: "
             f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
             f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}."
         )
-    for k, v in flat.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise ValueError(
-                f"State dict entry for {'.'.join(k[1:])} has shape {v.shape}, "
-                f"expected {tuple(expected[k].shape)} for ResNet{depth} at width {width}."
-            )
+    flat: dict[tuple[str, ...], np.ndarray] = {}
+    for name, array in given.items():
+        key = expected[name]
+        axes = _torch_axes(len(shapes[key].shape))
+        want = tuple(shapes[key].shape[a] for a in axes)
+        if array.shape != want:
+            raise ValueError(f"State dict entry {name!r} has shape {array.shape}, expected {want} "
+                             f"for ResNet{depth} at width {width}.")
+        if not np.isfinite(array).all():
+            raise ValueError(f"State dict entry {name!r} has NaN or infinite values.")
+        flat[key] = array.transpose(np.argsort(axes))
     return _unflatten({k: jnp.asarray(v) for k, v in flat.items()})
 
 
@@ -318,22 +336,13 @@ def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
     Load it with `model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})`.
     """
+    if not isinstance(variables, Mapping) or not {"params", "batch_stats"} <= variables.keys():
+        raise ValueError("to_torch_state_dict takes a model's variables, a mapping with 'params' and 'batch_stats'.")
     out: dict[str, np.ndarray] = {}
-    for path, value in flax_traverse(variables["params"]).items():
-        *module, leaf = path
+    for (collection, *path), value in _flax_variables(variables).items():
+        prefix = ".".join(path[:-1])
         array = np.asarray(value, dtype=np.float32)
-        prefix = ".".join(module)
-        if leaf == "kernel" and array.ndim == 4:
-            out[f"{prefix}.weight"] = np.ascontiguousarray(array.transpose(3, 2, 0, 1))
-        elif leaf == "kernel":
-            out[f"{prefix}.weight"] = np.ascontiguousarray(array.T)
-        elif leaf == "scale":
-            out[f"{prefix}.weight"] = array
-        else:
-            out[f"{prefix}.bias"] = array
-    for path, value in flax_traverse(variables["batch_stats"]).items():
-        *module, leaf = path
-        prefix = ".".join(module)
-        out[f"{prefix}.running_{leaf}"] = np.asarray(value, dtype=np.float32)
-        out.setdefault(f"{prefix}.num_batches_tracked", np.zeros((), np.int64))
+        out[_torch_name(collection, tuple(path))] = np.ascontiguousarray(array.transpose(_torch_axes(array.ndim)))
+        if collection == "batch_stats":
+            out.setdefault(f"{prefix}.num_batches_tracked", np.zeros((), np.int64))
     return out

@@ -70,8 +70,18 @@ def test_from_torch_state_dict_rejects_a_mismatch():
     state_dict = models.to_torch_state_dict(models.init_variables(models.ResNet18(width=4), jax.random.key(1)))
     with pytest.raises(ValueError, match="does not match ResNet34"):
         models.from_torch_state_dict(state_dict, width=4, depth=34)
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match=r"width-4 model \(conv1.weight has 4 output channels\), not width 8; pass width=4"):
         models.from_torch_state_dict(state_dict, width=8, depth=18)
+    # Errors name the PyTorch entries and shapes the user passed, not the converted Flax ones.
+    with pytest.raises(ValueError, match=r"'layer1.0.conv2.weight' has shape \(4, 4, 3, 1\), expected \(4, 4, 3, 3\)"):
+        models.from_torch_state_dict({**state_dict, "layer1.0.conv2.weight": np.zeros((4, 4, 3, 1))}, width=4)
+    with pytest.raises(ValueError, match=r"missing \['linear.bias'\], unexpected \['linear.b'\]"):
+        state_dict_renamed = {("linear.b" if k == "linear.bias" else k): v for k, v in state_dict.items()}
+        models.from_torch_state_dict(state_dict_renamed, width=4)
+    with pytest.raises(ValueError, match="'bn1.running_var' has NaN or infinite values"):
+        models.from_torch_state_dict({**state_dict, "bn1.running_var": np.full(4, np.nan)}, width=4)
+    with pytest.raises(ValueError, match="takes a model's variables, a mapping with 'params' and 'batch_stats'"):
+        models.to_torch_state_dict({"params": {}})
 
 
 def test_forward_matches_pytorch_reference():
@@ -114,3 +124,10 @@ def test_summary_lists_layers_in_order_with_totals():
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="Unknown model 'resnet50'"):
         models.create_model("resnet50")
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(width=0), "width must be a positive integer, got 0"),
+                                             (dict(num_classes=2.5), "num_classes must be a positive integer, got 2.5")])
+def test_bad_model_sizes_fail_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        models.ResNet18(**kwargs)
