@@ -135,7 +135,11 @@ def _load_archive(archive: Path) -> Cifar10:
                 if name in members:
                     contents[name] = tar.extractfile(members[name]).read()  # type: ignore[union-attr]
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"CIFAR-10 archive {str(archive)!r} is not a readable tar.gz file ({e}).") from None
+        # tarfile's "r:*" error lists every compression it tried, one per line: keep one sentence.
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if detail.endswith(":"):
+            detail = "not a gzip, bzip2, xz or plain tar archive"
+        raise DataError(f"CIFAR-10 archive {str(archive)!r} is not a readable tar.gz file ({detail}).") from None
 
     def read(name: str) -> bytes:
         if name not in contents:

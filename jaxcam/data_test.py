@@ -83,11 +83,17 @@ def test_malformed_batch_contents(tmp_path):
         data_lib.load_cifar10(folder)
 
 
-def test_corrupt_archive(tmp_path):
+def test_corrupt_archive(tmp_path, official_archive):
     archive = tmp_path / "cifar-10-python.tar.gz"
     archive.write_bytes(b"\x1f\x8b\x08 definitely not a tarball")
-    with pytest.raises(DataError, match="not a readable tar.gz"):
+    with pytest.raises(DataError, match="not a readable tar.gz file") as garbage:
         data_lib.load_cifar10(archive)
+    # An interrupted download: a real archive cut short.
+    archive.write_bytes(official_archive.read_bytes()[:5000])
+    with pytest.raises(DataError, match="not a readable tar.gz file") as truncated:
+        data_lib.load_cifar10(archive)
+    for raised in (garbage, truncated):  # one sentence, not tarfile's list of tried compressions
+        assert "\n" not in str(raised.value) and str(raised.value).endswith(").")
 
 
 def test_tfds_path_under_mock_data():
