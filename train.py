@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from jaxcam import cli
 
@@ -16,13 +17,16 @@ from jaxcam import cli
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="folder that receives the run directory")
-    parser.add_argument("--config", default="configs/default.py", help="Python config file with get_config()")
+    parser.add_argument("--config", default=None, help="Python config file with get_config() (default: configs/default.py)")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_DIR",
                         help="continue a run from its latest checkpoint (default: the newest run in --workdir)")
     parser.add_argument("--find-lr", action="store_true",
                         help="run the LR range test first; with --config.max_lr=auto train with its suggestion")
     parser.add_argument("--find-lr-only", action="store_true", help="run the LR range test and stop")
     args, overrides = parser.parse_known_args(argv)
+    if args.config is None and not args.resume:
+        # Beside this script, so that train.py also runs from another working directory.
+        args.config = str(Path(__file__).resolve().parent / "configs" / "default.py")
     return cli.run_train(args, overrides)
 
 

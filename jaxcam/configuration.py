@@ -28,6 +28,8 @@ def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file {str(path)!r} does not exist.")
+    if path.suffix != ".py":
+        raise ConfigError(f"Config file {str(path)!r} is not a Python file; configs are .py files with get_config().")
     # Configs may import each other as `configs.<name>`: make their parent importable.
     parent = str(path.absolute().parent.parent)
     if parent not in sys.path:

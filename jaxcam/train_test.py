@@ -253,6 +253,35 @@ def test_cli_resume_with_corrupt_checkpoint(official_folder, tmp_path, capsys):
     assert (run_dir / "history.json").read_text() == history_before
 
 
+@pytest.mark.parametrize(
+    "extra, named",
+    [
+        (["--config", ROOT / "configs" / "smoke.py"], "drop --config."),
+        (["--config.epochs=5"], "drop --config.* overrides."),
+        (["--find-lr"], "drop --find-lr."),
+        (["--config", ROOT / "configs" / "smoke.py", "--config.epochs=5"], "drop --config and --config.* overrides."),
+    ],
+)
+def test_cli_resume_refuses_settings_it_would_ignore(extra, named, tmp_path, capsys):
+    # Before, --config and --find-lr were silently ignored on resume.
+    code, _, err = run_cli(["--workdir", tmp_path, "--resume", *extra], capsys)
+    assert code == 1 and err == f"error: --resume continues a run with its saved config.json, so {named}\n"
+
+
+def test_cli_config_must_be_a_python_file(tmp_path, capsys):
+    notes = tmp_path / "config.txt"
+    notes.write_text("epochs = 3")
+    code, _, err = run_cli(["--workdir", tmp_path / "runs", "--config", notes], capsys)
+    assert code == 1 and "is not a Python file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_finds_the_default_config_from_another_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    # The default config loads (its own error, not "does not exist"); epochs=0 stops before any data is read.
+    code, _, err = run_cli(["--workdir", tmp_path / "runs", "--config.epochs=0"], capsys)
+    assert code == 1 and err == "error: config.epochs must be a positive integer, got 0.\n"
+
+
 def test_cli_resume_without_runs(tmp_path, capsys):
     code, _, err = run_cli(["--workdir", tmp_path, "--resume"], capsys)
     assert code == 1 and "No run directory" in err
