@@ -34,10 +34,11 @@ class Checkpointer:
         self.latest = _manager(root / "latest", create)
         self.best = _manager(root / "best", create)
 
-    def save(self, epoch: int, state: Any, metrics: dict[str, float], is_best: bool) -> None:
-        """Save `state` (a flax struct, e.g. TrainState) after `epoch` (1-based)."""
+    def save(self, epoch: int, state: Any, info: dict[str, Any], is_best: bool) -> None:
+        """Save `state` (a flax struct, e.g. TrainState) after `epoch` (1-based), with `info`
+        (JSON values: test metrics, the compute dtype) in its meta."""
         tree = flax.serialization.to_state_dict(state)
-        meta = {"epoch": epoch, **{k: float(v) for k, v in metrics.items()}}
+        meta = {"epoch": epoch, **info}
         managers = [self.latest, self.best] if is_best else [self.latest]
         for manager in managers:
             manager.save(

@@ -78,6 +78,16 @@ def load_run(run_dir: str | os.PathLike, which: str = "best", data_dir: str | No
     return LoadedRun(run_dir, config, history, model, variables, meta, dataset)
 
 
+def _training_precision_note(meta: dict) -> str:
+    """Why the report's float32 accuracy can differ from the one training printed for the same
+    checkpoint: training evaluated in its compute dtype (bfloat16 by default on GPUs and TPUs)."""
+    trained_in = meta.get("compute_dtype", "float32")
+    if trained_in == "float32" or "test_acc" not in meta:
+        return ""
+    return (f", computed in float32 as the explanations are; training measured {100 * meta['test_acc']:.2f}% "
+            f"for this checkpoint in {trained_in}")
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(-1, keepdims=True)
     e = np.exp(shifted)
@@ -233,7 +243,7 @@ def _write_report(out: Path, run: LoadedRun, summary, report, written, faithfuln
         "",
         f"- Model: {run.config.model} (width {run.config.width}), best checkpoint of epoch {run.meta.get('epoch')}",
         f"- Test accuracy: **{100 * summary['accuracy']:.2f}%** ({summary['correct']}/{summary['total']}), "
-        f"test loss {summary['loss']:.4f}",
+        f"test loss {summary['loss']:.4f}{_training_precision_note(run.meta)}",
     ]
     if best:
         lines.append(f"- Epochs trained: {len(run.history)}; best epoch {best['epoch']} "

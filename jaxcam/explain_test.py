@@ -1,11 +1,14 @@
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 import explain as explain_cli
+from conftest import ROOT
 from jaxcam import cam
+from jaxcam.checkpoint import load_variables
 from jaxcam.explain import REQUIRED_FILES, explain_images, load_run
 
 
@@ -125,3 +128,30 @@ def test_corrupt_best_checkpoint_keeps_the_existing_report(smoke_run, tmp_path, 
     code, _, err = run(["--workdir", copy, "--out", out], capsys)
     assert code == 1 and "corrupt" in err and len(err.strip().splitlines()) == 1
     assert (out / "report.md").read_text() == "an earlier report"
+
+
+def test_bfloat16_run_keeps_float32_parameters_and_the_report_says_why_accuracy_differs(official_folder, tmp_path,
+                                                                                         capsys):
+    import train as train_cli
+
+    code = train_cli.main(["--workdir", str(tmp_path / "runs"), "--config", str(ROOT / "configs" / "smoke.py"),
+                           "--config.width=4", "--config.epochs=1", "--config.batch_size=32",
+                           "--config.eval_batch_size=16", "--config.dtype='bfloat16'", "--config.tensorboard=False",
+                           f"--config.data_dir={str(official_folder)!r}"])
+    assert code == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    variables, meta = load_variables(run_dir)
+    assert meta["compute_dtype"] == "bfloat16"
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree_util.tree_leaves(variables))
+    code, _, err = run(["--workdir", run_dir, "--out", tmp_path / "r", "--num", "2", "--layer", "layer3",
+                        "--faithfulness", "0"], capsys)
+    assert code == 0, err
+    line = next(l for l in (tmp_path / "r" / "report.md").read_text().splitlines() if "Test accuracy" in l)
+    assert line.endswith(f"computed in float32 as the explanations are; training measured "
+                         f"{100 * meta['test_acc']:.2f}% for this checkpoint in bfloat16")
+
+
+def test_a_float32_run_needs_no_precision_note(smoke_run, report):
+    _, meta = load_variables(smoke_run)
+    assert meta["compute_dtype"] == "float32"
+    assert "training measured" not in (report / "report.md").read_text()

@@ -505,7 +505,9 @@ def train_and_evaluate(
             )
             is_best = test["accuracy"] > best_acc
             best_acc = max(best_acc, test["accuracy"])
-            checkpointer.save(epoch, state, {"test_acc": test["accuracy"], "test_loss": test["loss"]}, is_best)
+            # The compute dtype lets a report say when its float32 figures differ from these.
+            checkpointer.save(epoch, state, {"test_acc": float(test["accuracy"]), "test_loss": float(test["loss"]),
+                                             "compute_dtype": jnp.dtype(model.dtype).name}, is_best)
             write_json(run_dir / "history.json", history)
             if writer is not None:
                 for key, value in record.items():
