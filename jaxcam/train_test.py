@@ -328,6 +328,14 @@ def test_validate_config_accepts_the_ends_of_each_range():
     train_lib.validate_config(config)
 
 
+def test_readme_names_every_config_key():
+    readme = (ROOT / "README.md").read_text()
+    listing = readme[readme.index("Every config key can be overridden"):readme.index("Bad input stops")]
+    config = load_config_file(ROOT / "configs" / "default.py")
+    keys = [k for k in config.keys() if k != "lr_finder"] + list(config.lr_finder.keys())
+    assert [k for k in keys if f"`{k}`" not in listing] == []
+
+
 @pytest.mark.parametrize("name", ["default", "smoke", "learning_check"])
 def test_every_config_file_is_valid(name):
     train_lib.validate_config(load_config_file(ROOT / "configs" / f"{name}.py"))
