@@ -284,6 +284,10 @@ def compute_with_outputs(
     layers = check_layers(layer)
     check_method(method)
     images = check_float_images(images)
+    if getattr(model, "dtype", jnp.float32) != jnp.float32:
+        # A bfloat16 model (train.build on a GPU or TPU) would give maps about 1e-2 off the
+        # float32 reference; the parameters are float32, so explain in float32.
+        model = model.clone(dtype=jnp.float32)
     n, height, width, _ = images.shape
     num_classes = model.num_classes
     targets = _check_targets(targets, n, num_classes)
@@ -322,5 +326,6 @@ def compute(
     is a stage name (`layer1..layer4`) or a list of them (combined as the mean of the
     normalized per-layer maps, normalized again). `method` is one of METHODS. With
     `resize=False` the maps keep the layer's resolution (the finest chosen layer's).
+    The maps are computed in float32, also for a model whose compute dtype is bfloat16.
     """
     return compute_with_outputs(model, variables, images, layer=layer, targets=targets, method=method, resize=resize)[0]

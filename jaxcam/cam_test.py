@@ -245,3 +245,10 @@ def test_bad_images(setup):
     corrupt[2, 5, 7, 1] = np.inf
     with pytest.raises(ValueError, match="Image 2 of the batch has NaN or infinite values"):
         cam.compute(model, variables, corrupt)
+
+
+def test_a_bfloat16_model_is_explained_in_float32(setup):
+    model, variables, images = setup
+    reference = cam.compute(model, variables, images, layer="layer2")
+    explained = cam.compute(model.clone(dtype=jnp.bfloat16), variables, images, layer="layer2")
+    np.testing.assert_array_equal(explained, reference)

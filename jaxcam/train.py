@@ -539,7 +539,7 @@ def _log_cam_gallery(writer, model: models.ResNet, state: TrainState, dataset: d
 
     images = dataset.test_images[:8]
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-    maps = cam.compute(model.clone(dtype=jnp.float32), variables,
+    maps = cam.compute(model, variables,
                        np.asarray(data_lib.normalize(images, dataset.mean, dataset.std)), layer="layer3")
     strip = np.concatenate([np.concatenate([img / 255.0, viz.overlay(img, m)], 0) for img, m in zip(images, maps)], 1)
     writer.add_image("gradcam/layer3", strip.astype(np.float32), step, dataformats="HWC")
