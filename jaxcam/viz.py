@@ -21,6 +21,10 @@ CMAP = "inferno"
 
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5, cmap: str = CMAP) -> np.ndarray:
     """Blend a colormapped CAM (H, W) in [0, 1] over a uint8 RGB image (H, W, 3): float RGB in [0, 1]."""
+    image, cam = np.asarray(image), np.asarray(cam)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        # A float or normalized image would be divided by 255 again and come out black.
+        raise ValueError(f"overlay takes a uint8 RGB image (H, W, 3), got {image.dtype} with shape {image.shape}.")
     if image.shape[:2] != cam.shape:
         raise ValueError(f"The CAM {cam.shape} and the image {image.shape[:2]} must have the same size.")
     heat = plt.get_cmap(cmap)(np.clip(cam, 0, 1))[..., :3]

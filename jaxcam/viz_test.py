@@ -1,0 +1,62 @@
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxcam import viz
+
+sklearn_metrics = pytest.importorskip("sklearn.metrics")
+
+
+def predictions_with_gaps(seed=0):
+    """Labels and predictions over 5 classes where class 3 is never predicted and class 4 never occurs."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, 300)
+    predictions = np.where(rng.random(300) < 0.6, labels, rng.integers(0, 5, 300))
+    predictions[predictions == 3] = 0
+    return labels, predictions
+
+
+def test_confusion_matrix_equals_sklearn():
+    labels, predictions = predictions_with_gaps()
+    np.testing.assert_array_equal(viz.confusion_matrix(labels, predictions, 5),
+                                  sklearn_metrics.confusion_matrix(labels, predictions, labels=range(5)))
+
+
+def test_classification_report_equals_sklearn():
+    labels, predictions = predictions_with_gaps(1)
+    names = ["a", "b", "c", "d", "e"]
+    ours = viz.classification_report(labels, predictions, names)
+    theirs = sklearn_metrics.classification_report(labels, predictions, labels=range(5), target_names=names,
+                                                   output_dict=True, zero_division=0)
+    for row in names + ["macro avg", "weighted avg"]:
+        for column in ("precision", "recall", "f1-score", "support"):
+            assert ours[row]["f1" if column == "f1-score" else column] == pytest.approx(theirs[row][column]), (row, column)
+
+
+def test_overlay_blends_rgb_with_the_colormap():
+    image = np.zeros((4, 6, 3), np.uint8)
+    image[..., 0] = 255  # pure red: the overlay must keep RGB order, not turn it blue
+    cam = np.linspace(0, 1, 24).reshape(4, 6)
+    np.testing.assert_allclose(viz.overlay(image, cam, alpha=0.0), image / 255.0)
+    np.testing.assert_allclose(viz.overlay(image, cam, alpha=1.0), plt.get_cmap("inferno")(cam)[..., :3], rtol=1e-6)
+    half = viz.overlay(image, cam, alpha=0.5)
+    np.testing.assert_allclose(half, (viz.overlay(image, cam, alpha=0.0) + viz.overlay(image, cam, alpha=1.0)) / 2,
+                               rtol=1e-6)
+
+
+def test_overlay_rejects_what_it_cannot_draw():
+    cam = np.zeros((32, 32), np.float32)
+    with pytest.raises(ValueError, match="uint8 RGB image"):
+        viz.overlay(np.zeros((32, 32, 3), np.float32), cam)  # would come out black
+    with pytest.raises(ValueError, match="uint8 RGB image"):
+        viz.overlay(np.zeros((3, 32, 32), np.uint8), cam)
+    with pytest.raises(ValueError, match="same size"):
+        viz.overlay(np.zeros((16, 16, 3), np.uint8), cam)
+
+
+def test_per_class_accuracy_plot_is_written(tmp_path):
+    # A class without test images has accuracy NaN; it is drawn as an empty bar, not an error.
+    viz.plot_per_class_accuracy(np.array([0.5, np.nan, 1.0]), ["a", "b", "c"], tmp_path / "bars.png")
+    with Image.open(tmp_path / "bars.png") as img:
+        assert img.format == "PNG" and np.asarray(img.convert("RGB")).std() > 10
