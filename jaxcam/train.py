@@ -359,12 +359,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"Unknown schedule {config.schedule!r}; choose 'onecycle' or 'constant'.")
     if config.anneal_strategy not in ("cos", "linear"):
         raise ValueError(f"Unknown anneal_strategy {config.anneal_strategy!r}; choose 'cos' or 'linear'.")
-    for key in ("epochs", "batch_size", "eval_batch_size", "width", "prefetch"):
-        if not isinstance(config[key], int) or config[key] <= 0:
-            raise ValueError(f"config.{key} must be a positive integer, got {config[key]!r}.")
-    for key in ("crop_padding", "cutout_size"):
-        if not isinstance(config[key], int) or isinstance(config[key], bool) or config[key] < 0:
-            raise ValueError(f"config.{key} must be a non-negative integer, got {config[key]!r}.")
+    for key, least in (("epochs", 1), ("batch_size", 1), ("eval_batch_size", 1), ("width", 1), ("prefetch", 1),
+                       ("crop_padding", 0), ("cutout_size", 0)):
+        value = config[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"config.{key} must be a {'positive' if least else 'non-negative'} integer, got {value!r}.")
+    if config.max_lr != "auto" and not (_is_number(config.max_lr) and config.max_lr > 0):
+        raise ValueError(f"config.max_lr must be a positive number or 'auto', got {config.max_lr!r}.")
     # Numbers out of range would train without complaint but mean nothing (a Cutout probability
     # of 2, a negative weight decay), so they stop here, before a run directory is made.
     for key in _UNIT_CLOSED + _UNIT_HALF_OPEN:

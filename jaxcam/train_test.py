@@ -311,6 +311,9 @@ def test_overrides_parse_types():
         ("cutout_size", -3, "config.cutout_size must be a non-negative integer, got -3."),
         ("crop_padding", 2.5, "config.crop_padding must be a non-negative integer, got 2.5."),
         ("prefetch", 0, "config.prefetch must be a positive integer, got 0."),
+        ("epochs", True, "config.epochs must be a positive integer, got True."),
+        ("max_lr", -0.1, "config.max_lr must be a positive number or 'auto', got -0.1."),
+        ("max_lr", "fast", "config.max_lr must be a positive number or 'auto', got 'fast'."),
     ],
 )
 def test_validate_config_rejects_numbers_out_of_range(key, value, message):
