@@ -285,7 +285,7 @@ def compute_with_outputs(
     check_method(method)
     images = check_float_images(images)
     if getattr(model, "dtype", jnp.float32) != jnp.float32:
-        # A bfloat16 model (train.build on a GPU or TPU) would give maps about 1e-2 off the
+        # A bfloat16 model (train.build on a GPU or TPU) would give maps up to about 0.025 off the
         # float32 reference; the parameters are float32, so explain in float32.
         model = model.clone(dtype=jnp.float32)
     n, height, width, _ = images.shape
