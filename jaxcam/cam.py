@@ -150,8 +150,9 @@ def combine_layers(per_layer: Sequence[jax.Array], size: tuple[int, int] | None)
 
 
 def check_layers(layer: str | Sequence[str]) -> tuple[str, ...]:
-    """Stage names as a tuple; ValueError for an empty list or an unknown name."""
-    layers = (layer,) if isinstance(layer, str) else tuple(layer)
+    """Stage names as a tuple without repeats (a repeat adds nothing to the mean of normalized
+    maps); ValueError for an empty list or an unknown name."""
+    layers = (layer,) if isinstance(layer, str) else tuple(dict.fromkeys(layer))
     if not layers:
         raise ValueError("Name at least one layer for the CAM.")
     for name in layers:

@@ -252,3 +252,8 @@ def test_a_bfloat16_model_is_explained_in_float32(setup):
     reference = cam.compute(model, variables, images, layer="layer2")
     explained = cam.compute(model.clone(dtype=jnp.bfloat16), variables, images, layer="layer2")
     np.testing.assert_array_equal(explained, reference)
+
+
+def test_a_repeated_layer_counts_once():
+    assert cam.check_layers(["layer3", "layer2", "layer3"]) == ("layer3", "layer2")
+    assert cam.check_layers("layer1") == ("layer1",)

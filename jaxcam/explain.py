@@ -141,7 +141,7 @@ def explain_run(
     log=print,
 ) -> Path:
     """Write every report file for `run_dir` into `out_dir` (default `<run_dir>/report`)."""
-    cam_lib.check_layers(layers)
+    layers = cam_lib.check_layers(layers)
     cam_lib.check_method(method)
     if num < 1:
         raise ValueError(f"--num must be at least 1, got {num}.")
