@@ -28,6 +28,11 @@ REQUIRED_FILES = ("curves.png", "misclassified.png", "gradcam_layer3.png", "grad
                   "gradcam_targets.png", "confusion_matrix.png", "report.md")
 
 
+# A CAM gallery row is 242 px tall: 100 rows make a 24,000 px image, about the most a viewer
+# can scroll through (and matplotlib refuses images over 65,536 px).
+MAX_GALLERY_ROWS = 100
+
+
 @dataclasses.dataclass
 class LoadedRun:
     """A run's config, history, model and best variables, with the dataset's normalization."""
@@ -143,8 +148,8 @@ def explain_run(
     """Write every report file for `run_dir` into `out_dir` (default `<run_dir>/report`)."""
     layers = cam_lib.check_layers(layers)
     cam_lib.check_method(method)
-    if num < 1:
-        raise ValueError(f"--num must be at least 1, got {num}.")
+    if not 1 <= num <= MAX_GALLERY_ROWS:
+        raise ValueError(f"--num must be between 1 and {MAX_GALLERY_ROWS} (one gallery row each), got {num}.")
     if faithfulness_images < 0:
         raise ValueError(f"--faithfulness must be 0 (skip) or a number of test images, got {faithfulness_images}.")
     run = load_run(run_dir, data_dir=data_dir)

@@ -83,7 +83,8 @@ def test_own_images_are_explained_for_their_two_most_likely_classes(smoke_run):
     [
         (["--layer", "layer9"], "Unknown layer 'layer9'"),
         (["--method", "gradcam2"], "Unknown CAM method 'gradcam2'"),
-        (["--num", "0"], "--num must be at least 1"),
+        (["--num", "0"], "--num must be between 1 and 100 (one gallery row each), got 0."),
+        (["--num", "101"], "--num must be between 1 and 100 (one gallery row each), got 101."),
         (["--faithfulness", "-1"], "--faithfulness must be 0 (skip) or a number of test images, got -1."),
         (["--images", "/nonexistent.png"], "does not exist"),
     ],

@@ -79,14 +79,19 @@ def plot_misclassified(images, labels, predictions, confidences, class_names, pa
 def _plot_panel_rows(rows, path, title: str, panel_width: float = 2.2) -> None:
     """A table of pictures: `rows` is a list of rows, each a list of (picture, title, title colour)."""
     n, cols = len(rows), max(len(row) for row in rows)
-    fig, axes = plt.subplots(n, cols, figsize=(panel_width * cols, 2.2 * n), dpi=110, layout="constrained",
-                             squeeze=False)
+    # Fixed margins in inches rather than a layout engine: constrained layout grows
+    # super-linearly with the panel count (a 200-row gallery took 63 s to lay out, 400 rows
+    # more than 5 min); this takes 6 s for 200 rows and looks the same.
+    height = 2.2 * n + 0.45
+    fig, axes = plt.subplots(n, cols, figsize=(panel_width * cols, height), dpi=110, squeeze=False,
+                             gridspec_kw=dict(left=0.02, right=0.98, top=1 - 0.45 / height, bottom=0.05 / height,
+                                              hspace=0.22, wspace=0.08))
     for ax_row, row in zip(axes, rows):
         for ax in ax_row[len(row) :]:
             ax.axis("off")
         for ax, (picture, panel_title, color) in zip(ax_row, row):
             _show(ax, picture, panel_title, color=color)
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle(title, fontsize=11, y=1 - 0.08 / height)
     _save(fig, path)
 
 
