@@ -150,6 +150,9 @@ def explain_run(
     cam_lib.check_method(method)
     if not 1 <= num <= MAX_GALLERY_ROWS:
         raise ValueError(f"--num must be between 1 and {MAX_GALLERY_ROWS} (one gallery row each), got {num}.")
+    if len(image_files) > MAX_GALLERY_ROWS:
+        raise ValueError(f"--images takes at most {MAX_GALLERY_ROWS} files (one gallery row each), got "
+                         f"{len(image_files)}; explain more with jaxcam.explain.explain_images.")
     if faithfulness_images < 0:
         raise ValueError(f"--faithfulness must be 0 (skip) or a number of test images, got {faithfulness_images}.")
     run = load_run(run_dir, data_dir=data_dir)

@@ -87,6 +87,7 @@ def test_own_images_are_explained_for_their_two_most_likely_classes(smoke_run):
         (["--num", "101"], "--num must be between 1 and 100 (one gallery row each), got 101."),
         (["--faithfulness", "-1"], "--faithfulness must be 0 (skip) or a number of test images, got -1."),
         (["--images", "/nonexistent.png"], "does not exist"),
+        (["--images", *[f"/nonexistent{i}.png" for i in range(101)]], "--images takes at most 100 files"),
     ],
 )
 def test_bad_arguments_give_one_clear_error(smoke_run, tmp_path, capsys, extra, message):
