@@ -4,13 +4,16 @@ per-class accuracy, precision/recall/F1, faithfulness, and `report.md` / `report
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import functools
 import html
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import numpy as np
@@ -158,90 +161,104 @@ def explain_run(
     run = load_run(run_dir, data_dir=data_dir)
     names = run.dataset.class_names
     custom = load_image_files(image_files) if image_files else None  # read before writing anything
-    out = make_writable_folder(out_dir if out_dir is not None else run.run_dir / "report", "the output folder")
+    final = make_writable_folder(out_dir if out_dir is not None else run.run_dir / "report", "the output folder")
+    # Every file is drawn in a hidden folder and moved in at the end: a failure part-way leaves
+    # the previous report whole rather than half replaced.
+    with _staged(final) as out:
+        mesh = train_lib.make_mesh()
+        predict_fn = train_lib.make_predict_fn(run.model, mesh, run.dataset.mean, run.dataset.std)
+        batch = max(len(jax.local_devices()), (500 // len(jax.local_devices())) * len(jax.local_devices()))
+        test_images, test_labels = run.dataset.test_images, run.dataset.test_labels
+        logits = train_lib.predict(predict_fn, run.variables, test_images, batch, mesh)
+        probabilities = _softmax(logits)
+        predictions = logits.argmax(-1)
+        summary = train_lib.evaluate(logits, test_labels)
+        written: dict[str, str] = {}
 
-    mesh = train_lib.make_mesh()
-    predict_fn = train_lib.make_predict_fn(run.model, mesh, run.dataset.mean, run.dataset.std)
-    batch = max(len(jax.local_devices()), (500 // len(jax.local_devices())) * len(jax.local_devices()))
-    test_images, test_labels = run.dataset.test_images, run.dataset.test_labels
-    logits = train_lib.predict(predict_fn, run.variables, test_images, batch, mesh)
-    probabilities = _softmax(logits)
-    predictions = logits.argmax(-1)
-    summary = train_lib.evaluate(logits, test_labels)
-    written: dict[str, str] = {}
+        viz.plot_curves(run.history, out / "curves.png")  # an empty history gives empty axes
+        written["curves.png"] = "Loss and accuracy per epoch"
 
-    viz.plot_curves(run.history, out / "curves.png")  # an empty history gives empty axes
-    written["curves.png"] = "Loss and accuracy per epoch"
+        # The most confident mistakes are the most instructive ones.
+        wrong = np.flatnonzero(predictions != test_labels)
+        wrong = wrong[np.argsort(-probabilities[wrong, predictions[wrong]], kind="stable")][:num]
+        if len(wrong) == 0:
+            wrong = np.arange(min(num, len(test_labels)))  # a perfect model: show correct ones instead
+        picked = test_images[wrong]
+        viz.plot_misclassified(picked, test_labels[wrong], predictions[wrong], probabilities[wrong, predictions[wrong]],
+                               names, out / "misclassified.png")
+        written["misclassified.png"] = f"The {len(wrong)} most confident misclassifications (true → predicted)"
 
-    # The most confident mistakes are the most instructive ones.
-    wrong = np.flatnonzero(predictions != test_labels)
-    wrong = wrong[np.argsort(-probabilities[wrong, predictions[wrong]], kind="stable")][:num]
-    if len(wrong) == 0:
-        wrong = np.arange(min(num, len(test_labels)))  # a perfect model: show correct ones instead
-    picked = test_images[wrong]
-    viz.plot_misclassified(picked, test_labels[wrong], predictions[wrong], probabilities[wrong, predictions[wrong]],
-                           names, out / "misclassified.png")
-    written["misclassified.png"] = f"The {len(wrong)} most confident misclassifications (true → predicted)"
+        normalized = run.normalize(picked)
+        for layer in layers:
+            # The predicted and the true class in one batch: one forward and VJP per layer, not two.
+            cams = cam_lib.compute(run.model, run.variables, np.concatenate([normalized, normalized]), layer=layer,
+                                   targets=np.concatenate([predictions[wrong], test_labels[wrong]]), method=method)
+            cams_pred, cams_true = np.split(cams, 2)
+            size = 32 >> STAGES.index(layer)  # stages halve the resolution
+            name = f"gradcam_{layer}.png"
+            viz.plot_cam_grid(picked, cams_pred, cams_true, test_labels[wrong], predictions[wrong], names, out / name,
+                              title=f"{method} at {layer} ({size}x{size}): predicted vs true class")
+            written[name] = f"{method} at {layer} ({size}x{size}) for the predicted and the true class"
 
-    normalized = run.normalize(picked)
-    for layer in layers:
-        # The predicted and the true class in one batch: one forward and VJP per layer, not two.
-        cams = cam_lib.compute(run.model, run.variables, np.concatenate([normalized, normalized]), layer=layer,
-                               targets=np.concatenate([predictions[wrong], test_labels[wrong]]), method=method)
-        cams_pred, cams_true = np.split(cams, 2)
-        size = 32 >> STAGES.index(layer)  # stages halve the resolution
-        name = f"gradcam_{layer}.png"
-        viz.plot_cam_grid(picked, cams_pred, cams_true, test_labels[wrong], predictions[wrong], names, out / name,
-                          title=f"{method} at {layer} ({size}x{size}): predicted vs true class")
-        written[name] = f"{method} at {layer} ({size}x{size}) for the predicted and the true class"
+        # One confidently, correctly classified image explained for every class.
+        right = np.flatnonzero(predictions == test_labels)
+        index = int(right[np.argmax(probabilities[right, predictions[right]])]) if len(right) else 0
+        one = run.normalize(test_images[index : index + 1])
+        every = np.arange(run.dataset.num_classes)
+        cams_all = cam_lib.compute(run.model, run.variables, np.repeat(one, len(every), 0), layer=layers[0],
+                                   targets=every, method=method)
+        viz.plot_all_targets(test_images[index], cams_all, probabilities[index], names, out / "gradcam_targets.png",
+                             title=f"{method} at {layers[0]} for every class (true: {names[test_labels[index]]})")
+        written["gradcam_targets.png"] = "One test image explained for each of the classes"
 
-    # One confidently, correctly classified image explained for every class.
-    right = np.flatnonzero(predictions == test_labels)
-    index = int(right[np.argmax(probabilities[right, predictions[right]])]) if len(right) else 0
-    one = run.normalize(test_images[index : index + 1])
-    every = np.arange(run.dataset.num_classes)
-    cams_all = cam_lib.compute(run.model, run.variables, np.repeat(one, len(every), 0), layer=layers[0], targets=every,
-                               method=method)
-    viz.plot_all_targets(test_images[index], cams_all, probabilities[index], names, out / "gradcam_targets.png",
-                         title=f"{method} at {layers[0]} for every class (true: {names[test_labels[index]]})")
-    written["gradcam_targets.png"] = "One test image explained for each of the classes"
+        matrix = viz.confusion_matrix(test_labels, predictions, run.dataset.num_classes)
+        viz.plot_confusion_matrix(matrix, names, out / "confusion_matrix.png")
+        written["confusion_matrix.png"] = "Confusion matrix on the test split"
+        per_class = train_lib.per_class_accuracy(predictions, test_labels, run.dataset.num_classes)
+        viz.plot_per_class_accuracy(per_class, names, out / "per_class_accuracy.png")
+        written["per_class_accuracy.png"] = "Accuracy per class"
+        viz.plot_samples_per_class(run.dataset.train_images, run.dataset.train_labels, names, out / "samples.png")
+        written["samples.png"] = "Training samples per class"
+        report = viz.classification_report(test_labels, predictions, names)
 
-    matrix = viz.confusion_matrix(test_labels, predictions, run.dataset.num_classes)
-    viz.plot_confusion_matrix(matrix, names, out / "confusion_matrix.png")
-    written["confusion_matrix.png"] = "Confusion matrix on the test split"
-    per_class = train_lib.per_class_accuracy(predictions, test_labels, run.dataset.num_classes)
-    viz.plot_per_class_accuracy(per_class, names, out / "per_class_accuracy.png")
-    written["per_class_accuracy.png"] = "Accuracy per class"
-    viz.plot_samples_per_class(run.dataset.train_images, run.dataset.train_labels, names, out / "samples.png")
-    written["samples.png"] = "Training samples per class"
-    report = viz.classification_report(test_labels, predictions, names)
+        faithfulness_rows = []
+        if faithfulness_images > 0:
+            chosen = np.arange(min(faithfulness_images, len(test_images)))
+            x = run.normalize(test_images[chosen])
+            maps = cam_lib.compute(run.model, run.variables, x, layer=layers[0], method=method)
+            targets = predictions[chosen]
+            for label, saliency in ((f"{method} ({layers[0]})", maps),
+                                    ("random baseline", metrics_lib.random_saliency(maps.shape))):
+                faithfulness_rows.append((label, metrics_lib.faithfulness(run.logits, x, saliency, targets, steps=16)))
 
-    faithfulness_rows = []
-    if faithfulness_images > 0:
-        chosen = np.arange(min(faithfulness_images, len(test_images)))
-        x = run.normalize(test_images[chosen])
-        maps = cam_lib.compute(run.model, run.variables, x, layer=layers[0], method=method)
-        targets = predictions[chosen]
-        for label, saliency in ((f"{method} ({layers[0]})", maps),
-                                ("random baseline", metrics_lib.random_saliency(maps.shape))):
-            faithfulness_rows.append((label, metrics_lib.faithfulness(run.logits, x, saliency, targets, steps=16)))
+        custom_rows = []
+        if custom is not None:
+            probs, top_classes, cams_top = explain_images(run, custom, layer=layers[0], method=method)
+            for path, image_probs in zip(image_files, probs):
+                top = np.argsort(-image_probs, kind="stable")[:3]
+                text = ", ".join(f"{names[i]} {100 * image_probs[i]:.1f}%" for i in top)
+                log(f"{path}: {text}")
+                custom_rows.append((str(path), text))
+            viz.plot_top_classes(custom, cams_top, top_classes, probs, [Path(f).name for f in image_files], names,
+                                 out / "custom_images.png",
+                                 title=f"Your images: {method} at {layers[0]} for their top {top_classes.shape[1]} classes")
+            written["custom_images.png"] = "Your images with the CAMs of their two most likely classes"
+        _write_report(out, run, summary, report, written, faithfulness_rows, custom_rows, method, layers)
+    log(f"Wrote the report to {final / 'report.md'} and {final / 'report.html'}")
+    return final
 
-    custom_rows = []
-    if custom is not None:
-        probs, top_classes, cams_top = explain_images(run, custom, layer=layers[0], method=method)
-        for path, image_probs in zip(image_files, probs):
-            top = np.argsort(-image_probs, kind="stable")[:3]
-            text = ", ".join(f"{names[i]} {100 * image_probs[i]:.1f}%" for i in top)
-            log(f"{path}: {text}")
-            custom_rows.append((str(path), text))
-        viz.plot_top_classes(custom, cams_top, top_classes, probs, [Path(f).name for f in image_files], names,
-                             out / "custom_images.png",
-                             title=f"Your images: {method} at {layers[0]} for their top {top_classes.shape[1]} classes")
-        written["custom_images.png"] = "Your images with the CAMs of their two most likely classes"
 
-    _write_report(out, run, summary, report, written, faithfulness_rows, custom_rows, method, layers)
-    log(f"Wrote the report to {out / 'report.md'} and {out / 'report.html'}")
-    return out
+@contextlib.contextmanager
+def _staged(folder: Path) -> Iterator[Path]:
+    """A fresh hidden folder inside `folder`; on success its files replace those in `folder`,
+    on an error it is removed and `folder` keeps what it had."""
+    staging = Path(tempfile.mkdtemp(prefix=".report-", dir=folder))
+    try:
+        yield staging
+        for path in sorted(staging.iterdir()):
+            os.replace(path, folder / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_report(out: Path, run: LoadedRun, summary, report, written, faithfulness_rows, custom_rows, method, layers):
@@ -271,9 +288,7 @@ def _write_report(out: Path, run: LoadedRun, summary, report, written, faithfuln
     if custom_rows:
         lines += ["## Your images (top-3 classes)", ""] + [f"- `{p}`: {t}" for p, t in custom_rows] + [""]
     text = "\n".join(lines)
-    tmp = out / "report.md.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, out / "report.md")
+    (out / "report.md").write_text(text)
     (out / "report.html").write_text(_markdown_to_html(text, out))
 
 

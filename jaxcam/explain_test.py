@@ -112,6 +112,22 @@ def test_unwritable_output_folder(smoke_run, tmp_path, capsys):
     assert blocker.read_text() == "not a folder"
 
 
+def test_a_failure_part_way_leaves_the_previous_report_whole(smoke_run, report, tmp_path, monkeypatch, capsys):
+    from jaxcam import viz
+
+    out = tmp_path / "r"
+    shutil.copytree(report, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def disk_full(*args, **kwargs):  # a fault after several files are drawn (this one comes late)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(viz, "plot_samples_per_class", disk_full)
+    code, _, err = run(["--workdir", smoke_run, "--out", out, "--num", "3", "--faithfulness", "0"], capsys)
+    assert code == 1 and "No space left on device" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing replaced, no staging folder left
+
+
 def test_not_a_run_directory(tmp_path, capsys):
     code, _, err = run(["--workdir", tmp_path], capsys)
     assert code == 1 and "not a jaxcam run directory" in err
