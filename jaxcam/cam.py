@@ -183,7 +183,9 @@ def check_float_images(images: Any) -> jax.Array:
     # A NaN or inf pixel makes every map of its image NaN: say so instead of returning them.
     finite = np.asarray(jnp.isfinite(images).all(axis=(1, 2, 3)))
     if not finite.all():
-        raise ValueError(f"Image {int(np.argmin(finite))} of the batch has NaN or infinite values; it cannot be explained.")
+        raise ValueError(
+            f"Image {int(np.argmin(finite))} of the batch has NaN or infinite values; it cannot be explained."
+        )
     return images
 
 

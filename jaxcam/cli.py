@@ -54,10 +54,11 @@ def run_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     use_compilation_cache()
     try:
         if args.resume:
-            given = [name for name, present in (("--config", args.config is not None), ("--config.* overrides", overrides),
-                                                ("--find-lr", args.find_lr or args.find_lr_only)) if present]
+            ignored = {"--config": args.config is not None, "--config.* overrides": bool(overrides),
+                       "--find-lr": args.find_lr or args.find_lr_only}
+            given = " and ".join(name for name, present in ignored.items() if present)
             if given:
-                raise ConfigError(f"--resume continues a run with its saved config.json, so drop {' and '.join(given)}.")
+                raise ConfigError(f"--resume continues a run with its saved config.json, so drop {given}.")
             run_dir = train_lib.latest_run_dir(args.workdir) if args.resume == "latest" else Path(args.resume)
             if not (run_dir / "config.json").is_file():
                 raise ConfigError(f"{str(run_dir)!r} is not a jaxcam run directory (no config.json).")
