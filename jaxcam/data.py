@@ -326,6 +326,9 @@ def normalize(images: Any, mean: Sequence[float], std: Sequence[float], dtype: A
     """
     import jax.numpy as jnp
 
+    if getattr(images, "dtype", None) != np.uint8:
+        # Float images are most likely normalized already; a second pass would silently skew them.
+        raise ValueError(f"normalize takes uint8 images (0..255), got {getattr(images, 'dtype', type(images).__name__)}.")
     xp = jnp if not isinstance(images, np.ndarray) else np
     scale = xp.asarray(1.0 / (255.0 * np.asarray(std, np.float32)), np.float32)
     shift = xp.asarray(np.asarray(mean, np.float32) / np.asarray(std, np.float32), np.float32)

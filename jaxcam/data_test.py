@@ -183,6 +183,14 @@ def test_cutout_fill_is_zero_after_normalization(real_subset):
     assert np.all(np.abs(normalized) < 0.5 / 255 / std.min())
 
 
+def test_normalize_refuses_float_images():
+    images = np.full((2, 32, 32, 3), 128, np.uint8)
+    normalized = data_lib.normalize(images, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    np.testing.assert_allclose(normalized, (128 / 255 - 0.5) / 0.25, atol=1e-6)
+    with pytest.raises(ValueError, match="normalize takes uint8 images"):  # normalizing twice
+        data_lib.normalize(normalized, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
 def test_augment_is_deterministic_per_seed(real_subset):
     x = real_subset.train_images[:256]
     a = data_lib.augment_batch(x, np.random.default_rng(7))
