@@ -173,3 +173,19 @@ def test_a_float32_run_needs_no_precision_note(smoke_run, report):
     _, meta = load_variables(smoke_run)
     assert meta["compute_dtype"] == "float32"
     assert "training measured" not in (report / "report.md").read_text()
+
+
+def test_the_readmes_library_example_runs(smoke_run, official_folder):
+    # The README's example, on the tests' data and run (a width-4 model): its names and signatures must hold.
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## As a library"):]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    for placeholder, actual in (("/path/to/cifar-10-batches-py", str(official_folder)),
+                                ("runs/resnet18_20261121_120000", str(smoke_run)),
+                                ("models.ResNet18()", "models.ResNet18(width=4)")):
+        assert placeholder in code, placeholder
+        code = code.replace(placeholder, actual)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    maps = namespace["maps"]
+    assert maps.shape == (8, 32, 32) and maps.dtype == np.float32 and 0 <= maps.min() and maps.max() <= 1
