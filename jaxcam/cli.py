@@ -20,6 +20,7 @@ EXPECTED_ERRORS = (DataError, ConfigError, CheckpointError, ValueError, OSError,
 
 
 def fail(message: str) -> int:
+    """Print `error: message` to stderr; the exit status 1 to return."""
     print(f"error: {message}", file=sys.stderr)
     return 1
 
@@ -49,6 +50,8 @@ def use_compilation_cache() -> str | None:
 
 
 def run_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    """train.py: check the config and data, make the run directory, optionally run the LR range
+    test, train (or resume); 0, or 1 after one sentence on stderr."""
     from jaxcam import train as train_lib
 
     use_compilation_cache()
@@ -96,6 +99,7 @@ def run_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 
 def run_explain(args: argparse.Namespace) -> int:
+    """explain.py: write the report of a run; 0, or 1 after one sentence on stderr."""
     from jaxcam import explain
 
     use_compilation_cache()

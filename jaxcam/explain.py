@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -146,7 +146,7 @@ def explain_run(
     image_files: Sequence[str] = (),
     faithfulness_images: int = 64,
     data_dir: str | None = None,
-    log=print,
+    log: Callable[[str], None] = print,
 ) -> Path:
     """Write every report file for `run_dir` into `out_dir` (default `<run_dir>/report`)."""
     layers = cam_lib.check_layers(layers)

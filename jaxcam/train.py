@@ -135,6 +135,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 def create_train_state(
     model: models.ResNet, rng: jax.Array, tx: optax.GradientTransformation
 ) -> TrainState:
+    """A fresh TrainState: the model's initial parameters and BatchNorm statistics, `tx`'s state."""
     variables = models.init_variables(model, rng)
     return TrainState.create(
         apply_fn=model.apply, params=variables["params"], tx=tx, batch_stats=variables["batch_stats"]

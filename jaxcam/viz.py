@@ -7,7 +7,7 @@ drawn with a perceptual colormap ('inferno' by default).
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Sequence, Union
 
 import matplotlib
 import matplotlib.ticker
@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 CMAP = "inferno"
+PathLike = Union[str, os.PathLike]
 
 
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5, cmap: str = CMAP) -> np.ndarray:
@@ -44,7 +45,7 @@ def _show(ax, picture, title: str | None = None, color: str = "black", fontsize:
         ax.set_title(title, fontsize=fontsize, color=color)
 
 
-def plot_curves(history: Sequence[dict], path: str | os.PathLike) -> None:
+def plot_curves(history: Sequence[dict], path: PathLike) -> None:
     """Train and test loss and accuracy per epoch."""
     epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110, layout="constrained")
@@ -62,8 +63,13 @@ def plot_curves(history: Sequence[dict], path: str | os.PathLike) -> None:
     _save(fig, path)
 
 
-def plot_misclassified(images, labels, predictions, confidences, class_names, path) -> None:
-    """A gallery of misclassified images titled 'true → predicted (confidence)'."""
+def plot_misclassified(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray, confidences: np.ndarray,
+                       class_names: Sequence[str], path: PathLike) -> None:
+    """A gallery of misclassified images titled 'true → predicted (confidence)', five per row.
+
+    images: uint8 RGB (N, H, W, 3); labels, predictions: (N,) class indices; confidences: (N,)
+    probabilities of the predicted classes.
+    """
     n = len(images)
     cols = min(5, n)
     rows = int(np.ceil(n / cols))
@@ -95,9 +101,14 @@ def _plot_panel_rows(rows, path, title: str, panel_width: float = 2.2) -> None:
     _save(fig, path)
 
 
-def plot_cam_grid(images, cams_predicted, cams_true, labels, predictions, class_names, path, title: str,
+def plot_cam_grid(images: np.ndarray, cams_predicted: np.ndarray, cams_true: np.ndarray, labels: np.ndarray,
+                  predictions: np.ndarray, class_names: Sequence[str], path: PathLike, title: str,
                   alpha: float = 0.5) -> None:
-    """Rows of image | CAM for the predicted class | CAM for the true class."""
+    """Rows of image | CAM for the predicted class | CAM for the true class.
+
+    images: uint8 RGB (N, H, W, 3); cams_predicted, cams_true: (N, H, W) in [0, 1]; labels,
+    predictions: (N,) class indices (a wrong prediction's title is red).
+    """
     rows = [
         [(image, f"true: {class_names[t]}", "black"),
          (overlay(image, cp, alpha), f"CAM for pred: {class_names[p]}", "#b00020" if p != t else "black"),
@@ -107,7 +118,8 @@ def plot_cam_grid(images, cams_predicted, cams_true, labels, predictions, class_
     _plot_panel_rows(rows, path, title)
 
 
-def plot_top_classes(images, cams, classes, probabilities, row_titles: Sequence[str], class_names, path, title: str,
+def plot_top_classes(images: np.ndarray, cams: np.ndarray, classes: np.ndarray, probabilities: np.ndarray,
+                     row_titles: Sequence[str], class_names: Sequence[str], path: PathLike, title: str,
                      alpha: float = 0.5) -> None:
     """Images without labels (a user's own files) explained for their top classes.
 
@@ -125,8 +137,13 @@ def plot_top_classes(images, cams, classes, probabilities, row_titles: Sequence[
     _plot_panel_rows(rows, path, title)
 
 
-def plot_all_targets(image, cams, probabilities, class_names, path, title: str, alpha: float = 0.5) -> None:
-    """One image explained for every class: the image, then one overlay per class with its probability."""
+def plot_all_targets(image: np.ndarray, cams: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str],
+                     path: PathLike, title: str, alpha: float = 0.5) -> None:
+    """One image explained for every class: the image, then one overlay per class with its probability.
+
+    image: uint8 RGB (H, W, 3); cams: (K, H, W) in [0, 1], one per class; probabilities: (K,).
+    The most likely class's title is green.
+    """
     k = len(cams)
     cols = 6 if k > 5 else k + 1
     rows = int(np.ceil((k + 1) / cols))
@@ -147,7 +164,8 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
     return np.bincount(labels * num_classes + predictions, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
-def plot_confusion_matrix(matrix: np.ndarray, class_names, path) -> None:
+def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: PathLike) -> None:
+    """The counts (K, K) of `confusion_matrix` as a Blues heat map, true rows against predicted columns."""
     k = len(class_names)
     fig, ax = plt.subplots(figsize=(7.2, 6.2), dpi=110, layout="constrained")
     image = ax.imshow(matrix, cmap="Blues")
@@ -165,7 +183,8 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names, path) -> None:
     _save(fig, path)
 
 
-def plot_per_class_accuracy(accuracies: np.ndarray, class_names, path) -> None:
+def plot_per_class_accuracy(accuracies: np.ndarray, class_names: Sequence[str], path: PathLike) -> None:
+    """Bars of the per-class accuracies (K,) in [0, 1]; NaN (a class without test images) draws as 0."""
     fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=110, layout="constrained")
     bars = ax.bar(range(len(class_names)), 100 * np.nan_to_num(accuracies), color="#4c72b0")
     ax.bar_label(bars, fmt="%.1f", fontsize=8)
@@ -176,8 +195,9 @@ def plot_per_class_accuracy(accuracies: np.ndarray, class_names, path) -> None:
     _save(fig, path)
 
 
-def plot_samples_per_class(images, labels, class_names, path, per_class: int = 8) -> None:
-    """A grid with one row per class and `per_class` training images in it."""
+def plot_samples_per_class(images: np.ndarray, labels: np.ndarray, class_names: Sequence[str], path: PathLike,
+                           per_class: int = 8) -> None:
+    """A grid with one row per class and its first `per_class` images (uint8 RGB (N, H, W, 3), labels (N,))."""
     k = len(class_names)
     fig, axes = plt.subplots(k, per_class, figsize=(1.1 * per_class + 1.2, 1.15 * k), dpi=110, layout="constrained", squeeze=False)
     for row, name in enumerate(class_names):
@@ -193,8 +213,10 @@ def plot_samples_per_class(images, labels, class_names, path, per_class: int = 8
     _save(fig, path)
 
 
-def classification_report(labels: np.ndarray, predictions: np.ndarray, class_names) -> dict[str, dict[str, float]]:
-    """Precision, recall, F1 and support per class, plus macro and weighted averages."""
+def classification_report(labels: np.ndarray, predictions: np.ndarray,
+                          class_names: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Precision, recall, F1 and support per class, plus macro and weighted averages (as
+    scikit-learn's `classification_report(..., zero_division=0)`); labels, predictions: (N,)."""
     k = len(class_names)
     matrix = confusion_matrix(labels, predictions, k).astype(np.float64)
     tp = np.diag(matrix)
