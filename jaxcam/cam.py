@@ -200,10 +200,16 @@ def _check_targets(targets: Any, n: int, num_classes: int) -> np.ndarray:
         raise ValueError(f"Give one target class per image: {n} images but targets of shape {targets.shape}.")
     if not np.issubdtype(targets.dtype, np.integer):
         raise ValueError(f"Target classes must be integers, got dtype {targets.dtype}.")
+    check_target_range(targets, num_classes)
+    return targets.astype(np.int32)
+
+
+def check_target_range(targets: np.ndarray, num_classes: int) -> None:
+    """ValueError naming the first class index (N,) outside 0..num_classes-1 (a negative index
+    would otherwise silently pick a class from the end)."""
     if targets.size and (targets.min() < 0 or targets.max() >= num_classes):
         bad = targets[(targets < 0) | (targets >= num_classes)][0]
         raise ValueError(f"Target class {int(bad)} is out of range for a model with {num_classes} classes.")
-    return targets.astype(np.int32)
 
 
 def activations_and_gradients(

@@ -35,18 +35,24 @@ class RangeTestResult:
     diverged: bool
 
 
+def _check_sweep(start_lr: float, end_lr: float, num_iter: int, step_mode: str, prefix: str = "") -> None:
+    """ValueError unless the sweep can run; `prefix` ("config.lr_finder.") names config keys."""
+    if not isinstance(num_iter, int) or isinstance(num_iter, bool) or num_iter < 2:
+        raise ValueError(f"{prefix}num_iter must be an integer of at least 2, got {num_iter!r}.")
+    if not 0 < start_lr < end_lr:
+        raise ValueError(f"{prefix.rstrip('.') or 'The range test'} needs 0 < start_lr < end_lr, "
+                         f"got {start_lr!r} and {end_lr!r}.")
+    if step_mode not in ("exp", "linear"):
+        raise ValueError(f"Unknown {prefix}step_mode {step_mode!r}; choose 'exp' or 'linear'.")
+
+
 def lr_sequence(start_lr: float, end_lr: float, num_iter: int, step_mode: str = "exp") -> np.ndarray:
     """Learning rate of step i: exp `start * (end / start) ** (i / (n - 1))`, linear `start + (end - start) * i / (n - 1)`."""
-    if num_iter < 2:
-        raise ValueError(f"num_iter must be at least 2, got {num_iter}.")
-    if not 0 < start_lr < end_lr:
-        raise ValueError(f"The range test needs 0 < start_lr < end_lr, got {start_lr} and {end_lr}.")
+    _check_sweep(start_lr, end_lr, num_iter, step_mode)
     r = np.arange(num_iter) / (num_iter - 1)
     if step_mode == "exp":
         return start_lr * (end_lr / start_lr) ** r
-    if step_mode == "linear":
-        return start_lr + r * (end_lr - start_lr)
-    raise ValueError(f"Unknown step_mode {step_mode!r}; choose 'exp' or 'linear'.")
+    return start_lr + r * (end_lr - start_lr)
 
 
 def smooth_and_stop(losses: Iterable[float], smooth_f: float = 0.05, diverge_th: float = 5.0) -> tuple[list[float], bool]:
@@ -198,14 +204,10 @@ def plot(result: RangeTestResult, path: str | Path, *, skip_start: int = 10, ski
 def validate_settings(settings: Any) -> None:
     """Raise ValueError with one sentence if `config.lr_finder` cannot run; checked before a run
     directory is made, so a typo leaves nothing behind."""
-    for key in ("num_iter", "skip_start", "skip_end"):
-        value, least = settings[key], 2 if key == "num_iter" else 0
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise ValueError(f"config.lr_finder.{key} must be an integer of at least {least}, got {value!r}.")
-    if not 0 < settings.start_lr < settings.end_lr:
-        raise ValueError(f"config.lr_finder needs 0 < start_lr < end_lr, got {settings.start_lr!r} and {settings.end_lr!r}.")
-    if settings.step_mode not in ("exp", "linear"):
-        raise ValueError(f"Unknown config.lr_finder.step_mode {settings.step_mode!r}; choose 'exp' or 'linear'.")
+    _check_sweep(settings.start_lr, settings.end_lr, settings.num_iter, settings.step_mode, "config.lr_finder.")
+    for key in ("skip_start", "skip_end"):
+        if not isinstance(settings[key], int) or isinstance(settings[key], bool) or settings[key] < 0:
+            raise ValueError(f"config.lr_finder.{key} must be an integer of at least 0, got {settings[key]!r}.")
     # As pytorch-lr-finder: smooth_f 1 would ignore every new loss, and diverge_th <= 1 would stop
     # at the first loss above the best one.
     if not 0 <= settings.smooth_f < 1:

@@ -12,6 +12,8 @@ from typing import Callable
 
 import numpy as np
 
+from jaxcam.cam import check_target_range
+
 Predict = Callable[[np.ndarray], np.ndarray]
 
 
@@ -33,10 +35,7 @@ def _check_inputs(images: np.ndarray, saliency: np.ndarray, targets: np.ndarray)
 
 def _softmax_target(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     logits = np.asarray(logits, np.float64)
-    if targets.size and (targets.min() < 0 or targets.max() >= logits.shape[-1]):
-        # A negative index would silently pick a class from the end.
-        bad = targets[(targets < 0) | (targets >= logits.shape[-1])][0]
-        raise ValueError(f"Target class {int(bad)} is out of range for a model with {logits.shape[-1]} classes.")
+    check_target_range(targets, logits.shape[-1])
     shifted = logits - logits.max(-1, keepdims=True)
     probs = np.exp(shifted) / np.exp(shifted).sum(-1, keepdims=True)
     return probs[np.arange(len(targets)), targets]

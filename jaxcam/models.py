@@ -267,9 +267,9 @@ def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
     return out
 
 
-def _torch_name(collection: str, path: tuple[str, ...]) -> str:
-    """The reference PyTorch name of a Flax variable: ('params', conv1, kernel) -> conv1.weight."""
-    *module, leaf = path
+def _torch_name(key: tuple[str, ...]) -> str:
+    """The reference PyTorch name of a Flax variable: ('params', 'conv1', 'kernel') -> conv1.weight."""
+    collection, *module, leaf = key
     prefix = ".".join(module)
     if collection == "batch_stats":
         return f"{prefix}.running_{leaf}"  # mean, var
@@ -309,7 +309,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], width: int = 64, depth:
     model = ResNet(DEPTHS[depth], num_classes=num_classes, width=width)
     template = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
     shapes = _flax_variables(template)
-    expected = {_torch_name(key[0], key[1:]): key for key in shapes}
+    expected = {_torch_name(key): key for key in shapes}
     missing, extra = sorted(expected.keys() - given.keys()), sorted(given.keys() - expected.keys())
     if missing or extra:
         raise ValueError(
@@ -339,10 +339,10 @@ def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     if not isinstance(variables, Mapping) or not {"params", "batch_stats"} <= variables.keys():
         raise ValueError("to_torch_state_dict takes a model's variables, a mapping with 'params' and 'batch_stats'.")
     out: dict[str, np.ndarray] = {}
-    for (collection, *path), value in _flax_variables(variables).items():
-        prefix = ".".join(path[:-1])
+    for key, value in _flax_variables(variables).items():
         array = np.asarray(value, dtype=np.float32)
-        out[_torch_name(collection, tuple(path))] = np.ascontiguousarray(array.transpose(_torch_axes(array.ndim)))
-        if collection == "batch_stats":
-            out.setdefault(f"{prefix}.num_batches_tracked", np.zeros((), np.int64))
+        name = _torch_name(key)
+        out[name] = np.ascontiguousarray(array.transpose(_torch_axes(array.ndim)))
+        if key[0] == "batch_stats":
+            out.setdefault(f"{name.rsplit('.', 1)[0]}.num_batches_tracked", np.zeros((), np.int64))
     return out

@@ -7,7 +7,7 @@ drawn with a perceptual colormap ('inferno' by default).
 from __future__ import annotations
 
 import os
-from typing import Sequence, Union
+from typing import Sequence
 
 import matplotlib
 import matplotlib.ticker
@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 CMAP = "inferno"
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5, cmap: str = CMAP) -> np.ndarray:
