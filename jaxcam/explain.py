@@ -102,15 +102,34 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
+def _to_rgb8(img: "PIL.Image.Image", path: str | os.PathLike) -> "PIL.Image.Image":
+    """The image upright and as 8-bit RGB, as the model saw its training images."""
+    from PIL import Image, ImageOps
+
+    # Phone cameras store the sensor's pixels and the way to turn them upright in EXIF.
+    img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I;16"):
+        # PIL's own conversion clips 16-bit values at 255, which turns the image white.
+        return Image.fromarray(np.round(np.asarray(img, np.float64) / 257).astype(np.uint8)).convert("RGB")
+    if img.mode in ("I", "F"):
+        raise data_lib.DataError(
+            f"{str(path)!r} has 32-bit {'float' if img.mode == 'F' else 'integer'} pixels of no fixed range; "
+            "save it as an 8-bit or 16-bit PNG or a JPEG.")
+    return img.convert("RGB")
+
+
 def load_image_files(paths: Sequence[str | os.PathLike]) -> np.ndarray:
-    """Read PNG/JPEG files as uint8 RGB (N, 32, 32, 3), resized with antialiasing."""
+    """Read PNG/JPEG files as uint8 RGB (N, 32, 32, 3), resized with antialiasing.
+
+    Photos are turned upright by their EXIF orientation; 16-bit PNGs are scaled to 8 bits.
+    """
     from PIL import Image, UnidentifiedImageError
 
     images = []
     for path in paths:
         try:
             with Image.open(path) as img:
-                images.append(np.asarray(img.convert("RGB").resize((32, 32), Image.Resampling.LANCZOS), np.uint8))
+                images.append(np.asarray(_to_rgb8(img, path).resize((32, 32), Image.Resampling.LANCZOS), np.uint8))
         except FileNotFoundError:
             raise data_lib.DataError(f"Image file {str(path)!r} does not exist.") from None
         except (UnidentifiedImageError, OSError) as e:

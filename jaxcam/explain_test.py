@@ -9,7 +9,8 @@ import explain as explain_cli
 from conftest import ROOT
 from jaxcam import cam
 from jaxcam.checkpoint import load_variables
-from jaxcam.explain import REQUIRED_FILES, explain_images, load_run
+from jaxcam.data import DataError
+from jaxcam.explain import REQUIRED_FILES, explain_images, load_image_files, load_run
 
 
 def run(args, capsys):
@@ -101,6 +102,34 @@ def test_not_an_image_file(smoke_run, tmp_path, capsys):
     bogus.write_text("hello")
     code, _, err = run(["--workdir", smoke_run, "--out", tmp_path / "r", "--images", bogus], capsys)
     assert code == 1 and "not a readable PNG or JPEG" in err
+
+
+def test_image_files_are_read_upright_and_as_8bit_rgb(tmp_path):
+    # A vertical gradient, so a turn and a scale are both visible after the resize to 32x32.
+    gradient = np.repeat(np.linspace(0, 1, 64)[:, None], 64, 1)
+    plain = tmp_path / "plain.png"
+    Image.fromarray(np.round(gradient * 255).astype(np.uint8)).save(plain)
+    deep = tmp_path / "deep.png"  # 16-bit greyscale, which PIL's convert("RGB") clips to white
+    Image.fromarray(np.round(gradient * 65535).astype(np.uint16)).save(deep)
+    assert Image.open(deep).mode.startswith("I;16")
+    # A phone photo: the sensor's pixels turned a quarter, with EXIF orientation 6 to turn them back.
+    sideways = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.round(np.rot90(gradient) * 255).astype(np.uint8)).convert("RGB").save(
+        sideways, exif=exif, quality=100)
+    expected, from_deep, from_phone = load_image_files([plain, deep, sideways])
+    assert expected.dtype == np.uint8 and expected.shape == (32, 32, 3)
+    assert expected[0].mean() < 10 and expected[-1].mean() > 245  # dark at the top, light at the bottom
+    np.testing.assert_allclose(from_deep, expected, atol=1)
+    np.testing.assert_allclose(from_phone, expected, atol=3)  # JPEG's rounding
+
+
+def test_32bit_image_files_are_refused(tmp_path):
+    path = tmp_path / "float.tiff"
+    Image.fromarray(np.random.default_rng(0).random((32, 32), np.float32)).save(path)
+    with pytest.raises(DataError, match="has 32-bit float pixels of no fixed range"):
+        load_image_files([path])
 
 
 def test_unwritable_output_folder(smoke_run, tmp_path, capsys):
