@@ -76,7 +76,7 @@ def run_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         if find_lr:
             from jaxcam import lr_finder
 
-            lr_finder.validate_settings(config.lr_finder)
+            lr_finder.validate_settings(config.get("lr_finder"))
         # Load the data before creating the run directory: bad data leaves nothing behind.
         dataset = train_lib.load_dataset(config)
         run_dir = train_lib.create_run_dir(args.workdir, config.name)

@@ -18,6 +18,19 @@ SPECIAL_STRINGS = {"max_lr": ("auto",)}
 # A value's type in words, for errors ("config.width takes an integer, got 'abc'.").
 _TYPE_WORDS = {int: "an integer", float: "a number", str: "a string"}
 
+# Every top-level key the library reads; configs/default.py sets each (a test keeps them equal).
+# `lr_finder` holds the LR range test's settings, read only by `train.py --find-lr`.
+CONFIG_KEYS = (
+    "name", "data_dir", "tfds_data_dir", "model", "width", "dtype", "epochs", "batch_size", "eval_batch_size",
+    "optimizer", "momentum", "nesterov", "beta2", "weight_decay", "label_smoothing", "schedule", "max_lr",
+    "pct_start", "div_factor", "final_div_factor", "anneal_strategy", "three_phase", "cycle_momentum",
+    "base_momentum", "max_momentum", "augment", "crop_padding", "cutout_size", "cutout_prob", "flip", "prefetch",
+    "seed", "tensorboard", "print_summary",
+)
+# The keys of `config.lr_finder`, as configs/default.py sets them (a test keeps them equal).
+LR_FINDER_KEYS = ("start_lr", "end_lr", "num_iter", "step_mode", "smooth_f", "diverge_th", "skip_start", "skip_end",
+                  "up_to_minimum")
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message says which and why."""
@@ -42,16 +55,50 @@ def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
         raise ConfigError(f"Config file {str(path)!r} failed to load ({type(e).__name__}: {e}).") from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"Config file {str(path)!r} has no get_config() function.")
-    config = module.get_config()
-    return ml_collections.ConfigDict(config.to_dict(), type_safe=False)
+    try:
+        config = module.get_config()
+    except Exception as e:
+        raise ConfigError(f"get_config() of {str(path)!r} failed ({type(e).__name__}: {e}).") from None
+    if not isinstance(config, (ml_collections.ConfigDict, dict)):
+        raise ConfigError(f"get_config() of {str(path)!r} returned a {type(config).__name__}, not a ConfigDict.")
+    config = ml_collections.ConfigDict(dict(config.items()) if isinstance(config, dict) else config.to_dict(),
+                                       type_safe=False)
+    check_keys(config, CONFIG_KEYS, f"Config file {str(path)!r}", optional=("lr_finder",))
+    return config
 
 
 def config_from_json(path: str | os.PathLike) -> ml_collections.ConfigDict:
     """A run's saved config.json as a ConfigDict."""
     try:
-        return ml_collections.ConfigDict(json.loads(Path(path).read_text()), type_safe=False)
+        saved = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"Cannot read the run config {str(path)!r} ({e}).") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"The run config {str(path)!r} is not a JSON object of config keys.")
+    check_keys(saved, CONFIG_KEYS, f"The run config {str(path)!r}", optional=("lr_finder",),
+               remedy="train.py writes every key, so this file was edited or comes from elsewhere")
+    return ml_collections.ConfigDict(saved, type_safe=False)
+
+
+def check_keys(node: Any, expected: Sequence[str], where: str, optional: Sequence[str] = (),
+               remedy: str = "start from configs/default.py's get_config() and change what differs") -> None:
+    """ConfigError unless `node` has each `expected` key and no key outside `expected` and
+    `optional`: a config written by hand can lack a key the library reads, or misspell one,
+    which would otherwise be silently ignored. `where` names the node ("The config")."""
+    missing = [key for key in expected if key not in node]
+    if missing:
+        raise ConfigError(f"{where} lacks {_keys_in_words(missing)}; {remedy}.")
+    unknown = [key for key in node.keys() if key not in expected and key not in optional]
+    if unknown:
+        raise ConfigError(f"{where} has {_keys_in_words(unknown, unknown=True)}; known keys: "
+                          f"{', '.join(sorted([*expected, *optional]))}.")
+
+
+def _keys_in_words(keys: Sequence[str], unknown: bool = False) -> str:
+    names = ", ".join(map(repr, keys))
+    if len(keys) == 1:
+        return f"{'an unknown' if unknown else 'the'} key {names}"
+    return f"{'unknown' if unknown else 'the'} keys {names}"
 
 
 def _parse_value(text: str) -> Any:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from jaxcam import data as data_lib
 from jaxcam import train as train_lib
 from jaxcam.checkpoint import write_json
+from jaxcam.configuration import LR_FINDER_KEYS, check_keys
 
 
 @dataclasses.dataclass
@@ -203,7 +204,12 @@ def plot(result: RangeTestResult, path: str | Path, *, skip_start: int = 10, ski
 
 def validate_settings(settings: Any) -> None:
     """Raise ValueError with one sentence if `config.lr_finder` cannot run; checked before a run
-    directory is made, so a typo leaves nothing behind."""
+    directory is made, so a typo leaves nothing behind. `settings` is None where the config has
+    no `lr_finder`."""
+    if settings is None:
+        raise ValueError("The config has no lr_finder settings for the LR range test; copy them from "
+                         "configs/default.py.")
+    check_keys(settings, LR_FINDER_KEYS, "config.lr_finder")
     _check_sweep(settings.start_lr, settings.end_lr, settings.num_iter, settings.step_mode, "config.lr_finder.")
     for key in ("skip_start", "skip_end"):
         if not isinstance(settings[key], int) or isinstance(settings[key], bool) or settings[key] < 0:
@@ -220,7 +226,7 @@ def run_for_config(config: Any, dataset: data_lib.Cifar10, run_dir: str | Path, 
     """The range test of `config.lr_finder` on the config's model; writes `lr_finder.png` and
     `lr_finder.json` in `run_dir`, prints and returns the suggested LR (None if too few points)."""
     run_dir = Path(run_dir)
-    settings = config.lr_finder
+    settings = config.get("lr_finder")
     validate_settings(settings)
     model = train_lib.build(config, dataset.num_classes)
     variables = train_lib.models.init_variables(model, jax.random.key(config.seed))

@@ -147,3 +147,21 @@ def test_the_config_files_range_test_settings_are_valid():
 
     for name in ("default", "smoke", "learning_check"):
         lr_finder.validate_settings(load_config_file(ROOT / "configs" / f"{name}.py").lr_finder)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ("del c.lr_finder['diverge_th']", "config.lr_finder lacks the key 'diverge_th'; start from configs/default.py"),
+        ("c.lr_finder.num_iters = 50", "config.lr_finder has an unknown key 'num_iters'; known keys: diverge_th, "),
+        ("del c['lr_finder']", "The config has no lr_finder settings for the LR range test; copy them from "),
+    ],
+)
+def test_cli_range_test_settings_with_missing_or_unknown_keys(edit, message, tmp_path, capsys):
+    config_file = tmp_path / "mine.py"
+    config_file.write_text(f"from configs import smoke\n\n\ndef get_config():\n    c = smoke.get_config()\n"
+                           f"    {edit}\n    return c\n")
+    code = train_cli.main(["--workdir", str(tmp_path / "runs"), "--config", str(config_file), "--find-lr-only"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith(f"error: {message}") and len(err.splitlines()) == 1
+    assert not (tmp_path / "runs").exists()

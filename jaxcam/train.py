@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from jaxcam import data as data_lib
 from jaxcam import models
 from jaxcam.checkpoint import Checkpointer, make_writable_folder, write_json
+from jaxcam.configuration import CONFIG_KEYS, check_keys
 from jaxcam.schedules import onecycle
 
 __all__ = [
@@ -350,7 +351,9 @@ def _is_number(value: Any) -> bool:
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Raise ValueError with one clear sentence for names and numbers that cannot work."""
+    """Raise ValueError with one clear sentence for missing or unknown keys, and for names and
+    numbers that cannot work."""
+    check_keys(config, CONFIG_KEYS, "The config", optional=("lr_finder",))
     if config.model.lower() not in models.MODELS:
         raise ValueError(f"Unknown model {config.model!r}; choose one of {', '.join(models.MODELS)}.")
     if config.optimizer.lower() not in OPTIMIZERS:

@@ -12,7 +12,7 @@ from conftest import ROOT
 from jaxcam import models
 from jaxcam import train as train_lib
 from jaxcam.checkpoint import Checkpointer, load_variables
-from jaxcam.configuration import apply_overrides, load_config_file
+from jaxcam.configuration import CONFIG_KEYS, LR_FINDER_KEYS, ConfigError, apply_overrides, config_from_json, load_config_file
 
 
 def tiny_config(**overrides):
@@ -342,6 +342,60 @@ def test_readme_names_every_config_key():
 @pytest.mark.parametrize("name", ["default", "smoke", "learning_check"])
 def test_every_config_file_is_valid(name):
     train_lib.validate_config(load_config_file(ROOT / "configs" / f"{name}.py"))
+
+
+def test_the_known_keys_are_the_default_configs():
+    config = load_config_file(ROOT / "configs" / "default.py")
+    assert sorted(config.keys()) == sorted([*CONFIG_KEYS, "lr_finder"])
+    assert sorted(config.lr_finder.keys()) == sorted(LR_FINDER_KEYS)
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        # A config written from scratch: each key it lacks would have been a traceback mid-run.
+        ("c = ml_collections.ConfigDict(); c.epochs = 1; c.width = 4",
+         "lacks the keys 'name', 'data_dir', "),
+        # A misspelt key: it would have been silently ignored, training with the default learning rate.
+        ("c = default.get_config(); c.max_learning_rate = 0.1",
+         "has an unknown key 'max_learning_rate'; known keys: anneal_strategy, augment, "),
+        ("c = default.get_config(); del c['seed']",
+         "lacks the key 'seed'; start from configs/default.py's get_config() and change what differs."),
+        ("c = [1, 2]", "returned a list, not a ConfigDict."),
+    ],
+)
+def test_cli_config_file_with_missing_or_unknown_keys(body, message, tmp_path, capsys):
+    config_file = tmp_path / "mine.py"
+    config_file.write_text(f"import ml_collections\nfrom configs import default\n\n\ndef get_config():\n"
+                           f"    {body}\n    return c\n")
+    code, _, err = run_cli(["--workdir", tmp_path / "runs", "--config", config_file], capsys)
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_get_config_failing_is_one_sentence(tmp_path, capsys):
+    config_file = tmp_path / "mine.py"
+    config_file.write_text("def get_config():\n    return {}['model']\n")
+    code, _, err = run_cli(["--workdir", tmp_path / "runs", "--config", config_file], capsys)
+    assert code == 1 and err.startswith(f"error: get_config() of {str(config_file)!r} failed (KeyError")
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda saved: saved.pop("data_dir"), "lacks the key 'data_dir'; train.py writes every key"),
+        (lambda saved: saved.update(widht=8), "has an unknown key 'widht'"),
+    ],
+)
+def test_an_edited_run_config_is_refused(edit, message, tmp_path):
+    saved = load_config_file(ROOT / "configs" / "smoke.py").to_dict()
+    edit(saved)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match=message):
+        config_from_json(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="is not a JSON object of config keys"):
+        config_from_json(tmp_path / "config.json")
 
 
 def test_learning_check_is_the_default_recipe_at_the_issues_size():
