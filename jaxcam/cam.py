@@ -152,7 +152,12 @@ def combine_layers(per_layer: Sequence[jax.Array], size: tuple[int, int] | None)
 def check_layers(layer: str | Sequence[str]) -> tuple[str, ...]:
     """Stage names as a tuple without repeats (a repeat adds nothing to the mean of normalized
     maps); ValueError for an empty list or an unknown name."""
-    layers = (layer,) if isinstance(layer, str) else tuple(dict.fromkeys(layer))
+    if isinstance(layer, str):
+        layers = (layer,)
+    elif isinstance(layer, (list, tuple)):
+        layers = tuple(dict.fromkeys(layer))
+    else:
+        raise ValueError(f"Name the layer as a string or a list of them, such as 'layer3', got {layer!r}.")
     if not layers:
         raise ValueError("Name at least one layer for the CAM.")
     for name in layers:
@@ -169,10 +174,11 @@ def check_method(method: str) -> None:
 
 def check_float_images(images: Any) -> jax.Array:
     """Validate normalized float NHWC images (N, H, W, 3)."""
-    dtype = getattr(images, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    if not hasattr(images, "dtype"):
+        raise ValueError(f"Images must be a normalized float array (N, H, W, 3), got a {type(images).__name__}.")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
         raise ValueError(
-            f"Images must be normalized float arrays (N, H, W, 3), got dtype {dtype}; "
+            f"Images must be normalized float arrays (N, H, W, 3), got dtype {images.dtype}; "
             "convert uint8 images with jaxcam.data.normalize first."
         )
     if images.ndim != 4 or images.shape[-1] != 3:

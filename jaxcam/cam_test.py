@@ -218,6 +218,8 @@ def test_multi_layer_combination_is_mean_of_normalized_maps(setup):
     "kwargs, message",
     [
         (dict(layer="layer5"), "Unknown layer 'layer5'"),
+        (dict(layer=3), "Name the layer as a string or a list of them, such as 'layer3', got 3."),
+        (dict(layer=["layer2", 3]), "Unknown layer 3"),
         (dict(method="gradcam3"), "Unknown CAM method 'gradcam3'"),
         (dict(targets=[0, 1]), "one target class per image"),
         (dict(targets=[0, 1, 2, 3, 4, 10]), "Target class 10 is out of range"),
@@ -234,6 +236,8 @@ def test_bad_images(setup):
     model, variables, images = setup
     with pytest.raises(ValueError, match="normalized float"):
         cam.compute(model, variables, (images * 50).astype(np.uint8))
+    with pytest.raises(ValueError, match="must be a normalized float array \\(N, H, W, 3\\), got a list."):
+        cam.compute(model, variables, np.asarray(images).tolist())
     with pytest.raises(ValueError, match=r"shape \(N, H, W, 3\)"):
         cam.compute(model, variables, images[:, :, :, :1])
     with pytest.raises(ValueError, match=r"shape \(N, H, W, 3\)"):
