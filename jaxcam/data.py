@@ -45,6 +45,27 @@ class Cifar10:
     test_labels: np.ndarray
     class_names: tuple[str, ...]
 
+    def __post_init__(self) -> None:
+        # A dataset built by hand (a notebook's own images) would otherwise train on without a
+        # word: a label outside the classes becomes an all-zero one-hot target.
+        if len(self.class_names) < 2:
+            raise DataError(f"A dataset needs at least two class names, got {len(self.class_names)}.")
+        for split in ("train", "test"):
+            images, labels = getattr(self, f"{split}_images"), np.asarray(getattr(self, f"{split}_labels"))
+            try:
+                check_images(images, name=f"The {split} images")
+            except ValueError as e:
+                raise DataError(str(e)) from None
+            if len(images) == 0:
+                raise DataError(f"The {split} split has no images.")
+            if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+                raise DataError(f"The {split} split has {len(images)} images but labels of shape {labels.shape} "
+                                f"and dtype {labels.dtype}; give one integer label per image.")
+            outside = labels[(labels < 0) | (labels >= len(self.class_names))]
+            if outside.size:
+                raise DataError(f"The {split} split has labels outside 0..{len(self.class_names) - 1} "
+                                f"(one per class name), such as {int(outside[0])}.")
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
