@@ -200,12 +200,16 @@ def explain_run(
         # The most confident mistakes are the most instructive ones.
         wrong = np.flatnonzero(predictions != test_labels)
         wrong = wrong[np.argsort(-probabilities[wrong, predictions[wrong]], kind="stable")][:num]
-        if len(wrong) == 0:
-            wrong = np.arange(min(num, len(test_labels)))  # a perfect model: show correct ones instead
+        if len(wrong):
+            caption = f"The {len(wrong)} most confident misclassifications (true → predicted)"
+            title = "Misclassified test images"
+        else:  # a perfect model: show, and say, correct ones instead
+            wrong = np.arange(min(num, len(test_labels)))
+            caption = title = f"No test image is misclassified; the first {len(wrong)} instead"
         picked = test_images[wrong]
         viz.plot_misclassified(picked, test_labels[wrong], predictions[wrong], probabilities[wrong, predictions[wrong]],
-                               names, out / "misclassified.png")
-        written["misclassified.png"] = f"The {len(wrong)} most confident misclassifications (true → predicted)"
+                               names, out / "misclassified.png", title=title)
+        written["misclassified.png"] = caption
 
         normalized = run.normalize(picked)
         for layer in layers:

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 import explain as explain_cli
-from conftest import ROOT
+from conftest import ROOT, write_official_batches
 from jaxcam import cam
 from jaxcam.checkpoint import load_variables
 from jaxcam.data import DataError
@@ -130,6 +130,21 @@ def test_32bit_image_files_are_refused(tmp_path):
     Image.fromarray(np.random.default_rng(0).random((32, 32), np.float32)).save(path)
     with pytest.raises(DataError, match="has 32-bit float pixels of no fixed range"):
         load_image_files([path])
+
+
+def test_a_perfect_model_shows_and_says_correct_images_instead(smoke_run, tmp_path, capsys):
+    # The test split relabelled with the run's own predictions: the real model is then perfect on it.
+    loaded = load_run(smoke_run)
+    d = loaded.dataset
+    predicted = loaded.logits(loaded.normalize(d.test_images)).argmax(-1)
+    folder = write_official_batches(tmp_path / "cifar-10-batches-py", d.train_images, d.train_labels,
+                                    d.test_images, predicted)
+    code, _, err = run(["--workdir", smoke_run, "--out", tmp_path / "r", "--data-dir", folder, "--num", "3",
+                        "--faithfulness", "0"], capsys)
+    assert code == 0, err
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "100.00%" in text and "## No test image is misclassified; the first 3 instead" in text
+    assert "misclassifications" not in text
 
 
 def test_unwritable_output_folder(smoke_run, tmp_path, capsys):

@@ -64,8 +64,9 @@ def plot_curves(history: Sequence[dict], path: PathLike) -> None:
 
 
 def plot_misclassified(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray, confidences: np.ndarray,
-                       class_names: Sequence[str], path: PathLike) -> None:
-    """A gallery of misclassified images titled 'true → predicted (confidence)', five per row.
+                       class_names: Sequence[str], path: PathLike, title: str = "Misclassified test images") -> None:
+    """A gallery of images titled 'true → predicted (confidence)', five per row, mistakes in red
+    (and any correct ones in green).
 
     images: uint8 RGB (N, H, W, 3); labels, predictions: (N,) class indices; confidences: (N,)
     probabilities of the predicted classes.
@@ -77,8 +78,9 @@ def plot_misclassified(images: np.ndarray, labels: np.ndarray, predictions: np.n
     for ax in axes.ravel()[n:]:
         ax.axis("off")
     for ax, image, t, p, c in zip(axes.ravel(), images, labels, predictions, confidences):
-        _show(ax, image, f"true: {class_names[t]}\npred: {class_names[p]} ({100 * c:.0f}%)", color="#b00020")
-    fig.suptitle("Misclassified test images", fontsize=11)
+        _show(ax, image, f"true: {class_names[t]}\npred: {class_names[p]} ({100 * c:.0f}%)",
+              color="#b00020" if t != p else "#1b7f1b")
+    fig.suptitle(title, fontsize=11)
     _save(fig, path)
 
 
