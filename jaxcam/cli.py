@@ -79,6 +79,7 @@ def run_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
             lr_finder.validate_settings(config.get("lr_finder"))
         # Load the data before creating the run directory: bad data leaves nothing behind.
         dataset = train_lib.load_dataset(config)
+        train_lib.check_batch_sizes(config, dataset)
         run_dir = train_lib.create_run_dir(args.workdir, config.name)
         print(f"Run directory: {run_dir}")
         if find_lr:

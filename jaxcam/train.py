@@ -383,6 +383,21 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{key} must be a positive number, got {config[key]!r}.")
 
 
+def check_batch_sizes(config: ml_collections.ConfigDict, dataset: data_lib.Cifar10, num_devices: int | None = None) -> None:
+    """ValueError unless both batch sizes split evenly over the `num_devices` (default: all local
+    devices) and a training batch fits in the training split; the CLI checks this before it
+    makes a run directory."""
+    num_devices = num_devices if num_devices is not None else len(jax.local_devices())
+    for key in ("batch_size", "eval_batch_size"):
+        if config[key] % num_devices:
+            raise ValueError(f"config.{key} {config[key]} must be a multiple of the {num_devices} devices, "
+                             "which share each batch.")
+    if len(dataset.train_images) < config.batch_size:
+        raise ValueError(
+            f"config.batch_size {config.batch_size} is larger than the {len(dataset.train_images)} training images."
+        )
+
+
 def make_augment(config: ml_collections.ConfigDict, dataset: data_lib.Cifar10) -> Callable | None:
     """The config's augmentation as f(uint8 batch, rng), cutout filled with the dataset's mean; None if off."""
     if not config.augment:
@@ -426,13 +441,7 @@ def train_and_evaluate(
     dataset = dataset if dataset is not None else load_dataset(config)
     mesh = make_mesh(devices)
     num_devices = mesh.devices.size
-    for key in ("batch_size", "eval_batch_size"):
-        if config[key] <= 0 or config[key] % num_devices:
-            raise ValueError(f"{key} {config[key]} must be a positive multiple of the {num_devices} devices.")
-    if len(dataset.train_images) < config.batch_size:
-        raise ValueError(
-            f"batch_size {config.batch_size} is larger than the {len(dataset.train_images)} training images."
-        )
+    check_batch_sizes(config, dataset, num_devices)
     mean, std = dataset.mean, dataset.std
     model = build(config, dataset.num_classes)
     steps_per_epoch = len(dataset.train_images) // config.batch_size

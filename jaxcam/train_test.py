@@ -240,6 +240,23 @@ def test_cli_unwritable_workdir(official_folder, tmp_path, capsys):
     assert code == 1 and "Cannot write to workdir" in err
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("batch_size=33", "config.batch_size 33 must be a multiple of the 2 devices, which share each batch."),
+        ("eval_batch_size=7", "config.eval_batch_size 7 must be a multiple of the 2 devices, which share each batch."),
+        ("batch_size=128", "config.batch_size 128 is larger than the 100 training images."),
+    ],
+)
+def test_cli_batch_sizes_that_do_not_fit_stop_before_the_run_directory(official_folder, tmp_path, capsys, override,
+                                                                       message):
+    # They depend on the devices and the data, so they were found only after the run directory was made.
+    code, _, err = run_cli(["--workdir", tmp_path / "runs", *TINY, f"--config.data_dir={str(official_folder)!r}",
+                            f"--config.{override}"], capsys)
+    assert code == 1 and err == f"error: {message}\n"
+    assert not (tmp_path / "runs").exists()
+
+
 def test_cli_resume_with_corrupt_checkpoint(official_folder, tmp_path, capsys):
     code, _, err = run_cli(["--workdir", tmp_path, *TINY, f"--config.data_dir={str(official_folder)!r}"], capsys)
     assert code == 0, err
