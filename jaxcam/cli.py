@@ -62,9 +62,8 @@ def run_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
             given = " and ".join(name for name, present in ignored.items() if present)
             if given:
                 raise ConfigError(f"--resume continues a run with its saved config.json, so drop {given}.")
-            run_dir = train_lib.latest_run_dir(args.workdir) if args.resume == "latest" else Path(args.resume)
-            if not (run_dir / "config.json").is_file():
-                raise ConfigError(f"{str(run_dir)!r} is not a jaxcam run directory (no config.json).")
+            run_dir = train_lib.check_run_dir(
+                train_lib.latest_run_dir(args.workdir) if args.resume == "latest" else args.resume)
             config = config_from_json(run_dir / "config.json")
             dataset = train_lib.load_dataset(config)
             train_lib.train_and_evaluate(config, run_dir, resume=True, dataset=dataset)

@@ -63,9 +63,7 @@ class LoadedRun:
 
 def load_run(run_dir: str | os.PathLike, which: str = "best", data_dir: str | None = None) -> LoadedRun:
     """A run's config, history and `which` checkpoint, and its dataset (from `data_dir` if given)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise ConfigError(f"{str(run_dir)!r} is not a jaxcam run directory (no config.json).")
+    run_dir = train_lib.check_run_dir(run_dir)
     config = config_from_json(run_dir / "config.json")
     history_path = run_dir / "history.json"
     try:

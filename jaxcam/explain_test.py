@@ -147,6 +147,14 @@ def test_a_perfect_model_shows_and_says_correct_images_instead(smoke_run, tmp_pa
     assert "misclassifications" not in text
 
 
+def test_the_workdir_instead_of_a_run_names_the_newest_run(smoke_run, tmp_path, capsys):
+    # train.py's --workdir is the folder that holds the runs, so users pass it here too.
+    code, _, err = run(["--workdir", smoke_run.parent, "--out", tmp_path / "r"], capsys)
+    assert code == 1 and err == (f"error: {str(smoke_run.parent)!r} is not a jaxcam run directory (no config.json); it "
+                                 f"holds run directories, so pass one, such as the newest {str(smoke_run)!r}.\n")
+    assert not (tmp_path / "r").exists()
+
+
 def test_unwritable_output_folder(smoke_run, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

@@ -8,6 +8,7 @@ over 'batch'. The same code runs on 1 CPU, 1 GPU or 8 TPU cores.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 from jaxcam import data as data_lib
 from jaxcam import models
 from jaxcam.checkpoint import Checkpointer, make_writable_folder, write_json
-from jaxcam.configuration import CONFIG_KEYS, check_keys
+from jaxcam.configuration import CONFIG_KEYS, ConfigError, check_keys
 from jaxcam.schedules import onecycle
 
 __all__ = [
@@ -271,6 +272,19 @@ def latest_run_dir(workdir: str | os.PathLike) -> Path:
     if not runs:
         raise FileNotFoundError(f"No run directory with a config.json in {str(workdir)!r} to resume.")
     return runs[-1].parent
+
+
+def check_run_dir(run_dir: str | os.PathLike) -> Path:
+    """`run_dir` as a Path if it is a run directory (it has a config.json); else ConfigError, naming
+    the newest run inside it when the user passed the workdir that holds the runs."""
+    run_dir = Path(run_dir)
+    if (run_dir / "config.json").is_file():
+        return run_dir
+    hint = ""
+    if run_dir.is_dir():
+        with contextlib.suppress(FileNotFoundError):
+            hint = f"; it holds run directories, so pass one, such as the newest {str(latest_run_dir(run_dir))!r}"
+    raise ConfigError(f"{str(run_dir)!r} is not a jaxcam run directory (no config.json){hint}.")
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -299,6 +299,14 @@ def test_cli_finds_the_default_config_from_another_directory(tmp_path, monkeypat
     assert code == 1 and err == "error: config.epochs must be a positive integer, got 0.\n"
 
 
+def test_cli_resume_of_the_workdir_names_the_newest_run(official_folder, tmp_path, capsys):
+    code, _, err = run_cli(["--workdir", tmp_path, *TINY, f"--config.data_dir={str(official_folder)!r}"], capsys)
+    assert code == 0, err
+    (run_dir,) = tmp_path.iterdir()
+    code, _, err = run_cli(["--workdir", tmp_path, "--resume", tmp_path], capsys)
+    assert code == 1 and err.endswith(f"it holds run directories, so pass one, such as the newest {str(run_dir)!r}.\n")
+
+
 def test_cli_resume_without_runs(tmp_path, capsys):
     code, _, err = run_cli(["--workdir", tmp_path, "--resume"], capsys)
     assert code == 1 and "No run directory" in err
