@@ -293,13 +293,17 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], width: int = 64, depth:
 
     Conv weights (O, I, kh, kw) become kernels (kh, kw, I, O), Linear (O, I) becomes (I, O),
     BatchNorm weight/bias/running_mean/running_var become scale/bias/mean/var;
-    `num_batches_tracked` is dropped. Tensors are accepted as anything `np.asarray` takes
-    (call `.cpu()` on CUDA tensors first). Names, shapes (both in PyTorch terms in errors)
-    and finiteness are checked against the model.
+    `num_batches_tracked` is dropped. Entries may be numpy arrays or PyTorch tensors (on any
+    device, in any float dtype). The `module.` prefix of `nn.DataParallel` / DDP and the
+    `_orig_mod.` prefix of `torch.compile` are removed. Names, shapes (both in PyTorch terms
+    in errors) and finiteness are checked against the model.
     """
     if depth not in DEPTHS:
         raise ValueError(f"Unknown ResNet depth {depth}; choose one of {sorted(DEPTHS)}.")
-    given = {name: np.asarray(tensor, dtype=np.float32) for name, tensor in state_dict.items()
+    if not isinstance(state_dict, Mapping) or not state_dict:
+        raise ValueError("from_torch_state_dict takes a PyTorch state dict, a non-empty mapping of names to arrays.")
+    state_dict = _without_wrapper_prefixes(state_dict)
+    given = {name: _float32_array(name, tensor) for name, tensor in state_dict.items()
              if not name.endswith("num_batches_tracked")}
     if "conv1.weight" in given and given["conv1.weight"].shape[0] != width:
         channels = given["conv1.weight"].shape[0]
@@ -331,6 +335,36 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], width: int = 64, depth:
     return _unflatten({k: jnp.asarray(v) for k, v in flat.items()})
 
 
+# Prefixes that wrappers add to every name: nn.DataParallel / DistributedDataParallel, torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _without_wrapper_prefixes(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The state dict with each wrapper prefix that every name carries removed (they nest)."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(isinstance(name, str) and name.startswith(prefix) for name in state_dict):
+                state_dict = {name[len(prefix):]: value for name, value in state_dict.items()}
+                stripped = True
+    return state_dict
+
+
+def _float32_array(name: str, value: Any) -> np.ndarray:
+    """A state dict entry as float32 numpy; PyTorch tensors are read without importing torch."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        value = value.detach().cpu()  # numpy cannot read CUDA tensors
+        if value.is_floating_point():
+            value = value.float()  # nor bfloat16 ones
+    try:
+        return np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        hint = (f" (a whole training checkpoint? pass the model's state dict inside it, such as checkpoint[{name!r}])"
+                if isinstance(value, Mapping) else "")
+        raise ValueError(f"State dict entry {name!r} is a {type(value).__name__}, not an array{hint}.") from None
+
+
 def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Flax `{'params', 'batch_stats'}` to a PyTorch reference state dict of numpy arrays.
 
@@ -342,7 +376,8 @@ def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     for key, value in _flax_variables(variables).items():
         array = np.asarray(value, dtype=np.float32)
         name = _torch_name(key)
-        out[name] = np.ascontiguousarray(array.transpose(_torch_axes(array.ndim)))
+        # A copy: arrays read from JAX are read-only, and torch.from_numpy warns about those.
+        out[name] = np.array(array.transpose(_torch_axes(array.ndim)), order="C")
         if key[0] == "batch_stats":
             out.setdefault(f"{name.rsplit('.', 1)[0]}.num_batches_tracked", np.zeros((), np.int64))
     return out

@@ -62,6 +62,8 @@ def test_torch_state_dict_round_trip():
     assert state_dict["layer2.0.shortcut.1.running_var"].shape == (8,)
     assert state_dict["linear.weight"].shape == (10, 32)
     assert "bn1.num_batches_tracked" in state_dict
+    # Writable, so that torch.from_numpy (as the docstring suggests) takes them without a warning.
+    assert all(v.flags.writeable and v.flags.c_contiguous for v in state_dict.values())
     back = models.from_torch_state_dict(state_dict, width=4, depth=18)
     jax.tree_util.tree_map(np.testing.assert_array_equal, back, variables)
 
@@ -82,6 +84,31 @@ def test_from_torch_state_dict_rejects_a_mismatch():
         models.from_torch_state_dict({**state_dict, "bn1.running_var": np.full(4, np.nan)}, width=4)
     with pytest.raises(ValueError, match="takes a model's variables, a mapping with 'params' and 'batch_stats'"):
         models.to_torch_state_dict({"params": {}})
+
+
+def test_from_torch_state_dict_reads_what_pytorch_users_have():
+    torch = pytest.importorskip("torch")
+    variables = models.init_variables(models.ResNet18(width=4), jax.random.key(1))
+    state_dict = {k: torch.from_numpy(v) for k, v in models.to_torch_state_dict(variables).items()}
+    # Tensors straight from model.state_dict(), also wrapped in nn.DataParallel and torch.compile.
+    for given in (state_dict, {f"module.{k}": v for k, v in state_dict.items()},
+                  {f"_orig_mod.module.{k}": v for k, v in state_dict.items()}):
+        back = models.from_torch_state_dict(given, width=4)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, back, variables)
+    # A bfloat16 model (numpy cannot read bfloat16 tensors): the weights rounded to bfloat16.
+    half = {k: v.bfloat16() if v.is_floating_point() else v for k, v in state_dict.items()}
+    back = models.from_torch_state_dict(half, width=4)
+    np.testing.assert_array_equal(back["params"]["conv1"]["kernel"],
+                                  np.asarray(variables["params"]["conv1"]["kernel"].astype(jnp.bfloat16), np.float32))
+
+
+def test_from_torch_state_dict_refuses_a_whole_training_checkpoint():
+    state_dict = models.to_torch_state_dict(models.init_variables(models.ResNet18(width=4), jax.random.key(1)))
+    with pytest.raises(ValueError, match=r"State dict entry 'model' is a dict, not an array \(a whole training "
+                                         r"checkpoint\? pass the model's state dict inside it, such as checkpoint\['model'\]\)"):
+        models.from_torch_state_dict({"model": state_dict, "epoch": 20}, width=4)
+    with pytest.raises(ValueError, match="takes a PyTorch state dict, a non-empty mapping of names to arrays"):
+        models.from_torch_state_dict({}, width=4)
 
 
 def test_forward_matches_pytorch_reference():
