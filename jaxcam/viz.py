@@ -27,7 +27,10 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5, cmap: str = 
         # A float or normalized image would be divided by 255 again and come out black.
         raise ValueError(f"overlay takes a uint8 RGB image (H, W, 3), got {image.dtype} with shape {image.shape}.")
     if image.shape[:2] != cam.shape:
-        raise ValueError(f"The CAM {cam.shape} and the image {image.shape[:2]} must have the same size.")
+        raise ValueError(f"The CAM {cam.shape} and the image {image.shape[:2]} must have the same size "
+                         "(cam.compute resizes its maps to the image unless resize=False).")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"overlay's alpha is the CAM's share of the blend, in [0, 1], got {alpha!r}.")
     heat = plt.get_cmap(cmap)(np.clip(cam, 0, 1))[..., :3]
     return np.clip((1 - alpha) * image.astype(np.float32) / 255 + alpha * heat, 0, 1)
 

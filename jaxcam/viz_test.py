@@ -53,6 +53,8 @@ def test_overlay_rejects_what_it_cannot_draw():
         viz.overlay(np.zeros((3, 32, 32), np.uint8), cam)
     with pytest.raises(ValueError, match="same size"):
         viz.overlay(np.zeros((16, 16, 3), np.uint8), cam)
+    with pytest.raises(ValueError, match=r"alpha is the CAM's share of the blend, in \[0, 1\], got 1.5"):
+        viz.overlay(np.zeros((32, 32, 3), np.uint8), cam, alpha=1.5)  # would invert the image's share
 
 
 def test_per_class_accuracy_plot_is_written(tmp_path):
