@@ -116,13 +116,16 @@ def _arrays(n=4):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(train_labels=np.array([0, 1, 2, 10])), "The train split has labels outside 0..9 (one per class name), such as 10."),
-        (dict(test_labels=np.array([0, -1, 2, 3])), "The test split has labels outside 0..9 (one per class name), such as -1."),
+        (dict(train_labels=np.array([0, 1, 2, 10])),
+         "The train split has labels outside 0..9 (one per class name), such as 10."),
+        (dict(test_labels=np.array([0, -1, 2, 3])),
+         "The test split has labels outside 0..9 (one per class name), such as -1."),
         (dict(train_labels=np.arange(3)), "The train split has 4 images but labels of shape (3,) and dtype int64;"),
         (dict(test_labels=np.arange(4.0)), "The test split has 4 images but labels of shape (4,) and dtype float64;"),
         (dict(train_images=np.zeros((4, 32, 32, 3), np.float32)), "The train images must be uint8 RGB values 0..255"),
         (dict(test_images=np.zeros((4, 28, 28, 3), np.uint8)), "The test images must have shape (N, 32, 32, 3) NHWC"),
-        (dict(test_images=np.zeros((0, 32, 32, 3), np.uint8), test_labels=np.arange(0)), "The test split has no images."),
+        (dict(test_images=np.zeros((0, 32, 32, 3), np.uint8), test_labels=np.arange(0)),
+         "The test split has no images."),
         (dict(class_names=("cat",)), "A dataset needs at least two class names, got 1."),
     ],
 )

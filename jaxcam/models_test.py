@@ -104,8 +104,9 @@ def test_from_torch_state_dict_reads_what_pytorch_users_have():
 
 def test_from_torch_state_dict_refuses_a_whole_training_checkpoint():
     state_dict = models.to_torch_state_dict(models.init_variables(models.ResNet18(width=4), jax.random.key(1)))
-    with pytest.raises(ValueError, match=r"State dict entry 'model' is a dict, not an array \(a whole training "
-                                         r"checkpoint\? pass the model's state dict inside it, such as checkpoint\['model'\]\)"):
+    message = (r"State dict entry 'model' is a dict, not an array \(a whole training checkpoint\? "
+               r"pass the model's state dict inside it, such as checkpoint\['model'\]\)")
+    with pytest.raises(ValueError, match=message):
         models.from_torch_state_dict({"model": state_dict, "epoch": 20}, width=4)
     with pytest.raises(ValueError, match="takes a PyTorch state dict, a non-empty mapping of names to arrays"):
         models.from_torch_state_dict({}, width=4)

@@ -397,7 +397,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{key} must be a positive number, got {config[key]!r}.")
 
 
-def check_batch_sizes(config: ml_collections.ConfigDict, dataset: data_lib.Cifar10, num_devices: int | None = None) -> None:
+def check_batch_sizes(config: ml_collections.ConfigDict, dataset: data_lib.Cifar10,
+                      num_devices: int | None = None) -> None:
     """ValueError unless both batch sizes split evenly over the `num_devices` (default: all local
     devices) and a training batch fits in the training split; the CLI checks this before it
     makes a run directory."""

@@ -12,7 +12,8 @@ from conftest import ROOT
 from jaxcam import models
 from jaxcam import train as train_lib
 from jaxcam.checkpoint import Checkpointer, load_variables
-from jaxcam.configuration import CONFIG_KEYS, LR_FINDER_KEYS, ConfigError, apply_overrides, config_from_json, load_config_file
+from jaxcam.configuration import (CONFIG_KEYS, LR_FINDER_KEYS, ConfigError, apply_overrides, config_from_json,
+                                  load_config_file)
 
 
 def tiny_config(**overrides):
