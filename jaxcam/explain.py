@@ -341,7 +341,9 @@ def _markdown_to_html(text: str, folder: Path) -> str:
             body.append(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">')
         elif line.startswith("- "):
             item = html.escape(line[2:]).replace("**", "")
-            body.append(f"<li>{item}</li>")
+            if not body or not body[-1].endswith("</ul>"):
+                body.append("<ul></ul>")
+            body[-1] = body[-1][: -len("</ul>")] + f"<li>{item}</li></ul>"  # consecutive items share one list
         elif line.strip():
             body.append(f"<p>{html.escape(line)}</p>")
     flush_table()

@@ -51,6 +51,28 @@ def test_report_markdown_and_html(report):
     assert "Test accuracy" in text and "| airplane |" in text and "deletion AUC" in text and "random baseline" in text
     html = (report / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 8 and 'src="curves.png"' not in html
+    # Every list item sits in a list, and the summary's items share one.
+    from html.parser import HTMLParser
+
+    class Lists(HTMLParser):
+        open_lists, items, stray = 0, [], 0
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "ul":
+                self.open_lists += 1
+                self.items.append(0)
+            elif tag == "li":
+                if self.open_lists:
+                    self.items[-1] += 1
+                else:
+                    self.stray += 1
+
+        def handle_endtag(self, tag):
+            self.open_lists -= tag == "ul"
+
+    lists = Lists()
+    lists.feed(html)
+    assert lists.stray == 0 and lists.open_lists == 0 and lists.items[0] >= 4
 
 
 def test_own_images_print_top3(smoke_run, tmp_path, capsys):
