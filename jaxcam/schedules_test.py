@@ -86,5 +86,11 @@ def test_onecycle_matches_torch(kwargs):
 def test_onecycle_rejects_bad_arguments():
     with pytest.raises(ValueError, match="anneal_strategy"):
         onecycle(10, 0.1, anneal_strategy="cosine")
-    with pytest.raises(ValueError, match="total_steps"):
+    with pytest.raises(ValueError, match="total_steps must be a positive integer, got 0."):
         onecycle(0, 0.1)
+    with pytest.raises(ValueError, match="total_steps must be a positive integer, got 10.5."):
+        onecycle(10.5, 0.1)  # would have stretched the phases over fractional steps
+    with pytest.raises(ValueError, match="max_lr must be a positive number, got -0.1."):
+        onecycle(10, -0.1)  # would have trained with negative learning rates
+    with pytest.raises(ValueError, match="final_div_factor must be a positive number, got 0."):
+        onecycle(10, 0.1, final_div_factor=0)
