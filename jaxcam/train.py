@@ -368,6 +368,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError with one clear sentence for missing or unknown keys, and for names and
     numbers that cannot work."""
     check_keys(config, CONFIG_KEYS, "The config", optional=("lr_finder",))
+    name = config.name
+    if not isinstance(name, str) or not name.strip() or any(sep in name for sep in ("/", os.sep, os.altsep or "/")):
+        raise ValueError(f"config.name starts the run directory's name, so it must be a non-empty name without "
+                         f"'/', got {name!r}.")
     if config.model.lower() not in models.MODELS:
         raise ValueError(f"Unknown model {config.model!r}; choose one of {', '.join(models.MODELS)}.")
     if config.optimizer.lower() not in OPTIMIZERS:

@@ -340,9 +340,13 @@ def test_overrides_parse_types():
         ("epochs", True, "config.epochs must be a positive integer, got True."),
         ("max_lr", -0.1, "config.max_lr must be a positive number or 'auto', got -0.1."),
         ("max_lr", "fast", "config.max_lr must be a positive number or 'auto', got 'fast'."),
+        ("name", "runs/a", "config.name starts the run directory's name, so it must be a non-empty name without "
+                           "'/', got 'runs/a'."),
+        ("name", " ", "config.name starts the run directory's name, so it must be a non-empty name without '/', "
+                      "got ' '."),
     ],
 )
-def test_validate_config_rejects_numbers_out_of_range(key, value, message):
+def test_validate_config_rejects_values_that_cannot_work(key, value, message):
     config = load_config_file(ROOT / "configs" / "default.py")
     config[key] = value
     with pytest.raises(ValueError) as raised:
