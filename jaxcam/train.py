@@ -485,7 +485,12 @@ def train_and_evaluate(
                                test_logits=np.zeros((0, dataset.num_classes), np.float32))
         log(f"Resuming {run_dir} after epoch {start_epoch - 1}.")
     else:
-        write_json(run_dir / "config.json", json.loads(config.to_json_best_effort()))
+        saved = json.loads(config.to_json_best_effort())
+        # Absolute data paths, so that explain.py and --resume find the data from any directory.
+        for key in ("data_dir", "tfds_data_dir"):
+            if saved.get(key) is not None:
+                saved[key] = str(Path(saved[key]).expanduser().absolute())
+        write_json(run_dir / "config.json", saved)
         log(models.summary(model) if config.get("print_summary", True) else f"{config.model} width {config.width}")
         log(f"Compute dtype: {jnp.dtype(model.dtype).name} (config.dtype={config.dtype!r}, {jax.default_backend()}).")
     best_acc = max((r["test_acc"] for r in history), default=-1.0)

@@ -234,6 +234,19 @@ def test_cli_truncated_data(tmp_path, capsys):
     assert code == 1 and "data_batch_4" in err and "truncated" in err
 
 
+def test_a_relative_data_dir_is_saved_absolute(official_folder, tmp_path, monkeypatch, capsys):
+    # explain.py and --resume read the data from config.json, often from another directory.
+    monkeypatch.chdir(official_folder.parent)
+    code, _, err = run_cli(["--workdir", tmp_path, *TINY, f"--config.data_dir={official_folder.name!r}"], capsys)
+    assert code == 0, err
+    (run_dir,) = tmp_path.iterdir()
+    assert json.loads((run_dir / "config.json").read_text())["data_dir"] == str(official_folder)
+    monkeypatch.chdir(tmp_path)
+    from jaxcam.explain import load_run
+
+    assert len(load_run(run_dir).dataset.test_images) == 30
+
+
 def test_cli_unwritable_workdir(official_folder, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
