@@ -6,12 +6,14 @@ steps (`normalize`), so four times fewer bytes cross to the accelerator.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import io
 import os
 import pickle
 import queue
+import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -225,6 +227,14 @@ def _assemble(read: Callable[[str], bytes], source: str) -> Cifar10:
 def _load_tfds(tfds_data_dir: str | None) -> Cifar10:
     import tensorflow_datasets as tfds
 
+    # Say why the first run waits (a download and a preparation), and what to do offline, where
+    # tensorflow-datasets retries for minutes before it fails.
+    with contextlib.suppress(Exception):
+        builder = tfds.builder("cifar10", data_dir=tfds_data_dir, file_format="array_record")
+        if not builder.is_prepared():
+            print(f"CIFAR-10 is not prepared in {str(builder.data_dir)!r} yet: tensorflow-datasets downloads "
+                  "(163 MB) and prepares it once, which needs internet and TensorFlow; offline, pass a local "
+                  "copy with --config.data_dir.", file=sys.stderr)
     splits = {}
     for split in ("train", "test"):
         try:

@@ -96,10 +96,14 @@ def test_corrupt_archive(tmp_path, official_archive):
         assert "\n" not in str(raised.value) and str(raised.value).endswith(").")
 
 
-def test_tfds_path_under_mock_data():
+def test_tfds_path_under_mock_data(capsys):
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=24):
         d = data_lib.load_cifar10(None)
+    # The mock's folder holds no prepared data, so the user is told why a first run waits.
+    err = capsys.readouterr().err
+    assert "CIFAR-10 is not prepared in " in err and "offline, pass a local copy with --config.data_dir." in err
+    with tfds.testing.mock_data(num_examples=24):
         info_names = tfds.builder("cifar10").info.features["label"].names
     assert d.train_images.shape == (24, 32, 32, 3) and d.train_images.dtype == np.uint8
     assert d.test_images.shape == (24, 32, 32, 3)
