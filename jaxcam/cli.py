@@ -93,7 +93,7 @@ def run_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         train_lib.train_and_evaluate(config, run_dir, dataset=dataset)
         return 0
     except KeyboardInterrupt:
-        return fail("interrupted; the latest checkpoint can be resumed with --resume.")
+        return fail("interrupted; --resume continues from the last epoch that ended.")
     except EXPECTED_ERRORS as e:
         return fail(str(e))
 

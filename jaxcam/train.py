@@ -471,10 +471,13 @@ def train_and_evaluate(
     checkpointer = Checkpointer(run_dir)
     history: list[dict] = []
     start_epoch = 1
-    if resume:
+    history_path = run_dir / "history.json"
+    if resume and checkpointer.latest_epoch() is None and not history_path.exists():
+        # Stopped during the first epoch: starting over is what an uninterrupted run does.
+        log(f"{run_dir} stopped before its first epoch ended, so it starts again from epoch 1.")
+    elif resume:
         state, meta = checkpointer.restore(state, "latest")
         start_epoch = int(meta["epoch"]) + 1
-        history_path = run_dir / "history.json"
         if history_path.exists():
             history = [r for r in json.loads(history_path.read_text()) if r["epoch"] < start_epoch]
         if start_epoch > config.epochs:

@@ -1,4 +1,5 @@
 import json
+import shutil
 import time
 
 import jax
@@ -11,7 +12,7 @@ import train as train_cli
 from conftest import ROOT
 from jaxcam import models
 from jaxcam import train as train_lib
-from jaxcam.checkpoint import Checkpointer, load_variables
+from jaxcam.checkpoint import Checkpointer, CheckpointError, load_variables
 from jaxcam.configuration import (CONFIG_KEYS, LR_FINDER_KEYS, ConfigError, apply_overrides, config_from_json,
                                   load_config_file)
 
@@ -185,6 +186,30 @@ def run_cli(args, capsys):
 
 TINY = ["--config", ROOT / "configs" / "smoke.py", "--config.width=4", "--config.epochs=1", "--config.batch_size=32",
         "--config.eval_batch_size=16", "--config.tensorboard=False"]
+
+
+def test_resume_of_a_run_stopped_in_its_first_epoch_starts_over(tiny_dataset, tmp_path):
+    # What Ctrl-C during epoch 1 leaves: config.json and empty checkpoint folders, no history.
+    config = tiny_config(epochs=1)
+    run_dir = tmp_path / "stopped"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(config.to_json())
+    Checkpointer(run_dir).close()
+    logged = []
+    resumed = train_lib.train_and_evaluate(config, run_dir, resume=True, dataset=tiny_dataset, progress=False,
+                                           log=logged.append)
+    assert any("stopped before its first epoch ended, so it starts again from epoch 1" in line for line in logged)
+    full = train_lib.train_and_evaluate(config, tmp_path / "full", dataset=tiny_dataset, progress=False,
+                                        log=lambda s: None)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(full.state.params),
+                           jax.device_get(resumed.state.params))
+    # With a history but no checkpoint (checkpoints deleted), starting over would overwrite the history.
+    history = (run_dir / "history.json").read_text()
+    shutil.rmtree(run_dir / "checkpoints" / "latest" / "1")
+    with pytest.raises(CheckpointError, match="No latest checkpoint"):
+        train_lib.train_and_evaluate(config, run_dir, resume=True, dataset=tiny_dataset, progress=False,
+                                     log=lambda s: None)
+    assert (run_dir / "history.json").read_text() == history
 
 
 def test_cli_trains_and_writes_the_run_directory(official_folder, tmp_path, capsys):
