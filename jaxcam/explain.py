@@ -315,7 +315,12 @@ def _write_report(out: Path, run: LoadedRun, summary, report, written, faithfuln
 
 def _markdown_to_html(text: str, folder: Path) -> str:
     """A small converter for the report's own Markdown, embedding images as base64 (self-contained)."""
-    body, table = [], []
+    body, table, items = [], [], []
+
+    def flush_list():
+        if items:
+            body.append("<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>")
+            items.clear()
 
     def flush_table():
         if table:
@@ -330,7 +335,11 @@ def _markdown_to_html(text: str, folder: Path) -> str:
         if line.startswith("|"):
             table.append(line)
             continue
+        if line.startswith("- "):
+            items.append(html.escape(line[2:]).replace("**", ""))
+            continue
         flush_table()
+        flush_list()
         if line.startswith("# "):
             body.append(f"<h1>{html.escape(line[2:])}</h1>")
         elif line.startswith("## "):
@@ -339,14 +348,10 @@ def _markdown_to_html(text: str, folder: Path) -> str:
             alt, name = line[2:].split("](", 1)
             data = base64.b64encode((folder / name.rstrip(")")).read_bytes()).decode()
             body.append(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">')
-        elif line.startswith("- "):
-            item = html.escape(line[2:]).replace("**", "")
-            if not body or not body[-1].endswith("</ul>"):
-                body.append("<ul></ul>")
-            body[-1] = body[-1][: -len("</ul>")] + f"<li>{item}</li></ul>"  # consecutive items share one list
         elif line.strip():
             body.append(f"<p>{html.escape(line)}</p>")
     flush_table()
+    flush_list()
     style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}"
              "img{max-width:100%;border:1px solid #ddd}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}")

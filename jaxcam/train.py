@@ -369,7 +369,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     numbers that cannot work."""
     check_keys(config, CONFIG_KEYS, "The config", optional=("lr_finder",))
     name = config.name
-    if not isinstance(name, str) or not name.strip() or any(sep in name for sep in ("/", os.sep, os.altsep or "/")):
+    if not isinstance(name, str) or not name.strip() or Path(name).name != name:  # a path, not a name
         raise ValueError(f"config.name starts the run directory's name, so it must be a non-empty name without "
                          f"'/', got {name!r}.")
     if config.model.lower() not in models.MODELS:

@@ -18,6 +18,8 @@ import numpy as np  # noqa: E402
 
 CMAP = "inferno"
 PathLike = str | os.PathLike
+# Title colours: a wrong prediction, and a right (or the most likely) one.
+WRONG, RIGHT = "#b00020", "#006400"
 
 
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5, cmap: str = CMAP) -> np.ndarray:
@@ -82,7 +84,7 @@ def plot_misclassified(images: np.ndarray, labels: np.ndarray, predictions: np.n
         ax.axis("off")
     for ax, image, t, p, c in zip(axes.ravel(), images, labels, predictions, confidences):
         _show(ax, image, f"true: {class_names[t]}\npred: {class_names[p]} ({100 * c:.0f}%)",
-              color="#b00020" if t != p else "#1b7f1b")
+              color=WRONG if t != p else RIGHT)
     fig.suptitle(title, fontsize=11)
     _save(fig, path)
 
@@ -116,7 +118,7 @@ def plot_cam_grid(images: np.ndarray, cams_predicted: np.ndarray, cams_true: np.
     """
     rows = [
         [(image, f"true: {class_names[t]}", "black"),
-         (overlay(image, cp, alpha), f"CAM for pred: {class_names[p]}", "#b00020" if p != t else "black"),
+         (overlay(image, cp, alpha), f"CAM for pred: {class_names[p]}", WRONG if p != t else "black"),
          (overlay(image, ct, alpha), f"CAM for true: {class_names[t]}", "black")]
         for image, cp, ct, t, p in zip(images, cams_predicted, cams_true, labels, predictions)
     ]
@@ -159,7 +161,7 @@ def plot_all_targets(image: np.ndarray, cams: np.ndarray, probabilities: np.ndar
     _show(axes.ravel()[0], image, "input")
     for ax, (index, cam_map) in zip(axes.ravel()[1:], enumerate(cams)):
         _show(ax, overlay(image, cam_map, alpha), f"{class_names[index]} ({100 * probabilities[index]:.1f}%)",
-              color="#006400" if index == best else "black")
+              color=RIGHT if index == best else "black")
     fig.suptitle(title, fontsize=11)
     _save(fig, path)
 
