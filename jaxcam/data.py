@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from jaxcam._checks import is_integer
+
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )
@@ -304,7 +306,7 @@ def augment_batch(
         raise ValueError(f"augment_batch takes a numpy.random.Generator (np.random.default_rng(seed)), "
                          f"got {type(rng).__name__}.")
     for name, value in (("padding", padding), ("cutout_size", cutout_size)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+        if not is_integer(value, 0):
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
     if not 0 <= cutout_prob <= 1:
         raise ValueError(f"cutout_prob must lie in [0, 1], got {cutout_prob!r}.")

@@ -22,6 +22,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxcam import data as data_lib
+from jaxcam._checks import is_integer
 from jaxcam import train as train_lib
 from jaxcam.checkpoint import write_json
 from jaxcam.configuration import LR_FINDER_KEYS, check_keys
@@ -38,7 +39,7 @@ class RangeTestResult:
 
 def _check_sweep(start_lr: float, end_lr: float, num_iter: int, step_mode: str, prefix: str = "") -> None:
     """ValueError unless the sweep can run; `prefix` ("config.lr_finder.") names config keys."""
-    if not isinstance(num_iter, int) or isinstance(num_iter, bool) or num_iter < 2:
+    if not is_integer(num_iter, 2):
         raise ValueError(f"{prefix}num_iter must be an integer of at least 2, got {num_iter!r}.")
     if not 0 < start_lr < end_lr:
         raise ValueError(f"{prefix.rstrip('.') or 'The range test'} needs 0 < start_lr < end_lr, "
@@ -212,7 +213,7 @@ def validate_settings(settings: Any) -> None:
     check_keys(settings, LR_FINDER_KEYS, "config.lr_finder")
     _check_sweep(settings.start_lr, settings.end_lr, settings.num_iter, settings.step_mode, "config.lr_finder.")
     for key in ("skip_start", "skip_end"):
-        if not isinstance(settings[key], int) or isinstance(settings[key], bool) or settings[key] < 0:
+        if not is_integer(settings[key], 0):
             raise ValueError(f"config.lr_finder.{key} must be an integer of at least 0, got {settings[key]!r}.")
     # As pytorch-lr-finder: smooth_f 1 would ignore every new loss, and diverge_th <= 1 would stop
     # at the first loss above the best one.

@@ -12,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 
+from jaxcam._checks import is_integer
 from jaxcam.cam import check_target_range
 
 Predict = Callable[[np.ndarray], np.ndarray]
@@ -77,7 +78,7 @@ def deletion_insertion_curves(
     """
     images, saliency, targets = _check_inputs(images, saliency, targets)
     n, h, w, _ = images.shape
-    if not isinstance(steps, int) or steps < 1:
+    if not is_integer(steps, 1):
         raise ValueError(f"steps must be a positive integer, got {steps!r}.")
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"Unknown mode {mode!r}; choose 'deletion' or 'insertion'.")

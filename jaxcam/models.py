@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcam._checks import is_integer
+
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 STAGE_OUTPUT = "output"
 DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
@@ -125,7 +127,7 @@ class ResNet(nn.Module):
         # Checked at construction: a bad size would otherwise surface deep inside init.
         for name in ("width", "num_classes"):
             value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            if not is_integer(value, 1):
                 raise ValueError(f"ResNet {name} must be a positive integer, got {value!r}.")
         super().__post_init__()
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import jax.numpy as jnp
 import optax
+
+from jaxcam._checks import is_integer, is_number
 
 
 def _interpolate(strategy: str):
@@ -49,13 +48,13 @@ def onecycle(
     beta1) moves inversely between `max_momentum` and `base_momentum`. Steps past the end
     hold the final values (PyTorch would raise).
     """
-    if not isinstance(total_steps, numbers.Integral) or isinstance(total_steps, bool) or total_steps <= 0:
+    if not is_integer(total_steps, 1):
         raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}.")
     if not 0 <= pct_start <= 1:
         raise ValueError(f"pct_start must lie in [0, 1], got {pct_start}.")
     # As OneCycleLR: a negative or zero rate would silently train backwards or not at all.
     for name, value in (("max_lr", max_lr), ("div_factor", div_factor), ("final_div_factor", final_div_factor)):
-        if not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
+        if not (is_number(value) and value > 0):
             raise ValueError(f"{name} must be a positive number, got {value!r}.")
     interpolate = _interpolate(anneal_strategy)
     initial_lr = max_lr / div_factor

@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxcam import data as data_lib
+from jaxcam._checks import is_integer, is_number
 from jaxcam import models
 from jaxcam.checkpoint import Checkpointer, make_writable_folder, write_json
 from jaxcam.configuration import CONFIG_KEYS, ConfigError, check_keys
@@ -360,10 +361,6 @@ _UNIT_CLOSED = ("cutout_prob", "pct_start")
 _UNIT_HALF_OPEN = ("label_smoothing", "momentum", "base_momentum", "max_momentum", "beta2")
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError with one clear sentence for missing or unknown keys, and for names and
     numbers that cannot work."""
@@ -384,20 +381,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for key, least in (("epochs", 1), ("batch_size", 1), ("eval_batch_size", 1), ("width", 1), ("prefetch", 1),
                        ("crop_padding", 0), ("cutout_size", 0)):
         value = config[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        if not is_integer(value, least):
             raise ValueError(f"config.{key} must be a {'positive' if least else 'non-negative'} integer, got {value!r}.")
-    if config.max_lr != "auto" and not (_is_number(config.max_lr) and config.max_lr > 0):
+    if config.max_lr != "auto" and not (is_number(config.max_lr) and config.max_lr > 0):
         raise ValueError(f"config.max_lr must be a positive number or 'auto', got {config.max_lr!r}.")
     # Numbers out of range would train without complaint but mean nothing (a Cutout probability
     # of 2, a negative weight decay), so they stop here, before a run directory is made.
     for key in _UNIT_CLOSED + _UNIT_HALF_OPEN:
         value, closed = config[key], key in _UNIT_CLOSED
-        if not _is_number(value) or not (0 <= value <= 1 if closed else 0 <= value < 1):
+        if not is_number(value) or not (0 <= value <= 1 if closed else 0 <= value < 1):
             raise ValueError(f"config.{key} must lie in [0, 1{']' if closed else ')'}, got {value!r}.")
-    if not _is_number(config.weight_decay) or config.weight_decay < 0:
+    if not is_number(config.weight_decay) or config.weight_decay < 0:
         raise ValueError(f"config.weight_decay must be zero or a positive number, got {config.weight_decay!r}.")
     for key in ("div_factor", "final_div_factor"):
-        if not _is_number(config[key]) or config[key] <= 0:
+        if not is_number(config[key]) or config[key] <= 0:
             raise ValueError(f"config.{key} must be a positive number, got {config[key]!r}.")
 
 

@@ -1,0 +1,17 @@
+"""Value predicates shared by the argument checks across jaxcam; each caller words its own error."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+
+def is_integer(value: Any, at_least: int) -> bool:
+    """An integer (Python or numpy, not a bool) of at least `at_least`."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= at_least
+
+
+def is_number(value: Any) -> bool:
+    """A finite real number (Python or numpy, not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
