@@ -296,7 +296,7 @@ def augment_batch(
     masked copy over rows of W*C bytes, and one scatter restores the input order.
     Cutout follows DeVries & Taylor: a `cutout_size` square whose centre is uniform over the
     image, clipped at the border, applied with probability `cutout_prob`, filled with `fill`
-    (the dataset mean, so 0 after normalization). Deterministic for a given `rng` state.
+    (whole pixel values 0..255: the dataset mean, so 0 after normalization). Deterministic for a given `rng` state.
     """
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4:
@@ -313,6 +313,11 @@ def augment_batch(
     fill_values = np.asarray(fill)
     if fill_values.shape != (c,) or not ((fill_values >= 0) & (fill_values <= 255)).all():
         raise ValueError(f"fill must be {c} channel values in 0..255, got {fill!r}.")
+    if (fill_values != np.round(fill_values)).any():
+        # The dataset's mean is kept in 0..1 (Cifar10.mean); passed as it is, it would cut out
+        # black squares without a word.
+        raise ValueError(f"fill takes whole pixel values in 0..255, such as np.round(dataset.mean * 255), "
+                         f"got {fill!r}.")
     # All random draws first, in a fixed order, so results depend only on the rng state.
     offsets = rng.integers(0, 2 * padding + 1, size=(n, 2)) if padding else np.zeros((n, 2), np.int64)
     flips = rng.random(n) < 0.5 if flip else np.zeros(n, bool)

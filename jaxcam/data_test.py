@@ -260,6 +260,16 @@ def test_augment_has_no_per_image_python_loop():
     assert count_calls(4096) == count_calls(16384)
 
 
+def test_cutout_takes_the_suggested_rounded_mean_as_fill():
+    # The fill error message suggests np.round(dataset.mean * 255), a float array of whole values.
+    mean = np.array([0.4914, 0.4822, 0.4465])
+    images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    rounded = data_lib.augment_batch(images, np.random.default_rng(1), cutout_prob=1.0, fill=np.round(mean * 255))
+    as_ints = data_lib.augment_batch(images, np.random.default_rng(1), cutout_prob=1.0, fill=(125, 123, 114))
+    np.testing.assert_array_equal(rounded, as_ints)
+    assert np.all(rounded == (125, 123, 114), -1).any()
+
+
 def test_augment_rejects_wrong_dtype():
     with pytest.raises(ValueError, match="uint8 NHWC"):
         data_lib.augment_batch(np.zeros((2, 32, 32, 3), np.float32), np.random.default_rng(0))
@@ -276,6 +286,9 @@ def test_augment_rejects_wrong_dtype():
         (dict(cutout_prob=-0.1), r"cutout_prob must lie in \[0, 1\]"),
         (dict(fill=(1, 2)), r"fill must be 3 channel values in 0..255, got \(1, 2\)"),
         (dict(fill=(0, 0, 300)), "fill must be 3 channel values in 0..255"),
+        (dict(fill=(0.4914, 0.4822, 0.4465)), r"fill takes whole pixel values in 0..255, such as "
+                                               r"np.round\(dataset.mean \* 255\), got \(0.4914"),
+        (dict(fill=(124.6, 123.0, 114.0)), "fill takes whole pixel values"),
     ],
 )
 def test_augment_rejects_bad_arguments(kwargs, message):
