@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcam.models import STAGE_OUTPUT, STAGES
+from jaxcam.models import STAGE_OUTPUT, STAGES, ResNet, check_image_batch, check_variables
 
 EPS = 1e-7
 
@@ -176,13 +176,7 @@ def check_float_images(images: Any) -> jax.Array:
     """Validate normalized float NHWC images (N, H, W, 3)."""
     if not hasattr(images, "dtype"):
         raise ValueError(f"Images must be a normalized float array (N, H, W, 3), got a {type(images).__name__}.")
-    if not jnp.issubdtype(images.dtype, jnp.floating):
-        raise ValueError(
-            f"Images must be normalized float arrays (N, H, W, 3), got dtype {images.dtype}; "
-            "convert uint8 images with jaxcam.data.normalize first."
-        )
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"Images must have shape (N, H, W, 3) NHWC, got {tuple(images.shape)}.")
+    check_image_batch(images.shape, images.dtype)
     if images.shape[0] == 0:
         raise ValueError("No images to explain (the batch is empty).")
     images = jnp.asarray(images, jnp.float32)
@@ -299,6 +293,8 @@ def compute_with_outputs(
     layers = check_layers(layer)
     check_method(method)
     images = check_float_images(images)
+    if isinstance(model, ResNet):  # other modules that sow the same stages are taken as they are
+        check_variables(model, variables)
     if getattr(model, "dtype", jnp.float32) != jnp.float32:
         # A bfloat16 model (train.build on a GPU or TPU) would give maps up to about 0.025 off the
         # float32 reference; the parameters are float32, so explain in float32.

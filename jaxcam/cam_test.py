@@ -242,6 +242,9 @@ def test_bad_images(setup):
         cam.compute(model, variables, images[:, :, :, :1])
     with pytest.raises(ValueError, match=r"shape \(N, H, W, 3\)"):
         cam.compute(model, variables, images[0])
+    with pytest.raises(ValueError, match=r"got \(6, 3, 32, 32\) \(PyTorch's NCHW order\? transpose with "
+                                         r"images.transpose\(0, 2, 3, 1\)\)."):
+        cam.compute(model, variables, images.transpose(0, 3, 1, 2))
     corrupt = np.array(images)
     corrupt[2, 5, 7, 1] = np.nan
     with pytest.raises(ValueError, match="Image 2 of the batch has NaN or infinite values"):
@@ -249,6 +252,16 @@ def test_bad_images(setup):
     corrupt[2, 5, 7, 1] = np.inf
     with pytest.raises(ValueError, match="Image 2 of the batch has NaN or infinite values"):
         cam.compute(model, variables, corrupt)
+
+
+def test_variables_that_do_not_fit_the_model(setup):
+    # They had been a bare KeyError ('batch_stats') or a Flax scope error from deep inside the model.
+    model, variables, images = setup
+    with pytest.raises(ValueError, match=r"must be a mapping with 'params' and 'batch_stats' .*; got \['params'\]."):
+        cam.compute(model, {"params": variables["params"]}, images)
+    with pytest.raises(ValueError, match="The variables do not fit ResNet18 at width 16 with 10 classes: "
+                                         r"'params/bn1/bias' has shape \(8,\), the model's has \(16,\)"):
+        cam.compute(models.ResNet18(width=16), variables, images)
 
 
 def test_a_bfloat16_model_is_explained_in_float32(setup):

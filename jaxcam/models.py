@@ -133,6 +133,9 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Logits (N, num_classes) float32 for normalized float images x (N, H, W, 3)."""
+        # uint8 pixels would be cast and classified without a word; checked at trace time, so free.
+        check_image_batch(x.shape, x.dtype)
         x = x.astype(self.dtype)
         x = _conv(self.width, 3, 1, "conv1", self.dtype)(x)
         x = BatchNorm(
@@ -146,6 +149,19 @@ class ResNet(nn.Module):
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dense(self.num_classes, dtype=self.dtype, name="linear")(x)
         return x.astype(jnp.float32)
+
+
+def check_image_batch(shape: Sequence[int], dtype: Any) -> None:
+    """ValueError unless `shape` and `dtype` are those of normalized float images (N, H, W, 3)."""
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"Images must be normalized float arrays (N, H, W, 3), got dtype {dtype}; "
+            "convert uint8 images with jaxcam.data.normalize first."
+        )
+    if len(shape) != 4 or shape[-1] != 3:
+        hint = (" (PyTorch's NCHW order? transpose with images.transpose(0, 2, 3, 1))"
+                if len(shape) == 4 and shape[1] == 3 else "")
+        raise ValueError(f"Images must have shape (N, H, W, 3) NHWC, got {tuple(shape)}{hint}.")
 
 
 def ResNet18(num_classes: int = 10, width: int = 64, **kwargs: Any) -> ResNet:
@@ -202,6 +218,42 @@ def init_variables(model: ResNet, rng: jax.Array, image_size: int = 32) -> dict:
     except TypeError:  # unhashable fields (stage_sizes as a list, as Flax's examples write it) cannot key the cache
         init = _jitted_init.__wrapped__(model, image_size, backend)
     return init(rng)
+
+
+@functools.lru_cache(maxsize=16)
+def _variable_shapes(model: ResNet) -> dict[tuple[str, ...], tuple[int, ...]]:
+    template = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+    return {key: tuple(leaf.shape) for key, leaf in _flax_variables(template).items()}
+
+
+def check_variables(model: ResNet, variables: Any) -> None:
+    """ValueError unless `variables` ({'params', 'batch_stats'}) fit `model`, naming the first
+    entry that does not (variables of another depth, width or class count would otherwise fail
+    deep inside Flax, or, for a missing 'batch_stats', as a bare KeyError)."""
+    if not isinstance(variables, Mapping) or not {"params", "batch_stats"} <= variables.keys():
+        given = sorted(map(str, variables)) if isinstance(variables, Mapping) else f"a {type(variables).__name__}"
+        raise ValueError(
+            "Model variables must be a mapping with 'params' and 'batch_stats' (the BatchNorm running "
+            f"statistics), as init_variables and checkpoint.load_variables return them; got {given}."
+        )
+    try:
+        expected = _variable_shapes(model)
+    except TypeError:  # unhashable fields cannot key the cache
+        expected = _variable_shapes.__wrapped__(model)
+    given = {key: tuple(np.shape(leaf)) for key, leaf in _flax_variables(variables).items()}
+    depth = next((d for d, sizes in DEPTHS.items() if tuple(sizes) == tuple(model.stage_sizes)), None)
+    name = f"ResNet{depth}" if depth else f"the ResNet with stages {tuple(model.stage_sizes)}"
+    subject = f"The variables do not fit {name} at width {model.width} with {model.num_classes} classes"
+    params_first = lambda key: (key[0] != "params", key)  # noqa: E731
+    missing = sorted(expected.keys() - given.keys(), key=params_first)
+    extra = sorted(given.keys() - expected.keys(), key=params_first)
+    if missing or extra:
+        first = f"'{'/'.join(missing[0])}' is missing" if missing else f"'{'/'.join(extra[0])}' is unexpected"
+        raise ValueError(f"{subject}: {first} (variables of a model of another depth?).")
+    for key, shape in sorted(expected.items(), key=lambda item: params_first(item[0])):
+        if given[key] != shape:
+            raise ValueError(f"{subject}: '{'/'.join(key)}' has shape {given[key]}, the model's has {shape} "
+                             "(variables of a model of another width or class count?).")
 
 
 def count_params(params: Any) -> int:

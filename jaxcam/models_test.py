@@ -43,6 +43,40 @@ def test_init_of_a_model_with_list_fields_matches_the_tuple_one():
     jax.tree_util.tree_map(np.testing.assert_array_equal, listed, tupled)
 
 
+def test_the_model_refuses_pixels_and_nchw_images():
+    # uint8 pixels had been cast and classified without a word; NCHW images failed in a Flax scope error.
+    model = models.ResNet18(width=4)
+    variables = models.init_variables(model, jax.random.key(0))
+    with pytest.raises(ValueError, match="Images must be normalized float arrays .*, got dtype uint8; convert"):
+        model.apply(variables, np.zeros((2, 32, 32, 3), np.uint8), train=False)
+    with pytest.raises(ValueError, match=r"got \(2, 3, 32, 32\) \(PyTorch's NCHW order\?"):
+        model.apply(variables, np.zeros((2, 3, 32, 32), np.float32), train=False)
+    with pytest.raises(ValueError, match=r"got \(32, 32, 3\)."):
+        jax.jit(lambda x: model.apply(variables, x, train=False))(jnp.zeros((32, 32, 3)))
+    assert model.apply(variables, np.zeros((2, 32, 32, 3), np.float32), train=False).shape == (2, 10)
+
+
+def test_check_variables_names_what_does_not_fit():
+    model = models.ResNet18(width=4)
+    variables = models.init_variables(model, jax.random.key(0))
+    models.check_variables(model, variables)
+    fit = "The variables do not fit ResNet{} at width {} with {} classes: "
+    cases = [
+        (models.ResNet34(width=4), fit.format(34, 4, 10) + "'params/layer1/2/bn1/bias' is missing "
+                                   r"\(variables of a model of another depth\?\)."),
+        (models.ResNet18(width=8), fit.format(18, 8, 10) + r"'params/bn1/bias' has shape \(4,\), "
+                                   r"the model's has \(8,\) \(variables of a model of another width"),
+        (models.ResNet18(num_classes=100, width=4), fit.format(18, 4, 100) + "'params/linear/bias' has shape"),
+    ]
+    for other, message in cases:
+        with pytest.raises(ValueError, match=message):
+            models.check_variables(other, variables)
+    with pytest.raises(ValueError, match=r"'params/extra/kernel' is unexpected"):
+        models.check_variables(model, {**variables, "params": {**variables["params"], "extra": {"kernel": np.zeros(1)}}})
+    with pytest.raises(ValueError, match=r"with 'params' and 'batch_stats' .*; got a list."):
+        models.check_variables(model, [variables])
+
+
 def test_stride2_padding_is_symmetric_like_pytorch():
     # A 3x3 conv with stride 2 and padding 1 on a 4x4 input reads rows -1..1 for output 0.
     conv = models._conv(1, 3, 2, "c", jnp.float32)
