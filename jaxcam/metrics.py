@@ -14,15 +14,17 @@ import numpy as np
 
 from jaxcam._checks import is_integer
 from jaxcam.cam import check_target_range
+from jaxcam.models import check_image_batch
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
 
 def _check_inputs(images: np.ndarray, saliency: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Images (N, H, W, C) as float32, saliency (N, H, W) and integer targets (N,), or ValueError."""
-    images = np.asarray(images, np.float32)
-    if images.ndim != 4:
-        raise ValueError(f"Images must have shape (N, H, W, C), got {images.shape}.")
+    """Images (N, H, W, 3) as float32, saliency (N, H, W) and integer targets (N,), or ValueError."""
+    images = np.asarray(images)
+    # uint8 pixels would be scored as they are, with black (not the mean) as the deletion baseline.
+    check_image_batch(images.shape, images.dtype)
+    images = images.astype(np.float32)
     n, h, w, _ = images.shape
     saliency, targets = np.asarray(saliency), np.asarray(targets)
     if saliency.shape != (n, h, w):

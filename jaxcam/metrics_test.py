@@ -91,6 +91,14 @@ def test_bad_inputs_are_checked(metric, saliency, targets, message):
         getattr(metrics, metric)(predict, np.ones((2, H, W, 3)), saliency, targets)
 
 
+@pytest.mark.parametrize("metric", ["deletion_insertion_curves", "confidence_change"])
+def test_images_must_be_normalized_float_nhwc(metric):
+    with pytest.raises(ValueError, match="Images must be normalized float arrays .*, got dtype uint8"):
+        getattr(metrics, metric)(predict, np.ones((2, H, W, 3), np.uint8), np.ones((2, H, W)), np.zeros(2, int))
+    with pytest.raises(ValueError, match=r"got \(2, 3, 8, 8\) \(PyTorch's NCHW order\?"):
+        getattr(metrics, metric)(predict, np.ones((2, 3, 8, 8)), np.ones((2, 8, 8)), np.zeros(2, int))
+
+
 def test_steps_must_be_positive():
     with pytest.raises(ValueError, match="steps must be a positive integer, got 0"):
         metrics.deletion_insertion_curves(predict, np.ones((2, H, W, 3)), np.ones((2, H, W)), np.zeros(2, int), steps=0)
