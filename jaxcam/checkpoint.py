@@ -13,6 +13,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
+# The checkpoints each run keeps, as folders under <run_dir>/checkpoints.
+KINDS = ("best", "latest")
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or does not fit the model; the message says which."""
 
@@ -83,8 +87,12 @@ class Checkpointer:
 def load_variables(run_dir: str | os.PathLike, which: str = "best") -> tuple[dict, dict]:
     """The model variables `{'params', 'batch_stats'}` (numpy) of a run's checkpoint, and its meta.
 
-    No model or optimizer template is needed: the stored tree is read as it is.
+    No model or optimizer template is needed: the stored tree is read as it is. `which` is one
+    of KINDS.
     """
+    if which not in KINDS:
+        # Otherwise a misspelt name blamed the run directory for lacking that folder.
+        raise ValueError(f"A run keeps the checkpoints {' and '.join(map(repr, KINDS))}, so which={which!r} names none.")
     directory = Path(run_dir).absolute() / "checkpoints" / which
     if not directory.is_dir():
         raise CheckpointError(f"No {which} checkpoint folder in {str(Path(run_dir))!r}; is it a jaxcam run directory?")

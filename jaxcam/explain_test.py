@@ -243,6 +243,14 @@ def test_bfloat16_run_keeps_float32_parameters_and_the_report_says_why_accuracy_
                          f"{100 * meta['test_acc']:.2f}% for this checkpoint in bfloat16")
 
 
+def test_an_unknown_checkpoint_name_is_named_as_such(smoke_run):
+    message = r"A run keeps the checkpoints 'best' and 'latest', so which='last' names none."
+    with pytest.raises(ValueError, match=message):
+        load_variables(smoke_run, "last")
+    with pytest.raises(ValueError, match=message):
+        load_run(smoke_run, which="last")
+
+
 def test_a_float32_run_needs_no_precision_note(smoke_run, report):
     _, meta = load_variables(smoke_run)
     assert meta["compute_dtype"] == "float32"
