@@ -22,12 +22,21 @@ PathLike = str | os.PathLike
 WRONG, RIGHT = "#b00020", "#006400"
 
 
+def check_uint8_rgb(images: np.ndarray, who: str, batch: bool = True) -> np.ndarray:
+    """`images` as a uint8 RGB array (N, H, W, 3), or (H, W, 3) with batch=False; else ValueError."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 3 + batch or images.shape[-1] != 3:
+        # Float or normalized images would be divided by 255 again, or clipped by imshow, and
+        # drawn wrong without a word.
+        expected = "uint8 RGB images (N, H, W, 3)" if batch else "a uint8 RGB image (H, W, 3)"
+        raise ValueError(f"{who} takes {expected}, got {images.dtype} with shape {images.shape}; "
+                         "pass the images before normalization.")
+    return images
+
+
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5, cmap: str = CMAP) -> np.ndarray:
     """Blend a colormapped CAM (H, W) in [0, 1] over a uint8 RGB image (H, W, 3): float RGB in [0, 1]."""
-    image, cam = np.asarray(image), np.asarray(cam)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-        # A float or normalized image would be divided by 255 again and come out black.
-        raise ValueError(f"overlay takes a uint8 RGB image (H, W, 3), got {image.dtype} with shape {image.shape}.")
+    image, cam = check_uint8_rgb(image, "overlay", batch=False), np.asarray(cam)
     if image.shape[:2] != cam.shape:
         raise ValueError(f"The CAM {cam.shape} and the image {image.shape[:2]} must have the same size "
                          "(cam.compute resizes its maps to the image unless resize=False).")
@@ -76,6 +85,7 @@ def plot_misclassified(images: np.ndarray, labels: np.ndarray, predictions: np.n
     images: uint8 RGB (N, H, W, 3); labels, predictions: (N,) class indices; confidences: (N,)
     probabilities of the predicted classes.
     """
+    images = check_uint8_rgb(images, "plot_misclassified")
     n = len(images)
     cols = min(5, n)
     rows = int(np.ceil(n / cols))
@@ -205,6 +215,7 @@ def plot_per_class_accuracy(accuracies: np.ndarray, class_names: Sequence[str], 
 def plot_samples_per_class(images: np.ndarray, labels: np.ndarray, class_names: Sequence[str], path: PathLike,
                            per_class: int = 8) -> None:
     """A grid with one row per class and its first `per_class` images (uint8 RGB (N, H, W, 3), labels (N,))."""
+    images = check_uint8_rgb(images, "plot_samples_per_class")
     k = len(class_names)
     fig, axes = plt.subplots(k, per_class, figsize=(1.1 * per_class + 1.2, 1.15 * k), dpi=110, layout="constrained", squeeze=False)
     for row, name in enumerate(class_names):

@@ -57,6 +57,19 @@ def test_overlay_rejects_what_it_cannot_draw():
         viz.overlay(np.zeros((32, 32, 3), np.uint8), cam, alpha=1.5)  # would invert the image's share
 
 
+@pytest.mark.parametrize("plot", ["plot_misclassified", "plot_samples_per_class"])
+def test_galleries_refuse_normalized_images(plot, tmp_path):
+    # Normalized images had been drawn clipped to [0, 1] by imshow, with only a log warning.
+    normalized = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    labels, names = np.array([0, 1]), ["cat", "dog"]
+    arguments = {"plot_misclassified": (normalized, labels, labels[::-1], np.array([0.9, 0.8]), names, tmp_path / "a.png"),
+                 "plot_samples_per_class": (normalized, labels, names, tmp_path / "a.png")}[plot]
+    with pytest.raises(ValueError, match=rf"{plot} takes uint8 RGB images \(N, H, W, 3\), got float32 with shape "
+                                         r"\(2, 32, 32, 3\); pass the images before normalization."):
+        getattr(viz, plot)(*arguments)
+    assert not (tmp_path / "a.png").exists()
+
+
 def test_per_class_accuracy_plot_is_written(tmp_path):
     # A class without test images has accuracy NaN; it is drawn as an empty bar, not an error.
     viz.plot_per_class_accuracy(np.array([0.5, np.nan, 1.0]), ["a", "b", "c"], tmp_path / "bars.png")
