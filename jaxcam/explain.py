@@ -21,6 +21,7 @@ import numpy as np
 from jaxcam import cam as cam_lib
 from jaxcam import data as data_lib
 from jaxcam import metrics as metrics_lib
+from jaxcam import models
 from jaxcam import train as train_lib
 from jaxcam import viz
 from jaxcam.checkpoint import CheckpointError, load_variables, make_writable_folder
@@ -76,11 +77,20 @@ def load_run(run_dir: str | os.PathLike, which: str = "best", data_dir: str | No
     dataset = train_lib.load_dataset(config)
     # Explanations run in float32 whatever the training compute dtype was.
     config.dtype = "float32"
+    trained_on = meta.get("class_names")  # absent in checkpoints written before it was recorded
+    if trained_on is not None and list(trained_on) != list(dataset.class_names):
+        # A run trained on a dataset passed in code keeps its config's data_dir (None: tfds' CIFAR-10),
+        # which may hold other classes; with as many of them the explanations would be silently wrong.
+        source = repr(config.data_dir) if config.data_dir is not None else "tensorflow-datasets' cifar10"
+        raise data_lib.DataError(
+            f"{str(run_dir)!r} was trained on the classes {', '.join(trained_on)}, but its data ({source}) "
+            f"has {', '.join(dataset.class_names)}; give the data it was trained on (explain.py --data-dir)."
+        )
     model = train_lib.build(config, dataset.num_classes)
     try:
-        model.apply(variables, np.zeros((1, 32, 32, 3), np.float32), train=False)
-    except Exception as e:
-        raise CheckpointError(f"The checkpoint in {str(run_dir)!r} does not fit its config's model ({type(e).__name__}).") from None
+        models.check_variables(model, variables, what=f"The weights of the {which} checkpoint in {str(run_dir)!r}")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     return LoadedRun(run_dir, config, history, model, variables, meta, dataset)
 
 

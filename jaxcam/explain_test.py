@@ -1,3 +1,6 @@
+import dataclasses
+import json
+import re
 import shutil
 
 import jax
@@ -9,8 +12,10 @@ import explain as explain_cli
 from conftest import ROOT, write_official_batches
 from jaxcam import cam
 from jaxcam.checkpoint import load_variables
-from jaxcam.data import DataError
+from jaxcam.configuration import load_config_file
+from jaxcam.data import DataError, load_cifar10
 from jaxcam.explain import REQUIRED_FILES, explain_images, load_image_files, load_run
+from jaxcam.train import train_and_evaluate
 
 
 def run(args, capsys):
@@ -220,6 +225,35 @@ def test_corrupt_best_checkpoint_keeps_the_existing_report(smoke_run, tmp_path, 
     code, _, err = run(["--workdir", copy, "--out", out], capsys)
     assert code == 1 and "corrupt" in err and len(err.strip().splitlines()) == 1
     assert (out / "report.md").read_text() == "an earlier report"
+
+
+def test_a_checkpoint_that_does_not_fit_its_config_is_named(smoke_run, tmp_path, capsys):
+    # Had been "does not fit its config's model (ScopeParamShapeError)", naming nothing that differs.
+    copy = tmp_path / "run"
+    shutil.copytree(smoke_run, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "width": 8}))
+    code, _, err = run(["--workdir", copy, "--out", tmp_path / "r"], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert (f"The weights of the best checkpoint in {str(copy)!r} do not fit ResNet18 at width 8 with 10 classes: "
+            "'params/bn1/bias' has shape (4,), the model's has (8,)") in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_run_trained_on_other_classes_is_not_explained_with_its_configs_data(official_folder, tmp_path):
+    # A dataset passed in code (train_and_evaluate(dataset=...)) is not what the run's config names;
+    # with as many classes, the report would have explained the run with the wrong images and names.
+    cifar = load_cifar10(official_folder)
+    renamed = dataclasses.replace(cifar, class_names=tuple(f"kind{i}" for i in range(10)))
+    config = load_config_file(ROOT / "configs" / "smoke.py")
+    config.update(dict(width=4, epochs=1, batch_size=32, eval_batch_size=16, data_dir=str(official_folder),
+                       tensorboard=False, print_summary=False))
+    train_and_evaluate(config, tmp_path, dataset=renamed, progress=False, log=lambda line: None)
+    message = (rf"{re.escape(repr(str(tmp_path)))} was trained on the classes kind0, kind1, .*kind9, but its data "
+               rf"\({re.escape(repr(str(official_folder)))}\) has airplane, automobile, .*truck; give the data it "
+               r"was trained on \(explain.py --data-dir\).")
+    with pytest.raises(DataError, match=message):
+        load_run(tmp_path)
 
 
 def test_bfloat16_run_keeps_float32_parameters_and_the_report_says_why_accuracy_differs(official_folder, tmp_path,

@@ -226,10 +226,11 @@ def _variable_shapes(model: ResNet) -> dict[tuple[str, ...], tuple[int, ...]]:
     return {key: tuple(leaf.shape) for key, leaf in _flax_variables(template).items()}
 
 
-def check_variables(model: ResNet, variables: Any) -> None:
+def check_variables(model: ResNet, variables: Any, what: str = "The variables") -> None:
     """ValueError unless `variables` ({'params', 'batch_stats'}) fit `model`, naming the first
     entry that does not (variables of another depth, width or class count would otherwise fail
-    deep inside Flax, or, for a missing 'batch_stats', as a bare KeyError)."""
+    deep inside Flax, or, for a missing 'batch_stats', as a bare KeyError). `what` names the
+    variables in the message."""
     if not isinstance(variables, Mapping) or not {"params", "batch_stats"} <= variables.keys():
         given = sorted(map(str, variables)) if isinstance(variables, Mapping) else f"a {type(variables).__name__}"
         raise ValueError(
@@ -243,7 +244,7 @@ def check_variables(model: ResNet, variables: Any) -> None:
     given = {key: tuple(np.shape(leaf)) for key, leaf in _flax_variables(variables).items()}
     depth = next((d for d, sizes in DEPTHS.items() if tuple(sizes) == tuple(model.stage_sizes)), None)
     name = f"ResNet{depth}" if depth else f"the ResNet with stages {tuple(model.stage_sizes)}"
-    subject = f"The variables do not fit {name} at width {model.width} with {model.num_classes} classes"
+    subject = f"{what} do not fit {name} at width {model.width} with {model.num_classes} classes"
     params_first = lambda key: (key[0] != "params", key)  # noqa: E731
     missing = sorted(expected.keys() - given.keys(), key=params_first)
     extra = sorted(given.keys() - expected.keys(), key=params_first)

@@ -543,9 +543,11 @@ def train_and_evaluate(
             )
             is_best = test["accuracy"] > best_acc
             best_acc = max(best_acc, test["accuracy"])
-            # The compute dtype lets a report say when its float32 figures differ from these.
+            # The compute dtype lets a report say when its float32 figures differ from these; the class
+            # names let explain check that the data it loads is what the run was trained on.
             checkpointer.save(epoch, state, {"test_acc": float(test["accuracy"]), "test_loss": float(test["loss"]),
-                                             "compute_dtype": jnp.dtype(model.dtype).name}, is_best)
+                                             "compute_dtype": jnp.dtype(model.dtype).name,
+                                             "class_names": list(dataset.class_names)}, is_best)
             write_json(run_dir / "history.json", history)
             if writer is not None:
                 for key, value in record.items():
