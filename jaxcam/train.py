@@ -383,6 +383,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         value = config[key]
         if not is_integer(value, least):
             raise ValueError(f"config.{key} must be a {'positive' if least else 'non-negative'} integer, got {value!r}.")
+    if not is_integer(config.seed, 0) or config.seed >= 2**63:
+        # numpy refuses a negative seed only when the first epoch draws its shuffle.
+        raise ValueError(f"config.seed must be an integer in 0..2**63 - 1, got {config.seed!r}.")
     if config.max_lr != "auto" and not (is_number(config.max_lr) and config.max_lr > 0):
         raise ValueError(f"config.max_lr must be a positive number or 'auto', got {config.max_lr!r}.")
     # Numbers out of range would train without complaint but mean nothing (a Cutout probability

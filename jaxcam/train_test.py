@@ -240,6 +240,8 @@ def test_cli_trains_and_writes_the_run_directory(official_folder, tmp_path, caps
         (["--config.data_dir='/nonexistent/cifar'"], "does not exist"),
         (["--config.cutout_prob=2"], "config.cutout_prob must lie in [0, 1], got 2.0."),
         (["--config.crop_padding=-1"], "config.crop_padding must be a non-negative integer, got -1."),
+        (["--config.seed=-1"], "config.seed must be an integer in 0..2**63 - 1, got -1."),
+        ([f"--config.seed={2**64}"], f"config.seed must be an integer in 0..2**63 - 1, got {2**64}."),
     ],
 )
 def test_cli_bad_input_gives_one_clear_error(extra, message, official_folder, tmp_path, capsys):
