@@ -253,8 +253,10 @@ def explain_run(
         report = viz.classification_report(test_labels, predictions, names)
 
         faithfulness_rows = []
-        if faithfulness_images > 0:
-            chosen = np.arange(min(faithfulness_images, len(test_images)))
+        # More than the test split asks for all of it; the heading says how many were used.
+        faithfulness_count = min(faithfulness_images, len(test_images))
+        if faithfulness_count > 0:
+            chosen = np.arange(faithfulness_count)
             x = run.normalize(test_images[chosen])
             maps = cam_lib.compute(run.model, run.variables, x, layer=layers[0], method=method)
             targets = predictions[chosen]
@@ -274,7 +276,8 @@ def explain_run(
                                  out / "custom_images.png",
                                  title=f"Your images: {method} at {layers[0]} for their top {top_classes.shape[1]} classes")
             written["custom_images.png"] = "Your images with the CAMs of their two most likely classes"
-        _write_report(out, run, summary, report, written, faithfulness_rows, custom_rows, method, layers)
+        _write_report(out, run, summary, report, written, faithfulness_rows, faithfulness_count, custom_rows, method,
+                      layers)
     log(f"Wrote the report to {final / 'report.md'} and {final / 'report.html'}")
     return final
 
@@ -292,7 +295,8 @@ def _staged(folder: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_report(out: Path, run: LoadedRun, summary, report, written, faithfulness_rows, custom_rows, method, layers):
+def _write_report(out: Path, run: LoadedRun, summary, report, written, faithfulness_rows, faithfulness_count,
+                  custom_rows, method, layers):
     best = max(run.history, key=lambda r: r["test_acc"]) if run.history else None
     lines = [
         f"# jaxcam report: {run.run_dir.name}",
@@ -309,7 +313,7 @@ def _write_report(out: Path, run: LoadedRun, summary, report, written, faithfuln
         lines += [f"## {caption}", "", f"![{caption}]({name})", ""]
     lines += ["## Precision, recall and F1 (test)", "", viz.report_table(report), ""]
     if faithfulness_rows:
-        lines += ["## Faithfulness (first test images, predicted class)", "",
+        lines += [f"## Faithfulness (the first {faithfulness_count} test images, predicted class)", "",
                   "| map | deletion AUC ↓ | insertion AUC ↑ | average drop % ↓ | increase in confidence % ↑ |",
                   "|---|---:|---:|---:|---:|"]
         for label, m in faithfulness_rows:

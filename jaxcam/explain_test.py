@@ -54,6 +54,7 @@ def test_report_markdown_and_html(report):
     for name in REQUIRED_FILES[:-1]:
         assert f"]({name})" in text
     assert "Test accuracy" in text and "| airplane |" in text and "deletion AUC" in text and "random baseline" in text
+    assert "## Faithfulness (the first 8 test images, predicted class)" in text
     html = (report / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 8 and 'src="curves.png"' not in html
     # Every list item sits in a list, and the summary's items share one.
