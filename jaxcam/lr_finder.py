@@ -22,6 +22,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxcam import data as data_lib
+from jaxcam import models
 from jaxcam._checks import is_integer
 from jaxcam import train as train_lib
 from jaxcam.checkpoint import write_json
@@ -135,6 +136,8 @@ def range_test(
     (images, labels) the recorded loss is the validation loss after each step (slower, as in
     pytorch-lr-finder's `val_loader` mode). Runs data-parallel over `mesh` (all local devices).
     """
+    if isinstance(model, models.ResNet):  # other modules are taken as they are
+        models.check_variables(model, variables)
     lrs = lr_sequence(start_lr, end_lr, num_iter, step_mode)
     schedule = lambda count: jnp.asarray(lrs, jnp.float32)[jnp.minimum(count, num_iter - 1)]
     tx = make_optimizer(schedule)
@@ -230,7 +233,7 @@ def run_for_config(config: Any, dataset: data_lib.Cifar10, run_dir: str | Path, 
     settings = config.get("lr_finder")
     validate_settings(settings)
     model = train_lib.build(config, dataset.num_classes)
-    variables = train_lib.models.init_variables(model, jax.random.key(config.seed))
+    variables = models.init_variables(model, jax.random.key(config.seed))
 
     def make_optimizer(schedule: optax.Schedule) -> optax.GradientTransformation:
         # The training optimizer with the sweep as its lr and a constant momentum, as

@@ -101,6 +101,10 @@ def test_range_test_leaves_the_state_untouched(tiny_dataset):
         lr_finder.range_test(model, {"params": state.params, "batch_stats": state.batch_stats},
                              lambda s: optax.adam(s), batches(), opt_state=state.opt_state, mean=tiny_dataset.mean,
                              std=tiny_dataset.std, num_iter=3, progress=False, mesh=mesh)
+    # Parameters alone had been a bare KeyError ('batch_stats').
+    with pytest.raises(ValueError, match="must be a mapping with 'params' and 'batch_stats'"):
+        lr_finder.range_test(model, {"params": state.params}, make_optimizer, batches(), mean=tiny_dataset.mean,
+                             std=tiny_dataset.std, num_iter=3, progress=False, mesh=mesh)
 
 
 def test_cli_find_lr_writes_plot_and_suggestion(official_folder, tmp_path, capsys):
