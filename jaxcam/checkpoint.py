@@ -99,7 +99,9 @@ def load_variables(run_dir: str | os.PathLike, which: str = "best") -> tuple[dic
     manager = _manager(directory, create=False)
     epoch = manager.latest_step()
     if epoch is None:
-        raise CheckpointError(f"No complete {which} checkpoint in {str(directory)!r}.")
+        # What a run stopped during its first epoch leaves.
+        raise CheckpointError(f"No complete {which} checkpoint in {str(directory)!r}: no epoch of this run has "
+                              "ended yet; train.py --resume continues it.")
     try:
         restored = manager.restore(
             epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())

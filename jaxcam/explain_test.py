@@ -11,7 +11,7 @@ from PIL import Image
 import explain as explain_cli
 from conftest import ROOT, write_official_batches
 from jaxcam import cam
-from jaxcam.checkpoint import load_variables
+from jaxcam.checkpoint import Checkpointer, load_variables
 from jaxcam.configuration import load_config_file
 from jaxcam.data import DataError, load_cifar10
 from jaxcam.explain import REQUIRED_FILES, explain_images, load_image_files, load_run
@@ -211,6 +211,19 @@ def test_a_failure_part_way_leaves_the_previous_report_whole(smoke_run, report, 
 def test_not_a_run_directory(tmp_path, capsys):
     code, _, err = run(["--workdir", tmp_path], capsys)
     assert code == 1 and "not a jaxcam run directory" in err
+
+
+def test_a_run_stopped_in_its_first_epoch_is_said_to_have_no_checkpoint_yet(smoke_run, tmp_path, capsys):
+    # What Ctrl-C during epoch 1 leaves: config.json and empty checkpoint folders, no history.
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    shutil.copy(smoke_run / "config.json", stopped)
+    Checkpointer(stopped).close()
+    code, _, err = run(["--workdir", stopped], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert (f"No complete best checkpoint in {str(stopped / 'checkpoints' / 'best')!r}: no epoch of this run has "
+            "ended yet; train.py --resume continues it.") in err
+    assert not (stopped / "report").exists()
 
 
 def test_corrupt_best_checkpoint_keeps_the_existing_report(smoke_run, tmp_path, capsys):
