@@ -123,13 +123,19 @@ def _to_rgb8(img: "PIL.Image.Image", path: str | os.PathLike) -> "PIL.Image.Imag
         raise data_lib.DataError(
             f"{str(path)!r} has 32-bit {'float' if img.mode == 'F' else 'integer'} pixels of no fixed range; "
             "save it as an 8-bit or 16-bit PNG or a JPEG.")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        # Transparent pixels keep whatever colour is stored under them (often black), which the
+        # user never sees: viewers show them on white, so the model is shown them on white too.
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return img.convert("RGB")
 
 
 def load_image_files(paths: Sequence[str | os.PathLike]) -> np.ndarray:
     """Read PNG/JPEG files as uint8 RGB (N, 32, 32, 3), resized with antialiasing.
 
-    Photos are turned upright by their EXIF orientation; 16-bit PNGs are scaled to 8 bits.
+    Photos are turned upright by their EXIF orientation; 16-bit PNGs are scaled to 8 bits;
+    transparent pixels are shown on white.
     """
     from PIL import Image, UnidentifiedImageError
 

@@ -153,6 +153,26 @@ def test_image_files_are_read_upright_and_as_8bit_rgb(tmp_path):
     np.testing.assert_allclose(from_phone, expected, atol=3)  # JPEG's rounding
 
 
+def test_transparent_pixels_are_read_as_white(tmp_path):
+    # An opaque red square on a transparent background whose stored colour is black, as editors
+    # often leave it: viewers show white around the square, and so must the model's input.
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[16:48, 16:48] = (200, 0, 0, 255)
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    palette = Image.fromarray(rgba[..., :3]).convert("P")  # black is one palette entry: make it transparent
+    palette.save(tmp_path / "palette.png", transparency=int(np.asarray(palette)[0, 0]))
+    Image.fromarray(rgba).convert("LA").save(tmp_path / "grey_alpha.png")
+    Image.fromarray(rgba[..., :3]).save(tmp_path / "opaque.png")
+    rgba_image, palette_image, grey_image, opaque_image = load_image_files(
+        [tmp_path / name for name in ("rgba.png", "palette.png", "grey_alpha.png", "opaque.png")])
+    for image in (rgba_image, palette_image, grey_image):
+        assert (image[:4] == 255).all() and (image[:, :4] == 255).all()  # the border is white
+    np.testing.assert_array_equal(rgba_image[16, 16], (200, 0, 0))
+    np.testing.assert_allclose(palette_image[16, 16], (200, 0, 0), atol=5)  # the palette's nearest red
+    assert len(set(grey_image[16, 16])) == 1 and grey_image[16, 16, 0] < 100  # red's luminance, as grey
+    assert (opaque_image[:4] == 0).all()  # without transparency, black stays black
+
+
 def test_32bit_image_files_are_refused(tmp_path):
     path = tmp_path / "float.tiff"
     Image.fromarray(np.random.default_rng(0).random((32, 32), np.float32)).save(path)
