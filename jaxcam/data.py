@@ -367,9 +367,17 @@ def normalize(images: Any, mean: Sequence[float], std: Sequence[float], dtype: A
     if getattr(images, "dtype", None) != np.uint8:
         # Float images are most likely normalized already; a second pass would silently skew them.
         raise ValueError(f"normalize takes uint8 images (0..255), got {getattr(images, 'dtype', type(images).__name__)}.")
+    mean_values, std_values = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    channels = images.shape[-1]
+    if (mean_values.shape != (channels,) or std_values.shape != (channels,) or not np.isfinite(mean_values).all()
+            or not ((mean_values >= 0) & (mean_values <= 1) & (std_values > 0) & (std_values <= 1)).all()):
+        # PyTorch recipes also write the mean in pixel values (125.3, 123.0, 113.9); taken as it is,
+        # every image would come out a flat, hugely negative array without a word.
+        raise ValueError(f"normalize takes {channels} per-channel values each of mean in [0, 1] and std in (0, 1], "
+                         f"in units of pixel / 255 (as Cifar10.mean and .std), got mean {mean!r} and std {std!r}.")
     xp = jnp if not isinstance(images, np.ndarray) else np
-    scale = xp.asarray(1.0 / (255.0 * np.asarray(std, np.float32)), np.float32)
-    shift = xp.asarray(np.asarray(mean, np.float32) / np.asarray(std, np.float32), np.float32)
+    scale = xp.asarray(1.0 / (255.0 * std_values), np.float32)
+    shift = xp.asarray(mean_values / std_values, np.float32)
     out = images.astype(np.float32) * scale - shift
     return out.astype(dtype) if dtype is not None else out
 

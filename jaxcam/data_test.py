@@ -227,6 +227,19 @@ def test_normalize_refuses_float_images():
         data_lib.normalize(normalized, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
+@pytest.mark.parametrize("mean, std", [
+    ((125.3, 123.0, 113.9), (63.0, 62.1, 66.7)),  # pixel values, as some PyTorch recipes write them
+    ((0.49, 0.48, 0.45), (0.0, 0.24, 0.26)),  # a zero std
+    ((0.49, 0.48), (0.25, 0.24)),  # two channels for three
+    ((float("nan"), 0.48, 0.45), (0.25, 0.24, 0.26)),
+])
+def test_normalize_refuses_statistics_out_of_its_units(mean, std):
+    images = np.full((2, 32, 32, 3), 128, np.uint8)
+    with pytest.raises(ValueError, match=r"normalize takes 3 per-channel values each of mean in \[0, 1\] and std in "
+                                         r"\(0, 1\], in units of pixel / 255 \(as Cifar10.mean and .std\), got mean"):
+        data_lib.normalize(images, mean, std)
+
+
 def test_augment_is_deterministic_per_seed(real_subset):
     x = real_subset.train_images[:256]
     a = data_lib.augment_batch(x, np.random.default_rng(7))
