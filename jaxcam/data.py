@@ -296,7 +296,8 @@ def augment_batch(
     masked copy over rows of W*C bytes, and one scatter restores the input order.
     Cutout follows DeVries & Taylor: a `cutout_size` square whose centre is uniform over the
     image, clipped at the border, applied with probability `cutout_prob`, filled with `fill`
-    (whole pixel values 0..255: the dataset mean, so 0 after normalization). Deterministic for a given `rng` state.
+    (whole pixel values 0..255: the dataset mean, so 0 after normalization). Deterministic for
+    a given `rng` state.
     """
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4:
