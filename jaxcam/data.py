@@ -135,10 +135,23 @@ def _load_local(path: Path) -> Cifar10:
             return _load_folder(candidate)
     if (path / _ARCHIVE).is_file():
         return _load_archive(path / _ARCHIVE)
+    try:
+        present = {p.name for p in path.iterdir()} | {p.name for p in path.glob("*/*")}
+    except OSError:  # an unreadable folder only costs the hint
+        present = set()
     raise DataError(
         f"No CIFAR-10 found in {str(path)!r}: expected {_ARCHIVE}, a {_BATCH_FOLDER}/ folder, "
-        "or the batch files themselves."
+        f"or the batch files themselves{_other_download(present)}."
     )
+
+
+def _other_download(names: set[str]) -> str:
+    """A hint when file `names` are those of the two downloads most often taken for this one."""
+    if "data_batch_1.bin" in names or "test_batch.bin" in names:
+        return f"; these are CIFAR-10's binary (C) version, and jaxcam reads its Python version, {_ARCHIVE}"
+    if {"train", "test", "meta"} <= names:
+        return "; these look like CIFAR-100 (train, test, meta), which jaxcam does not read"
+    return ""
 
 
 def _load_folder(folder: Path) -> Cifar10:
@@ -168,7 +181,7 @@ def _load_archive(archive: Path) -> Cifar10:
 
     def read(name: str) -> bytes:
         if name not in contents:
-            raise DataError(f"CIFAR-10 archive {str(archive)!r} has no member {name!r}.")
+            raise DataError(f"CIFAR-10 archive {str(archive)!r} has no member {name!r}{_other_download(set(members))}.")
         return contents[name]
 
     return _assemble(read, str(archive))

@@ -1,5 +1,6 @@
 import pickle
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -54,6 +55,33 @@ def test_missing_path(tmp_path):
 def test_empty_folder(tmp_path):
     with pytest.raises(DataError, match="No CIFAR-10 found"):
         data_lib.load_cifar10(tmp_path)
+
+
+@pytest.mark.parametrize("folder, files, hint", [
+    ("cifar-10-batches-bin", [*(f"data_batch_{i}.bin" for i in range(1, 6)), "test_batch.bin", "batches.meta.txt"],
+     "; these are CIFAR-10's binary (C) version, and jaxcam reads its Python version, cifar-10-python.tar.gz."),
+    ("cifar-100-python", ["train", "test", "meta"],
+     "; these look like CIFAR-100 (train, test, meta), which jaxcam does not read."),
+])
+def test_the_downloads_taken_for_this_one_are_named(tmp_path, folder, files, hint):
+    # Both are official downloads beside the Python version; before, neither error said what they were.
+    (tmp_path / folder).mkdir()
+    for name in files:
+        (tmp_path / folder / name).write_bytes(b"\x00" * 64)
+    archive = tmp_path / f"{folder}.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / folder, arcname=folder)
+    with pytest.raises(DataError) as folder_error:
+        data_lib.load_cifar10(tmp_path / folder)
+    with pytest.raises(DataError) as parent_error:
+        data_lib.load_cifar10(tmp_path)  # the folder beside its archive: the archive is not cifar-10-python.tar.gz
+    with pytest.raises(DataError) as archive_error:
+        data_lib.load_cifar10(archive)
+    assert str(folder_error.value) == (f"No CIFAR-10 found in {str(tmp_path / folder)!r}: expected "
+                                       f"cifar-10-python.tar.gz, a cifar-10-batches-py/ folder, or the batch files "
+                                       f"themselves{hint}")
+    assert str(parent_error.value).endswith(hint)
+    assert str(archive_error.value) == f"CIFAR-10 archive {str(archive)!r} has no member 'data_batch_1'{hint}"
 
 
 def test_missing_batch_file(official_folder, tmp_path):
