@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import flax.serialization
 import jax
@@ -82,6 +85,28 @@ class Checkpointer:
                 f"not match this model ({type(e).__name__}: {_first_line(e)})."
             ) from None
         return state, dict(restored["meta"])
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Run the block whole: a Ctrl-C (SIGINT) that arrives inside it takes effect when it ends.
+
+    Around an epoch's checkpoint and history, so that both are written or neither: a
+    KeyboardInterrupt inside orbax's save left its asyncio loop half-made (a traceback after
+    the one-sentence error, and no checkpoint), or a checkpoint without its history record.
+    Signals can only be handled in the main thread; elsewhere the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[Any] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and callable(previous):  # SIG_IGN and SIG_DFL are not callable
+            previous(signal.SIGINT, received[0])  # Python's default handler raises KeyboardInterrupt
 
 
 def load_variables(run_dir: str | os.PathLike, which: str = "best") -> tuple[dict, dict]:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from jaxcam import data as data_lib
 from jaxcam._checks import is_integer, is_number
 from jaxcam import models
-from jaxcam.checkpoint import Checkpointer, make_writable_folder, write_json
+from jaxcam.checkpoint import Checkpointer, interrupts_deferred, make_writable_folder, write_json
 from jaxcam.configuration import CONFIG_KEYS, ConfigError, check_keys
 from jaxcam.schedules import onecycle
 
@@ -548,10 +548,11 @@ def train_and_evaluate(
             best_acc = max(best_acc, test["accuracy"])
             # The compute dtype lets a report say when its float32 figures differ from these; the class
             # names let explain check that the data it loads is what the run was trained on.
-            checkpointer.save(epoch, state, {"test_acc": float(test["accuracy"]), "test_loss": float(test["loss"]),
-                                             "compute_dtype": jnp.dtype(model.dtype).name,
-                                             "class_names": list(dataset.class_names)}, is_best)
-            write_json(run_dir / "history.json", history)
+            with interrupts_deferred():
+                checkpointer.save(epoch, state, {"test_acc": float(test["accuracy"]), "test_loss": float(test["loss"]),
+                                                 "compute_dtype": jnp.dtype(model.dtype).name,
+                                                 "class_names": list(dataset.class_names)}, is_best)
+                write_json(run_dir / "history.json", history)
             if writer is not None:
                 for key, value in record.items():
                     if key != "epoch":
