@@ -146,6 +146,10 @@ def load_image_files(paths: Sequence[str | os.PathLike]) -> np.ndarray:
                 images.append(np.asarray(_to_rgb8(img, path).resize((32, 32), Image.Resampling.LANCZOS), np.uint8))
         except FileNotFoundError:
             raise data_lib.DataError(f"Image file {str(path)!r} does not exist.") from None
+        except Image.DecompressionBombError:  # PIL's guard against images made to exhaust memory
+            raise data_lib.DataError(
+                f"{str(path)!r} has more pixels than PIL opens safely ({2 * Image.MAX_IMAGE_PIXELS:,}); scale it "
+                "down first, as it is resized to 32x32 anyway.") from None
         except (UnidentifiedImageError, OSError) as e:
             raise data_lib.DataError(f"{str(path)!r} is not a readable PNG or JPEG image ({type(e).__name__}).") from None
     return np.stack(images)

@@ -173,6 +173,17 @@ def test_transparent_pixels_are_read_as_white(tmp_path):
     assert (opaque_image[:4] == 0).all()  # without transparency, black stays black
 
 
+def test_an_image_over_pils_size_limit_is_refused_in_one_sentence(tmp_path, monkeypatch):
+    # It had been a DecompressionBombError traceback. PIL's real limit is about 179 megapixels; a
+    # lower one (PIL's own setting) keeps the test file small.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    path = tmp_path / "panorama.png"
+    Image.new("RGB", (64, 64)).save(path)
+    with pytest.raises(DataError, match=rf"{re.escape(repr(str(path)))} has more pixels than PIL opens safely "
+                                        r"\(2,000\); scale it down first, as it is resized to 32x32 anyway."):
+        load_image_files([path])
+
+
 def test_32bit_image_files_are_refused(tmp_path):
     path = tmp_path / "float.tiff"
     Image.fromarray(np.random.default_rng(0).random((32, 32), np.float32)).save(path)
