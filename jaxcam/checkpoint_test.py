@@ -7,7 +7,16 @@ import pytest
 from jaxcam.checkpoint import interrupts_deferred
 
 
-def test_a_ctrl_c_inside_the_block_takes_effect_when_it_ends():
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own Ctrl-C handler for the test: a process started in the background by a
+    non-interactive shell (as CI may start the suite) inherits SIGINT ignored instead."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited)
+
+
+def test_a_ctrl_c_inside_the_block_takes_effect_when_it_ends(python_sigint_handler):
     before = signal.getsignal(signal.SIGINT)
     finished = []
     with pytest.raises(KeyboardInterrupt):
@@ -20,7 +29,7 @@ def test_a_ctrl_c_inside_the_block_takes_effect_when_it_ends():
     assert signal.getsignal(signal.SIGINT) is before  # the handler is restored
 
 
-def test_without_a_ctrl_c_nothing_changes_and_errors_pass_through():
+def test_without_a_ctrl_c_nothing_changes_and_errors_pass_through(python_sigint_handler):
     before = signal.getsignal(signal.SIGINT)
     with interrupts_deferred():
         pass
