@@ -383,7 +383,8 @@ def normalize(images: Any, mean: Sequence[float], std: Sequence[float], dtype: A
         raise ValueError(f"normalize takes uint8 images (0..255), got {getattr(images, 'dtype', type(images).__name__)}.")
     mean_values, std_values = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     channels = images.shape[-1]
-    if (mean_values.shape != (channels,) or std_values.shape != (channels,) or not np.isfinite(mean_values).all()
+    # The range tests also refuse NaN, which compares false.
+    if (mean_values.shape != (channels,) or std_values.shape != (channels,)
             or not ((mean_values >= 0) & (mean_values <= 1) & (std_values > 0) & (std_values <= 1)).all()):
         # PyTorch recipes also write the mean in pixel values (125.3, 123.0, 113.9); taken as it is,
         # every image would come out a flat, hugely negative array without a word.

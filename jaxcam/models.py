@@ -208,20 +208,27 @@ def _jitted_init(model: ResNet, image_size: int, backend: str | None) -> Any:
     return jax.jit(init, compiler_options=INIT_COMPILER_OPTIONS.get(backend, {}))
 
 
+def _per_model(cached: Any, model: ResNet, *args: Any) -> Any:
+    """`cached(model, *args)` through its lru_cache, or uncached for a model with unhashable fields
+    (stage_sizes as a list, as Flax's examples write it), which cannot key a cache."""
+    try:
+        hash(model)
+    except TypeError:
+        return cached.__wrapped__(model, *args)
+    return cached(model, *args)
+
+
 def init_variables(model: ResNet, rng: jax.Array, image_size: int = 32) -> dict:
     """{'params', 'batch_stats'} for `model`, without the per-call `perturbations`/`intermediates`."""
     # Under a trace (jax.eval_shape for shapes) the jit is nested, and JAX takes compiler options
     # only at the top level.
     backend = None if isinstance(rng, jax.core.Tracer) else jax.default_backend()
-    try:
-        init = _jitted_init(model, image_size, backend)
-    except TypeError:  # unhashable fields (stage_sizes as a list, as Flax's examples write it) cannot key the cache
-        init = _jitted_init.__wrapped__(model, image_size, backend)
-    return init(rng)
+    return _per_model(_jitted_init, model, image_size, backend)(rng)
 
 
 @functools.lru_cache(maxsize=16)
 def _variable_shapes(model: ResNet) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{(collection, *path): shape} of `model`'s variables, without computing them."""
     template = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
     return {key: tuple(leaf.shape) for key, leaf in _flax_variables(template).items()}
 
@@ -231,16 +238,13 @@ def check_variables(model: ResNet, variables: Any, what: str = "The variables") 
     entry that does not (variables of another depth, width or class count would otherwise fail
     deep inside Flax, or, for a missing 'batch_stats', as a bare KeyError). `what` names the
     variables in the message."""
-    if not isinstance(variables, Mapping) or not {"params", "batch_stats"} <= variables.keys():
+    if not _is_variables(variables):
         given = sorted(map(str, variables)) if isinstance(variables, Mapping) else f"a {type(variables).__name__}"
         raise ValueError(
             "Model variables must be a mapping with 'params' and 'batch_stats' (the BatchNorm running "
             f"statistics), as init_variables and checkpoint.load_variables return them; got {given}."
         )
-    try:
-        expected = _variable_shapes(model)
-    except TypeError:  # unhashable fields cannot key the cache
-        expected = _variable_shapes.__wrapped__(model)
+    expected = _per_model(_variable_shapes, model)
     given = {key: tuple(np.shape(leaf)) for key, leaf in _flax_variables(variables).items()}
     depth = next((d for d, sizes in DEPTHS.items() if tuple(sizes) == tuple(model.stage_sizes)), None)
     name = f"ResNet{depth}" if depth else f"the ResNet with stages {tuple(model.stage_sizes)}"
@@ -337,6 +341,11 @@ def _torch_axes(ndim: int) -> tuple[int, ...]:
     return (3, 2, 0, 1) if ndim == 4 else (1, 0) if ndim == 2 else tuple(range(ndim))
 
 
+def _is_variables(variables: Any) -> bool:
+    """A mapping with the two collections the model keeps, 'params' and 'batch_stats'."""
+    return isinstance(variables, Mapping) and {"params", "batch_stats"} <= variables.keys()
+
+
 def _flax_variables(variables: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
     """{(collection, *path): leaf} over 'params' and 'batch_stats'."""
     return {(collection,) + path: leaf for collection in ("params", "batch_stats")
@@ -366,8 +375,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], width: int = 64, depth:
                          f"channels), not width {width}; pass width={channels}.")
     num_classes = int(given["linear.weight"].shape[0]) if "linear.weight" in given else 10
     model = ResNet(DEPTHS[depth], num_classes=num_classes, width=width)
-    template = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
-    shapes = _flax_variables(template)
+    shapes = _variable_shapes(model)
     expected = {_torch_name(key): key for key in shapes}
     missing, extra = sorted(expected.keys() - given.keys()), sorted(given.keys() - expected.keys())
     if missing or extra:
@@ -379,8 +387,8 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], width: int = 64, depth:
     flat: dict[tuple[str, ...], np.ndarray] = {}
     for name, array in given.items():
         key = expected[name]
-        axes = _torch_axes(len(shapes[key].shape))
-        want = tuple(shapes[key].shape[a] for a in axes)
+        axes = _torch_axes(len(shapes[key]))
+        want = tuple(shapes[key][a] for a in axes)
         if array.shape != want:
             raise ValueError(f"State dict entry {name!r} has shape {array.shape}, expected {want} "
                              f"for ResNet{depth} at width {width}.")
@@ -425,7 +433,7 @@ def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
     Load it with `model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})`.
     """
-    if not isinstance(variables, Mapping) or not {"params", "batch_stats"} <= variables.keys():
+    if not _is_variables(variables):
         raise ValueError("to_torch_state_dict takes a model's variables, a mapping with 'params' and 'batch_stats'.")
     out: dict[str, np.ndarray] = {}
     for key, value in _flax_variables(variables).items():
