@@ -264,6 +264,13 @@ def test_variables_that_do_not_fit_the_model(setup):
         cam.compute(models.ResNet18(width=16), variables, images)
 
 
+def test_a_model_with_its_stage_sizes_as_a_list_is_explained(setup):
+    # jit takes the model as a static argument: a list field had made it unhashable (a JAX error).
+    model, variables, images = setup
+    listed = models.ResNet(list(model.stage_sizes), width=model.width)
+    np.testing.assert_array_equal(cam.compute(listed, variables, images), cam.compute(model, variables, images))
+
+
 def test_a_bfloat16_model_is_explained_in_float32(setup):
     model, variables, images = setup
     reference = cam.compute(model, variables, images, layer="layer2")

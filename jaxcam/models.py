@@ -129,6 +129,9 @@ class ResNet(nn.Module):
             value = getattr(self, name)
             if not is_integer(value, 1):
                 raise ValueError(f"ResNet {name} must be a positive integer, got {value!r}.")
+        # Stage sizes given as a list (as Flax's examples write them) would make the module
+        # unhashable, and jit takes it as a static argument (cam.compute) and caches key on it.
+        object.__setattr__(self, "stage_sizes", tuple(self.stage_sizes))
         super().__post_init__()
 
     @nn.compact
@@ -208,22 +211,12 @@ def _jitted_init(model: ResNet, image_size: int, backend: str | None) -> Any:
     return jax.jit(init, compiler_options=INIT_COMPILER_OPTIONS.get(backend, {}))
 
 
-def _per_model(cached: Any, model: ResNet, *args: Any) -> Any:
-    """`cached(model, *args)` through its lru_cache, or uncached for a model with unhashable fields
-    (stage_sizes as a list, as Flax's examples write it), which cannot key a cache."""
-    try:
-        hash(model)
-    except TypeError:
-        return cached.__wrapped__(model, *args)
-    return cached(model, *args)
-
-
 def init_variables(model: ResNet, rng: jax.Array, image_size: int = 32) -> dict:
     """{'params', 'batch_stats'} for `model`, without the per-call `perturbations`/`intermediates`."""
     # Under a trace (jax.eval_shape for shapes) the jit is nested, and JAX takes compiler options
     # only at the top level.
     backend = None if isinstance(rng, jax.core.Tracer) else jax.default_backend()
-    return _per_model(_jitted_init, model, image_size, backend)(rng)
+    return _jitted_init(model, image_size, backend)(rng)
 
 
 @functools.lru_cache(maxsize=16)
@@ -244,7 +237,7 @@ def check_variables(model: ResNet, variables: Any, what: str = "The variables") 
             "Model variables must be a mapping with 'params' and 'batch_stats' (the BatchNorm running "
             f"statistics), as init_variables and checkpoint.load_variables return them; got {given}."
         )
-    expected = _per_model(_variable_shapes, model)
+    expected = _variable_shapes(model)
     given = {key: tuple(np.shape(leaf)) for key, leaf in _flax_variables(variables).items()}
     depth = next((d for d, sizes in DEPTHS.items() if tuple(sizes) == tuple(model.stage_sizes)), None)
     name = f"ResNet{depth}" if depth else f"the ResNet with stages {tuple(model.stage_sizes)}"

@@ -37,7 +37,8 @@ def test_init_compiled_at_lower_optimization_gives_the_same_variables():
 
 
 def test_init_of_a_model_with_list_fields_matches_the_tuple_one():
-    # Flax modules with list fields cannot be hashed, so they cannot key init_variables' cache.
+    # Flax's examples write stage sizes as a list; the module keeps them as a tuple, so it stays
+    # hashable (init_variables' cache, and jit's static arguments in cam.compute).
     listed = models.init_variables(models.ResNet([2, 2, 2, 2], width=4), jax.random.key(1))
     tupled = models.init_variables(models.ResNet18(width=4), jax.random.key(1))
     jax.tree_util.tree_map(np.testing.assert_array_equal, listed, tupled)
