@@ -194,12 +194,13 @@ def _check_targets(targets: Any, n: int, num_classes: int) -> np.ndarray:
     if targets is None:
         return np.full(n, -1, np.int32)
     targets = np.asarray(targets)
+    # Checked before a scalar is broadcast, so that 2.7 is refused rather than read as class 2.
+    if not np.issubdtype(targets.dtype, np.integer):
+        raise ValueError(f"Target classes must be integers, got {targets.dtype} ({targets.ravel()[:3].tolist()}).")
     if targets.ndim == 0:
-        targets = np.full(n, int(targets))
+        targets = np.full(n, targets)
     if targets.shape != (n,):
         raise ValueError(f"Give one target class per image: {n} images but targets of shape {targets.shape}.")
-    if not np.issubdtype(targets.dtype, np.integer):
-        raise ValueError(f"Target classes must be integers, got dtype {targets.dtype}.")
     check_target_range(targets, num_classes)
     return targets.astype(np.int32)
 

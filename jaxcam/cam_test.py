@@ -224,12 +224,24 @@ def test_multi_layer_combination_is_mean_of_normalized_maps(setup):
         (dict(targets=[0, 1]), "one target class per image"),
         (dict(targets=[0, 1, 2, 3, 4, 10]), "Target class 10 is out of range"),
         (dict(targets=[0, 1, 2, 3, 4, -1]), "Target class -1 is out of range"),
+        # A scalar was cast with int() before its dtype was checked: 2.7 explained class 2.
+        (dict(targets=2.7), r"Target classes must be integers, got float64 \(\[2.7\]\)"),
+        (dict(targets="cat"), "Target classes must be integers, got <U3"),
+        (dict(targets=True), "Target classes must be integers, got bool"),
     ],
 )
 def test_bad_arguments(setup, kwargs, message):
     model, variables, images = setup
     with pytest.raises(ValueError, match=message):
         cam.compute(model, variables, images, **kwargs)
+
+
+def test_scalar_target_explains_that_class_for_every_image(setup):
+    model, variables, images = setup
+    np.testing.assert_array_equal(
+        cam.compute(model, variables, images, targets=np.int64(3)),
+        cam.compute(model, variables, images, targets=[3] * len(images)),
+    )
 
 
 def test_bad_images(setup):
