@@ -36,6 +36,20 @@ def _check_inputs(images: np.ndarray, saliency: np.ndarray, targets: np.ndarray)
     return images, saliency, targets
 
 
+def _check_baseline(baseline: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The baseline broadcast to the images' shape (N, H, W, 3): one per image, one image, or one colour."""
+    baseline = np.asarray(baseline, np.float32)
+    try:
+        baseline = np.broadcast_to(baseline, shape)
+    except ValueError:
+        raise ValueError(
+            f"The baseline must have the images' shape {shape}, or one image's or one colour's, got {baseline.shape}."
+        ) from None
+    if not np.isfinite(baseline).all():
+        raise ValueError("The baseline has NaN or infinite values.")
+    return baseline
+
+
 def _softmax_target(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     logits = np.asarray(logits, np.float64)
     check_target_range(targets, logits.shape[-1])
@@ -76,7 +90,8 @@ def deletion_insertion_curves(
 
     Step k has the top `round(k / steps * H * W)` pixels of the saliency (N, H, W) replaced by
     the baseline (deletion: 0 = mean colour; insertion starts from the baseline, by default a
-    blurred copy, and puts the image's pixels back).
+    blurred copy, and puts the image's pixels back). A given baseline is normalized like the
+    images: (N, H, W, 3), one image (H, W, 3) or one colour (3,).
     """
     images, saliency, targets = _check_inputs(images, saliency, targets)
     n, h, w, _ = images.shape
@@ -86,6 +101,8 @@ def deletion_insertion_curves(
         raise ValueError(f"Unknown mode {mode!r}; choose 'deletion' or 'insertion'.")
     if baseline is None:
         baseline = np.zeros_like(images) if mode == "deletion" else blur(images)
+    else:
+        baseline = _check_baseline(baseline, images.shape)
     order = np.argsort(-saliency.reshape(n, -1), axis=1, kind="stable")
     ranks = np.empty_like(order)
     np.put_along_axis(ranks, order, np.arange(h * w)[None].repeat(n, 0), axis=1)
@@ -107,13 +124,20 @@ def auc(curves: np.ndarray) -> np.ndarray:
 def confidence_change(
     predict: Predict, images: np.ndarray, saliency: np.ndarray, targets: np.ndarray, batch_size: int = 512
 ) -> tuple[float, float]:
-    """(average drop %, increase in confidence %) of the explanation map `image * saliency`.
+    """(average drop %, increase in confidence %) of the explanation map `image * saliency`,
+    for saliency maps (N, H, W) in [0, 1].
 
     Average drop = mean over images of max(0, Y - O) / Y * 100; increase in confidence = the
     percentage of images with O > Y; Y and O are the target probabilities of the image and
     of the explanation map.
     """
     images, saliency, targets = _check_inputs(images, saliency, targets)
+    # The maps multiply the images, so a map outside [0, 1] scores a scaled or negated image.
+    if saliency.min() < 0 or saliency.max() > 1:
+        raise ValueError(
+            f"Saliency maps must lie in [0, 1] to multiply the images, got values from {saliency.min():.4g} to "
+            f"{saliency.max():.4g}; normalize them first (jaxcam.cam.minmax, as cam.compute does)."
+        )
     full = _softmax_target(_predict_in_chunks(predict, images, batch_size), targets)
     masked = _softmax_target(_predict_in_chunks(predict, images * saliency[..., None], batch_size), targets)
     drop = np.maximum(0.0, full - masked) / full

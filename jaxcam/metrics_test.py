@@ -99,6 +99,39 @@ def test_images_must_be_normalized_float_nhwc(metric):
         getattr(metrics, metric)(predict, np.ones((2, 3, 8, 8)), np.ones((2, 8, 8)), np.zeros(2, int))
 
 
+@pytest.mark.parametrize("low, high", [(-0.5, 1.0), (0.0, 5.0)])
+def test_confidence_change_needs_maps_in_unit_range(low, high):
+    # A raw map scaled or negated the images: average drop 100% without a word.
+    saliency = np.linspace(low, high, 2 * H * W).reshape(2, H, W)
+    with pytest.raises(ValueError, match=rf"must lie in \[0, 1\] .* from {low:g} to {high:g}; normalize them first"):
+        metrics.confidence_change(predict, np.ones((2, H, W, 3)), saliency, np.zeros(2, int))
+    # Deletion and insertion rank the pixels, so there any real-valued map is fine.
+    metrics.deletion_insertion_curves(predict, np.ones((2, H, W, 3)), saliency, np.zeros(2, int), steps=4)
+
+
+def test_baseline_broadcasts_from_one_colour():
+    images = np.ones((2, H, W, 3), np.float32)
+    per_image = metrics.deletion_insertion_curves(
+        predict, images, object_saliency(2), np.zeros(2, int), steps=4, baseline=np.full_like(images, 0.25))
+    one_colour = metrics.deletion_insertion_curves(
+        predict, images, object_saliency(2), np.zeros(2, int), steps=4, baseline=np.full(3, 0.25))
+    np.testing.assert_array_equal(per_image, one_colour)
+    # Step 1 of 4 deletes the 16 object pixels of the 64: p falls from 1 to the baseline's 0.25.
+    np.testing.assert_allclose(per_image[:, :2], [[1, 0.25], [1, 0.25]], atol=1e-9)
+
+
+@pytest.mark.parametrize("baseline, message", [
+    (np.zeros((H, W)), r"The baseline must have the images' shape \(2, 8, 8, 3\), or one image's or one colour's, "
+                       r"got \(8, 8\)"),
+    (np.full(3, np.nan), "The baseline has NaN or infinite values."),
+])
+def test_bad_baseline(baseline, message):
+    # A wrong shape had failed in np.where's broadcasting, or silently broadcast a wrong way.
+    with pytest.raises(ValueError, match=message):
+        metrics.deletion_insertion_curves(predict, np.ones((2, H, W, 3)), np.ones((2, H, W)), np.zeros(2, int),
+                                          baseline=baseline)
+
+
 def test_steps_must_be_positive():
     with pytest.raises(ValueError, match="steps must be a positive integer, got 0"):
         metrics.deletion_insertion_curves(predict, np.ones((2, H, W, 3)), np.ones((2, H, W)), np.zeros(2, int), steps=0)
