@@ -42,6 +42,12 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5, cmap: str = 
                          "(cam.compute resizes its maps to the image unless resize=False).")
     if not 0 <= alpha <= 1:
         raise ValueError(f"overlay's alpha is the CAM's share of the blend, in [0, 1], got {alpha!r}.")
+    # A raw map (before min-max) would be clipped to a flat saturated colour, NaN drawn as black;
+    # the small tolerance keeps a map resized after normalization, which can overshoot by rounding.
+    if not (np.isfinite(cam).all() and cam.min() >= -1e-5 and cam.max() <= 1 + 1e-5):
+        raise ValueError(f"overlay takes a CAM normalized to [0, 1], got values from {np.nanmin(cam):.4g} to "
+                         f"{np.nanmax(cam):.4g}{' and NaN' if np.isnan(cam).any() else ''}; normalize it first "
+                         "(jaxcam.cam.minmax, as cam.compute does).")
     heat = plt.get_cmap(cmap)(np.clip(cam, 0, 1))[..., :3]
     return np.clip((1 - alpha) * image.astype(np.float32) / 255 + alpha * heat, 0, 1)
 

@@ -55,6 +55,12 @@ def test_overlay_rejects_what_it_cannot_draw():
         viz.overlay(np.zeros((16, 16, 3), np.uint8), cam)
     with pytest.raises(ValueError, match=r"alpha is the CAM's share of the blend, in \[0, 1\], got 1.5"):
         viz.overlay(np.zeros((32, 32, 3), np.uint8), cam, alpha=1.5)  # would invert the image's share
+    # A raw map had been clipped to [0, 1] without a word: mostly one saturated colour.
+    with pytest.raises(ValueError, match=r"overlay takes a CAM normalized to \[0, 1\], got values from -2 to 37; "
+                                         r"normalize it first \(jaxcam.cam.minmax"):
+        viz.overlay(np.zeros((32, 32, 3), np.uint8), np.linspace(-2, 37, 1024).reshape(32, 32))
+    with pytest.raises(ValueError, match=r"got values from 0 to 0 and NaN"):
+        viz.overlay(np.zeros((32, 32, 3), np.uint8), np.where(np.eye(32) > 0, np.nan, 0.0))
 
 
 @pytest.mark.parametrize("plot", ["plot_misclassified", "plot_samples_per_class"])
