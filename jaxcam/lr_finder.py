@@ -93,6 +93,11 @@ def suggest_lr(
         raise ValueError("skip_start and skip_end must be non-negative.")
     end = len(lrs) - skip_end
     trimmed = np.asarray(losses[skip_start:end], np.float64)
+    # A test stopped by a NaN or infinite loss keeps that point last; np.gradient next to it is NaN,
+    # and argmin would pick the NaN.
+    finite = np.isfinite(trimmed)
+    if not finite.all():
+        trimmed = trimmed[: int(np.argmin(finite))]
     if up_to_minimum and len(trimmed):
         trimmed = trimmed[: int(np.argmin(trimmed)) + 1]
     if len(trimmed) < 2:

@@ -59,6 +59,15 @@ def test_suggestion_is_the_steepest_descent():
         lr_finder.suggest_lr(lrs[:12], losses[:12], skip_start=10, skip_end=5)
 
 
+@pytest.mark.parametrize("up_to_minimum", [True, False])
+def test_suggestion_ignores_the_nan_that_stopped_the_test(up_to_minimum):
+    # With skip_end=0 the NaN stayed in: its neighbour's gradient was NaN, and argmin picked it.
+    lrs = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    losses = [3.0, 2.9, 2.0, 1.1, 1.0, float("nan")]
+    assert lr_finder.suggest_lr(lrs, losses, 0, 0, up_to_minimum=up_to_minimum) == (2, 3.0)
+    assert lr_finder.suggest_lr(lrs, losses[:2] + [float("inf")], 0, 0, up_to_minimum=up_to_minimum) == (0, 1.0)
+
+
 def test_suggestion_ignores_a_recovery_after_a_spike():
     """A loss that dips, spikes and falls steeply again: pytorch-lr-finder's rule picks the
     recovery; up_to_minimum keeps to the valley before the spike."""
