@@ -211,6 +211,16 @@ def plot(result: RangeTestResult, path: str | Path, *, skip_start: int = 10, ski
     plt.close(fig)
 
 
+def json_record(result: RangeTestResult, suggestion: tuple[int, float] | None) -> dict[str, Any]:
+    """What `lr_finder.json` holds. A NaN or infinite loss (the one that stopped the test) is
+    written as null: JSON has no NaN, and strict readers (browsers, jq) refuse Python's token."""
+    return {
+        "lrs": result.lrs, "losses": [loss if np.isfinite(loss) else None for loss in result.losses],
+        "diverged": result.diverged,
+        "suggested_lr": suggestion[1] if suggestion else None, "suggested_index": suggestion[0] if suggestion else None,
+    }
+
+
 def validate_settings(settings: Any) -> None:
     """Raise ValueError with one sentence if `config.lr_finder` cannot run; checked before a run
     directory is made, so a typo leaves nothing behind. `settings` is None where the config has
@@ -269,8 +279,5 @@ def run_for_config(config: Any, dataset: data_lib.Cifar10, run_dir: str | Path, 
         print(f"LR range test: no suggestion. {e}")
     plot(result, run_dir / "lr_finder.png", skip_start=settings.skip_start, skip_end=settings.skip_end,
          suggestion=suggestion)
-    write_json(run_dir / "lr_finder.json", {
-        "lrs": result.lrs, "losses": result.losses, "diverged": result.diverged,
-        "suggested_lr": suggestion[1] if suggestion else None, "suggested_index": suggestion[0] if suggestion else None,
-    })
+    write_json(run_dir / "lr_finder.json", json_record(result, suggestion))
     return suggestion[1] if suggestion else None

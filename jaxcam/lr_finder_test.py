@@ -68,6 +68,13 @@ def test_suggestion_ignores_the_nan_that_stopped_the_test(up_to_minimum):
     assert lr_finder.suggest_lr(lrs, losses[:2] + [float("inf")], 0, 0, up_to_minimum=up_to_minimum) == (0, 1.0)
 
 
+def test_json_record_writes_a_nan_loss_as_null():
+    result = lr_finder.RangeTestResult(lrs=[0.1, 1.0, 10.0], losses=[2.3, 1.5, float("nan")], diverged=True)
+    text = json.dumps(lr_finder.json_record(result, (1, 1.0)), allow_nan=False)  # strict JSON, or ValueError
+    assert json.loads(text) == {"lrs": [0.1, 1.0, 10.0], "losses": [2.3, 1.5, None], "diverged": True,
+                                "suggested_lr": 1.0, "suggested_index": 1}
+
+
 def test_suggestion_ignores_a_recovery_after_a_spike():
     """A loss that dips, spikes and falls steeply again: pytorch-lr-finder's rule picks the
     recovery; up_to_minimum keeps to the valley before the spike."""
