@@ -90,6 +90,9 @@ def run_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
                     raise RuntimeError("The LR range test gave no suggestion, so max_lr=auto cannot be resolved.")
                 config.max_lr = float(suggestion)
                 print(f"Training with the suggested max_lr {suggestion:.3g}.")
+            else:  # the user might expect the suggestion to be used: say that it is not
+                print(f"Training with the config's max_lr {config.max_lr:.3g}; --config.max_lr=auto would train "
+                      "with the suggestion.")
         train_lib.train_and_evaluate(config, run_dir, dataset=dataset)
         return 0
     except KeyboardInterrupt:

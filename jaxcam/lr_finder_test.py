@@ -123,12 +123,13 @@ def test_range_test_leaves_the_state_untouched(tiny_dataset):
                              std=tiny_dataset.std, num_iter=3, progress=False, mesh=mesh)
 
 
-def test_cli_find_lr_writes_plot_and_suggestion(official_folder, tmp_path, capsys):
+@pytest.mark.parametrize("max_lr", ["auto", "0.05"])
+def test_cli_find_lr_writes_plot_and_suggestion(max_lr, official_folder, tmp_path, capsys):
     code = train_cli.main([
         "--workdir", str(tmp_path), "--config", str(ROOT / "configs" / "smoke.py"), "--config.width=4",
-        "--config.epochs=1", "--config.batch_size=16", "--config.eval_batch_size=16", "--config.max_lr=auto",
+        "--config.epochs=1", "--config.batch_size=16", "--config.eval_batch_size=16", f"--config.max_lr={max_lr}",
         "--config.lr_finder.num_iter=12", f"--config.data_dir={str(official_folder)!r}", "--config.tensorboard=False",
-    ])
+    ] + (["--find-lr"] if max_lr != "auto" else []))
     out = capsys.readouterr().out
     assert code == 0
     (run_dir,) = tmp_path.iterdir()
@@ -138,7 +139,12 @@ def test_cli_find_lr_writes_plot_and_suggestion(official_folder, tmp_path, capsy
     assert (run_dir / "lr_finder.png").stat().st_size > 10_000
     assert f"suggested max LR {saved['suggested_lr']:.3g}" in out
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["max_lr"] == pytest.approx(saved["suggested_lr"])  # training used the suggestion
+    if max_lr == "auto":
+        assert config["max_lr"] == pytest.approx(saved["suggested_lr"])  # training used the suggestion
+        assert f"Training with the suggested max_lr {saved['suggested_lr']:.3g}." in out
+    else:  # --find-lr alone had trained with the config's max_lr without saying so
+        assert config["max_lr"] == 0.05
+        assert "Training with the config's max_lr 0.05; --config.max_lr=auto would train with the suggestion." in out
 
 
 @pytest.mark.parametrize(
