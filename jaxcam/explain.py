@@ -8,7 +8,6 @@ import contextlib
 import dataclasses
 import functools
 import html
-import json
 import os
 import shutil
 import tempfile
@@ -25,7 +24,7 @@ from jaxcam import models
 from jaxcam import train as train_lib
 from jaxcam import viz
 from jaxcam.checkpoint import CheckpointError, load_variables, make_writable_folder
-from jaxcam.configuration import ConfigError, config_from_json
+from jaxcam.configuration import config_from_json
 from jaxcam.models import STAGES
 
 REQUIRED_FILES = ("curves.png", "misclassified.png", "gradcam_layer3.png", "gradcam_layer2.png",
@@ -66,11 +65,7 @@ def load_run(run_dir: str | os.PathLike, which: str = "best", data_dir: str | No
     """A run's config, history and `which` checkpoint, and its dataset (from `data_dir` if given)."""
     run_dir = train_lib.check_run_dir(run_dir)
     config = config_from_json(run_dir / "config.json")
-    history_path = run_dir / "history.json"
-    try:
-        history = json.loads(history_path.read_text()) if history_path.exists() else []
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{str(history_path)!r} is not valid JSON ({e}).") from None
+    history = train_lib.read_history(run_dir)
     variables, meta = load_variables(run_dir, which)
     if data_dir is not None:
         config.data_dir = data_dir

@@ -288,6 +288,31 @@ def check_run_dir(run_dir: str | os.PathLike) -> Path:
     raise ConfigError(f"{str(run_dir)!r} is not a jaxcam run directory (no config.json){hint}.")
 
 
+HISTORY_KEYS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc")
+
+
+def read_history(run_dir: str | os.PathLike) -> list[dict]:
+    """The per-epoch records of `run_dir/history.json` ([] if there is none yet); ConfigError
+    naming the file if it is not valid JSON or not a list of records with HISTORY_KEYS."""
+    path = Path(run_dir) / "history.json"
+    if not path.exists():
+        return []
+    try:
+        history = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{str(path)!r} is not valid JSON ({e}).") from None
+    if not isinstance(history, list):
+        raise ConfigError(f"{str(path)!r} must hold a list of per-epoch records, got a {type(history).__name__}.")
+    for index, record in enumerate(history):
+        # NaN is a number here: an epoch's test loss may be NaN and is kept as the record of it.
+        missing = [key for key in HISTORY_KEYS if not isinstance(record, dict)
+                   or not isinstance(record.get(key), (int, float)) or isinstance(record.get(key), bool)]
+        if missing:
+            raise ConfigError(f"{str(path)!r} is not a jaxcam history: record {index} has no number for "
+                              f"{', '.join(repr(key) for key in missing)}.")
+    return history
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -478,8 +503,7 @@ def train_and_evaluate(
     elif resume:
         state, meta = checkpointer.restore(state, "latest")
         start_epoch = int(meta["epoch"]) + 1
-        if history_path.exists():
-            history = [r for r in json.loads(history_path.read_text()) if r["epoch"] < start_epoch]
+        history = [r for r in read_history(run_dir) if r["epoch"] < start_epoch]
         if start_epoch > config.epochs:
             # Return before building steps or opening a TensorBoard writer: a finished run stays untouched.
             log(f"{run_dir} already finished its {config.epochs} epochs; there is nothing to resume.")

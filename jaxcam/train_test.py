@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 import time
 
@@ -298,11 +299,39 @@ def test_cli_batch_sizes_that_do_not_fit_stop_before_the_run_directory(official_
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("text, message", [
+    ('[{"epoch": 1, "lr"', r"is not valid JSON \(Expecting ':' delimiter"),
+    (b"\xff[]", "is not valid JSON"),
+    ('{"epoch": 1}', "must hold a list of per-epoch records, got a dict."),
+    ('[{"epoch": 1, "lr": 0.1, "train_loss": 2.0, "train_acc": 0.2, "test_loss": 2.1}]',
+     "is not a jaxcam history: record 0 has no number for 'test_acc'."),
+    ('[3]', "is not a jaxcam history: record 0 has no number for 'epoch', 'lr', 'train_loss', 'train_acc', 'test_loss', 'test_acc'."),
+])
+def test_read_history_names_the_damaged_file(text, message, tmp_path):
+    (tmp_path / "history.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError, match=rf"^'{re.escape(str(tmp_path / 'history.json'))}' {message}"):
+        train_lib.read_history(tmp_path)
+
+
+def test_read_history_keeps_a_nan_test_loss(tmp_path):
+    record = {"epoch": 1, "lr": 0.1, "train_loss": 2.0, "train_acc": 0.2, "test_loss": float("nan"), "test_acc": 0.1}
+    (tmp_path / "history.json").write_text(json.dumps([record]))
+    (read,) = train_lib.read_history(tmp_path)
+    assert np.isnan(read["test_loss"]) and read["test_acc"] == 0.1
+    assert train_lib.read_history(tmp_path / "elsewhere") == []
+
+
 def test_cli_resume_with_corrupt_checkpoint(official_folder, tmp_path, capsys):
     code, _, err = run_cli(["--workdir", tmp_path, *TINY, f"--config.data_dir={str(official_folder)!r}"], capsys)
     assert code == 0, err
     (run_dir,) = tmp_path.iterdir()
     history_before = (run_dir / "history.json").read_text()
+    # A damaged history.json had been JSON's bare message, or a TypeError traceback.
+    (run_dir / "history.json").write_text('{"epoch": 1}')
+    code, _, err = run_cli(["--workdir", tmp_path, "--resume"], capsys)
+    assert code == 1 and err == (f"error: {str(run_dir / 'history.json')!r} must hold a list of per-epoch records, "
+                                 "got a dict.\n")
+    (run_dir / "history.json").write_text(history_before)
     for f in (run_dir / "checkpoints" / "latest" / "1" / "state").rglob("*"):
         if f.is_file():
             f.write_bytes(b"garbage")
