@@ -13,7 +13,7 @@ and passed through `perturb`, so Grad-CAM can take gradients with respect to it 
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -375,7 +375,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], width: int = 64, depth:
         raise ValueError(
             f"State dict does not match ResNet{depth} at width {width}: "
             f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}."
+            f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}{_layout_hint(given, depth)}."
         )
     flat: dict[tuple[str, ...], np.ndarray] = {}
     for name, array in given.items():
@@ -389,6 +389,18 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], width: int = 64, depth:
             raise ValueError(f"State dict entry {name!r} has NaN or infinite values.")
         flat[key] = array.transpose(np.argsort(axes))
     return _unflatten({k: jnp.asarray(v) for k, v in flat.items()})
+
+
+def _layout_hint(names: Iterable[str], depth: int) -> str:
+    """Why a state dict's names may not match: another depth, or torchvision's ImageNet ResNet."""
+    names = list(names)
+    if any(name.startswith("fc.") or ".downsample." in name for name in names):
+        return (" (fc and downsample are the names of torchvision's ImageNet ResNet, another architecture with a 7x7 "
+                "stem and a max-pool; jaxcam converts the CIFAR layout, with linear and shortcut)")
+    blocks = tuple(1 + max((int(n.split(".")[1]) for n in names if n.startswith(f"{stage}.") and
+                            n.split(".")[1].isdigit()), default=-1) for stage in STAGES)
+    other = [d for d, sizes in DEPTHS.items() if tuple(sizes) == blocks and d != depth]
+    return f" (its blocks per stage, {blocks}, are a ResNet{other[0]}'s: pass depth={other[0]})" if other else ""
 
 
 # Prefixes that wrappers add to every name: nn.DataParallel / DistributedDataParallel, torch.compile.

@@ -105,8 +105,17 @@ def test_torch_state_dict_round_trip():
 
 def test_from_torch_state_dict_rejects_a_mismatch():
     state_dict = models.to_torch_state_dict(models.init_variables(models.ResNet18(width=4), jax.random.key(1)))
-    with pytest.raises(ValueError, match="does not match ResNet34"):
+    with pytest.raises(ValueError, match=r"does not match ResNet34 .* \(its blocks per stage, \(2, 2, 2, 2\), are a "
+                                         r"ResNet18's: pass depth=18\)\.$"):
         models.from_torch_state_dict(state_dict, width=4, depth=34)
+    resnet34 = models.to_torch_state_dict(models.init_variables(models.ResNet34(width=4), jax.random.key(1)))
+    with pytest.raises(ValueError, match=r"\(3, 4, 6, 3\), are a ResNet34's: pass depth=34\)\.$"):
+        models.from_torch_state_dict(resnet34, width=4, depth=18)
+    # torchvision's ImageNet ResNet18 is what users reach for first; say that it is another network.
+    torchvision_names = {k.replace("linear.", "fc.").replace(".shortcut.", ".downsample."): v for k, v in state_dict.items()}
+    with pytest.raises(ValueError, match=r"unexpected \['fc.bias', .*\(fc and downsample are the names of torchvision's "
+                                         r"ImageNet ResNet, another architecture"):
+        models.from_torch_state_dict(torchvision_names, width=4)
     with pytest.raises(ValueError, match=r"width-4 model \(conv1.weight has 4 output channels\), not width 8; pass width=4"):
         models.from_torch_state_dict(state_dict, width=8, depth=18)
     # Errors name the PyTorch entries and shapes the user passed, not the converted Flax ones.
