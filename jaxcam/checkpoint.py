@@ -26,7 +26,9 @@ class CheckpointError(RuntimeError):
 
 def _manager(directory: Path, create: bool) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=1, create=create)
-    return ocp.CheckpointManager(directory, options=options)
+    # Named handlers, so that a step's metadata (shapes, dtypes) can be read before restoring it.
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
 class Checkpointer:
@@ -128,8 +130,14 @@ def load_variables(run_dir: str | os.PathLike, which: str = "best") -> tuple[dic
         raise CheckpointError(f"No complete {which} checkpoint in {str(directory)!r}: no epoch of this run has "
                               "ended yet; train.py --resume continues it.")
     try:
+        # Onto one CPU device, whatever devices saved it: without a target, orbax restores onto the
+        # saving devices, and refused ("Topology mismatch") a run trained on more devices than this
+        # machine has (8 TPU cores or 2 GPUs, explained on a laptop).
+        cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+        target = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=cpu),
+                                        manager.item_metadata(epoch)["state"])
         restored = manager.restore(
-            epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+            epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
         )
         state = restored["state"]
         variables = {"params": state["params"], "batch_stats": state["batch_stats"]}

@@ -1,10 +1,16 @@
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 
+import jax
+import numpy as np
 import pytest
 
-from jaxcam.checkpoint import interrupts_deferred
+from conftest import ROOT
+from jaxcam.checkpoint import interrupts_deferred, load_variables
 
 
 @pytest.fixture
@@ -65,3 +71,30 @@ def test_outside_the_main_thread_the_block_runs_as_it_is():
     thread.start()
     thread.join()
     assert ran == [True] and errors == []
+
+
+def test_a_run_saved_on_two_devices_loads_on_one(smoke_run, tmp_path):
+    # The suite runs on two host devices, so smoke_run's checkpoints were saved from both. Orbax,
+    # given no target, restored onto the saving devices and refused a machine with fewer
+    # ("Topology mismatch"): a run trained on 8 TPU cores could not be explained on a laptop.
+    script = (
+        "import sys, jax, numpy as np\n"
+        "from jaxcam.checkpoint import load_variables\n"
+        "assert jax.device_count() == 1, jax.devices()\n"
+        "variables, meta = load_variables(sys.argv[1], 'best')\n"
+        "leaves = jax.tree_util.tree_flatten_with_path(variables)[0]\n"
+        "np.savez(sys.argv[2], **{jax.tree_util.keystr(k): v for k, v in leaves})\n"
+        "print(meta['epoch'])\n"
+    )
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    out = tmp_path / "one_device.npz"
+    done = subprocess.run([sys.executable, "-c", script, str(smoke_run), str(out)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    variables, meta = load_variables(smoke_run, "best")
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == meta["epoch"]
+    with np.load(out) as loaded:
+        leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
+        assert sorted(loaded.files) == sorted(jax.tree_util.keystr(k) for k, _ in leaves)
+        for key, value in leaves:
+            np.testing.assert_array_equal(loaded[jax.tree_util.keystr(key)], value)
