@@ -12,11 +12,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from jaxcam.checkpoint import CheckpointError
+from jaxcam.checkpoint import CheckpointError, write_json
 from jaxcam.configuration import ConfigError, apply_overrides, config_from_json, load_config_file
 from jaxcam.data import DataError
 
 EXPECTED_ERRORS = (DataError, ConfigError, CheckpointError, ValueError, OSError, RuntimeError)
+# The overrides --resume takes: `config.KEY` of where the data lies, not of how to train.
+RESUME_DATA_KEYS = ("config.data_dir", "config.tfds_data_dir")
 
 
 def fail(message: str) -> int:
@@ -57,15 +59,20 @@ def run_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     use_compilation_cache()
     try:
         if args.resume:
-            ignored = {"--config": args.config is not None, "--config.* overrides": bool(overrides),
+            # Where the data lies may change (a run copied to another machine); the recipe may not.
+            moved = [o for o in overrides if o.lstrip("-").split("=", 1)[0] in RESUME_DATA_KEYS]
+            ignored = {"--config": args.config is not None,
+                       "--config.* overrides other than the data's location": len(moved) < len(overrides),
                        "--find-lr": args.find_lr or args.find_lr_only}
             given = " and ".join(name for name, present in ignored.items() if present)
             if given:
                 raise ConfigError(f"--resume continues a run with its saved config.json, so drop {given}.")
             run_dir = train_lib.check_run_dir(
                 train_lib.latest_run_dir(args.workdir) if args.resume == "latest" else args.resume)
-            config = config_from_json(run_dir / "config.json")
+            config = apply_overrides(config_from_json(run_dir / "config.json"), moved)
             dataset = train_lib.load_dataset(config)
+            if moved:  # recorded, so that explain.py and the next --resume find the data there too
+                write_json(run_dir / "config.json", train_lib.config_record(config))
             train_lib.train_and_evaluate(config, run_dir, resume=True, dataset=dataset)
             return 0
 

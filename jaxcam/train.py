@@ -288,6 +288,16 @@ def check_run_dir(run_dir: str | os.PathLike) -> Path:
     raise ConfigError(f"{str(run_dir)!r} is not a jaxcam run directory (no config.json){hint}.")
 
 
+def config_record(config: ml_collections.ConfigDict) -> dict:
+    """What a run's config.json holds: the config, with the data paths made absolute so that
+    explain.py and --resume find the data from any working directory."""
+    saved = json.loads(config.to_json_best_effort())
+    for key in ("data_dir", "tfds_data_dir"):
+        if saved.get(key) is not None:
+            saved[key] = str(Path(saved[key]).expanduser().absolute())
+    return saved
+
+
 HISTORY_KEYS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc")
 
 
@@ -512,12 +522,7 @@ def train_and_evaluate(
                                test_logits=np.zeros((0, dataset.num_classes), np.float32))
         log(f"Resuming {run_dir} after epoch {start_epoch - 1}.")
     else:
-        saved = json.loads(config.to_json_best_effort())
-        # Absolute data paths, so that explain.py and --resume find the data from any directory.
-        for key in ("data_dir", "tfds_data_dir"):
-            if saved.get(key) is not None:
-                saved[key] = str(Path(saved[key]).expanduser().absolute())
-        write_json(run_dir / "config.json", saved)
+        write_json(run_dir / "config.json", config_record(config))
         log(models.summary(model) if config.get("print_summary", True) else f"{config.model} width {config.width}")
         log(f"Compute dtype: {jnp.dtype(model.dtype).name} (config.dtype={config.dtype!r}, {jax.default_backend()}).")
     best_acc = max((r["test_acc"] for r in history), default=-1.0)

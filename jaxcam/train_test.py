@@ -344,15 +344,37 @@ def test_cli_resume_with_corrupt_checkpoint(official_folder, tmp_path, capsys):
     "extra, named",
     [
         (["--config", ROOT / "configs" / "smoke.py"], "drop --config."),
-        (["--config.epochs=5"], "drop --config.* overrides."),
+        (["--config.epochs=5"], "drop --config.* overrides other than the data's location."),
         (["--find-lr"], "drop --find-lr."),
-        (["--config", ROOT / "configs" / "smoke.py", "--config.epochs=5"], "drop --config and --config.* overrides."),
+        (["--config", ROOT / "configs" / "smoke.py", "--config.epochs=5", "--config.data_dir=/data"],
+         "drop --config and --config.* overrides other than the data's location."),
     ],
 )
 def test_cli_resume_refuses_settings_it_would_ignore(extra, named, tmp_path, capsys):
     # Before, --config and --find-lr were silently ignored on resume.
     code, _, err = run_cli(["--workdir", tmp_path, "--resume", *extra], capsys)
     assert code == 1 and err == f"error: --resume continues a run with its saved config.json, so {named}\n"
+
+
+def test_cli_resume_finds_data_that_moved(official_folder, tmp_path, capsys):
+    # A run copied to another machine finds its data elsewhere; --resume had refused every override.
+    shutil.copytree(official_folder, tmp_path / "here" / "cifar-10-batches-py")
+    code, _, err = run_cli(["--workdir", tmp_path / "runs", *TINY, f"--config.data_dir={str(tmp_path / 'here')!r}"],
+                           capsys)
+    assert code == 0, err
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    before = json.loads((run_dir / "config.json").read_text())
+    (tmp_path / "here").rename(tmp_path / "there")
+    code, _, err = run_cli(["--workdir", tmp_path / "runs", "--resume"], capsys)
+    assert code == 1 and "does not exist" in err
+    code, out, err = run_cli(["--workdir", tmp_path / "runs", "--resume", "--config.data_dir=there"], capsys)
+    assert code == 1 and "does not exist" in err  # a relative path is taken from the working directory
+    assert json.loads((run_dir / "config.json").read_text()) == before  # bad data changes nothing
+    code, out, err = run_cli(["--workdir", tmp_path / "runs", "--resume", f"--config.data_dir={str(tmp_path / 'there')!r}"],
+                             capsys)
+    assert code == 0 and "already finished its 1 epochs" in out, err
+    # Recorded, so that explain.py and a later --resume find it too; nothing else changes.
+    assert json.loads((run_dir / "config.json").read_text()) == {**before, "data_dir": str(tmp_path / "there")}
 
 
 def test_cli_config_must_be_a_python_file(tmp_path, capsys):
