@@ -77,18 +77,26 @@ def test_a_run_saved_on_two_devices_loads_on_one(smoke_run, tmp_path):
     # The suite runs on two host devices, so smoke_run's checkpoints were saved from both. Orbax,
     # given no target, restored onto the saving devices and refused a machine with fewer
     # ("Topology mismatch"): a run trained on 8 TPU cores could not be explained on a laptop.
+    # --resume restores into a template of this machine's devices: checked here too.
     script = (
         "import sys, jax, numpy as np\n"
-        "from jaxcam.checkpoint import load_variables\n"
+        "from jaxcam import train\n"
+        "from jaxcam.checkpoint import Checkpointer, load_variables\n"
+        "from jaxcam.configuration import config_from_json\n"
         "assert jax.device_count() == 1, jax.devices()\n"
         "variables, meta = load_variables(sys.argv[1], 'best')\n"
         "leaves = jax.tree_util.tree_flatten_with_path(variables)[0]\n"
         "np.savez(sys.argv[2], **{jax.tree_util.keystr(k): v for k, v in leaves})\n"
+        "config = config_from_json(sys.argv[1] + '/config.json')\n"
+        "template = train.create_train_state(train.build(config, 10), jax.random.key(0),\n"
+        "                                    train.create_optimizer(config, 100)[0])\n"
+        "state, latest = Checkpointer(sys.argv[1], create=False).restore(template, 'latest')\n"
+        "np.save(sys.argv[3], jax.device_get(state.params['linear']['kernel']))\n"
         "print(meta['epoch'])\n"
     )
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-    out = tmp_path / "one_device.npz"
-    done = subprocess.run([sys.executable, "-c", script, str(smoke_run), str(out)], env=env, cwd=ROOT,
+    out, resumed = tmp_path / "one_device.npz", tmp_path / "resumed.npy"
+    done = subprocess.run([sys.executable, "-c", script, str(smoke_run), str(out), str(resumed)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     variables, meta = load_variables(smoke_run, "best")
@@ -98,3 +106,5 @@ def test_a_run_saved_on_two_devices_loads_on_one(smoke_run, tmp_path):
         assert sorted(loaded.files) == sorted(jax.tree_util.keystr(k) for k, _ in leaves)
         for key, value in leaves:
             np.testing.assert_array_equal(loaded[jax.tree_util.keystr(key)], value)
+    latest, _ = load_variables(smoke_run, "latest")
+    np.testing.assert_array_equal(np.load(resumed), latest["params"]["linear"]["kernel"])
