@@ -69,7 +69,14 @@ def load_run(run_dir: str | os.PathLike, which: str = "best", data_dir: str | No
     variables, meta = load_variables(run_dir, which)
     if data_dir is not None:
         config.data_dir = data_dir
-    dataset = train_lib.load_dataset(config)
+    try:
+        dataset = train_lib.load_dataset(config)
+    except data_lib.DataError as e:
+        if data_dir is not None:
+            raise
+        # A run copied from another machine names a path of that machine.
+        raise data_lib.DataError(f"{str(e).rstrip('.')} (the data named in the run's config.json; give "
+                                 "a copy on this machine with explain.py --data-dir).") from None
     # Explanations run in float32 whatever the training compute dtype was.
     config.dtype = "float32"
     trained_on = meta.get("class_names")  # absent in checkpoints written before it was recorded

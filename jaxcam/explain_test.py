@@ -206,6 +206,25 @@ def test_a_perfect_model_shows_and_says_correct_images_instead(smoke_run, tmp_pa
     assert "misclassifications" not in text
 
 
+def test_a_run_whose_data_is_elsewhere_points_to_data_dir(smoke_run, official_folder, tmp_path, capsys):
+    # A run copied from another machine (Colab's /content) names a path of that machine.
+    copied = tmp_path / "copied_run"
+    shutil.copytree(smoke_run, copied, ignore=shutil.ignore_patterns("report"))
+    config = json.loads((copied / "config.json").read_text())
+    (copied / "config.json").write_text(json.dumps({**config, "data_dir": "/content/cifar-10-python.tar.gz"}))
+    code, _, err = run(["--workdir", copied, "--out", tmp_path / "r"], capsys)
+    assert code == 1 and err == ("error: CIFAR-10 data path '/content/cifar-10-python.tar.gz' does not exist (the data "
+                                 "named in the run's config.json; give a copy on this machine with explain.py "
+                                 "--data-dir).\n")
+    assert not (tmp_path / "r").exists()
+    code, _, err = run(["--workdir", copied, "--out", tmp_path / "r", "--data-dir", official_folder, "--num", "2",
+                        "--faithfulness", "0"], capsys)
+    assert code == 0, err
+    # A wrong --data-dir is the user's own path: its message stands alone.
+    code, _, err = run(["--workdir", copied, "--out", tmp_path / "r", "--data-dir", tmp_path / "nowhere"], capsys)
+    assert code == 1 and err == f"error: CIFAR-10 data path {str(tmp_path / 'nowhere')!r} does not exist.\n"
+
+
 def test_the_workdir_instead_of_a_run_names_the_newest_run(smoke_run, tmp_path, capsys):
     # train.py's --workdir is the folder that holds the runs, so users pass it here too.
     code, _, err = run(["--workdir", smoke_run.parent, "--out", tmp_path / "r"], capsys)
