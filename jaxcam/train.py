@@ -516,7 +516,8 @@ def train_and_evaluate(
         history = [r for r in read_history(run_dir) if r["epoch"] < start_epoch]
         if start_epoch > config.epochs:
             # Return before building steps or opening a TensorBoard writer: a finished run stays untouched.
-            log(f"{run_dir} already finished its {config.epochs} epochs; there is nothing to resume.")
+            log(f"{run_dir} already finished its {config.epochs} epoch{'s' if config.epochs != 1 else ''}; "
+                "there is nothing to resume.")
             checkpointer.close()
             return TrainResult(state=state, history=history, run_dir=run_dir,
                                test_logits=np.zeros((0, dataset.num_classes), np.float32))

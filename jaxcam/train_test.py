@@ -372,7 +372,7 @@ def test_cli_resume_finds_data_that_moved(official_folder, tmp_path, capsys):
     assert json.loads((run_dir / "config.json").read_text()) == before  # bad data changes nothing
     code, out, err = run_cli(["--workdir", tmp_path / "runs", "--resume", f"--config.data_dir={str(tmp_path / 'there')!r}"],
                              capsys)
-    assert code == 0 and "already finished its 1 epochs" in out, err
+    assert code == 0 and "already finished its 1 epoch; there is nothing to resume." in out, err
     # Recorded, so that explain.py and a later --resume find it too; nothing else changes.
     assert json.loads((run_dir / "config.json").read_text()) == {**before, "data_dir": str(tmp_path / "there")}
 
