@@ -13,7 +13,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Model.
     config.model = "resnet18"
     config.width = 64
-    # Compute dtype; parameters stay float32. "auto": bfloat16 on GPU/TPU, float32 on CPU.
+    # Compute dtype; parameters stay float32. "auto": bfloat16 on TPUs and on GPUs with bfloat16
+    # units (Ampere and later), float32 on older GPUs (Colab's T4, the V100) and CPUs.
     config.dtype = "auto"
     # Optimization.
     config.epochs = 20

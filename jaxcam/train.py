@@ -45,18 +45,35 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def resolve_dtype(name: str, backend: str | None = None) -> str:
-    """The compute dtype that config.dtype `name` means on `backend` (default: JAX's).
+def resolve_dtype(name: str, backend: str | None = None, compute_capability: str | None = None) -> str:
+    """The compute dtype that config.dtype `name` means on `backend` (default: JAX's, with its
+    first device's CUDA `compute_capability`, such as "7.5").
 
-    "auto" is bfloat16 on GPUs and TPUs, whose matrix units run it at twice the float32 (TF32)
-    rate (73.5k against 36.7k images/s on an H100, bench/RESULTS.md), and float32 on CPUs,
-    which have no fast bfloat16 arithmetic. Parameters stay float32 either way.
+    "auto" is bfloat16 on TPUs and on GPUs with bfloat16 matrix units (NVIDIA Ampere, compute
+    capability 8.0, and later), which run it at twice the float32 (TF32) rate (73.5k against
+    36.7k images/s on an H100, bench/RESULTS.md). Older GPUs, such as Colab's T4 (7.5) and the
+    V100 (7.0), have none: XLA computes bfloat16 there in float32 plus conversions, about half
+    as fast as float32 itself (jax-ml/jax#21212), so "auto" is float32 on them, as on CPUs,
+    which have no fast bfloat16 arithmetic either. Parameters stay float32 either way.
     """
     if name == "auto":
-        return "bfloat16" if (backend or jax.default_backend()) in ("gpu", "tpu") else "float32"
+        if backend is None:  # this machine's
+            backend = jax.default_backend()
+            compute_capability = getattr(jax.devices()[0], "compute_capability", None)
+        if backend == "gpu" and _version_below(compute_capability, 8):
+            return "float32"
+        return "bfloat16" if backend in ("gpu", "tpu") else "float32"
     if name not in DTYPES:
         raise ValueError(f"Unknown dtype {name!r}; choose one of auto, {', '.join(DTYPES)}.")
     return name
+
+
+def _version_below(version: str | None, major: int) -> bool:
+    """Whether a "major.minor" CUDA compute capability is below `major`; False if unknown (ROCm names a gfx target)."""
+    try:
+        return int(str(version).split(".")[0]) < major
+    except ValueError:
+        return False
 
 
 class TrainState(train_state.TrainState):
@@ -525,7 +542,9 @@ def train_and_evaluate(
     else:
         write_json(run_dir / "config.json", config_record(config))
         log(models.summary(model) if config.get("print_summary", True) else f"{config.model} width {config.width}")
-        log(f"Compute dtype: {jnp.dtype(model.dtype).name} (config.dtype={config.dtype!r}, {jax.default_backend()}).")
+        device = jax.devices()[0]  # its kind says why "auto" chose what it did (a T4: float32)
+        on = jax.default_backend() + (f", {device.device_kind}" if device.platform != "cpu" else "")
+        log(f"Compute dtype: {jnp.dtype(model.dtype).name} (config.dtype={config.dtype!r}, {on}).")
     best_acc = max((r["test_acc"] for r in history), default=-1.0)
 
     train_step = make_train_step(model, mesh, mean, std, config.label_smoothing)

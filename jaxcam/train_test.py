@@ -151,6 +151,12 @@ def test_optimizers_build_and_unknown_names_fail():
 def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu():
     assert train_lib.resolve_dtype("auto", "gpu") == train_lib.resolve_dtype("auto", "tpu") == "bfloat16"
     assert train_lib.resolve_dtype("auto", "cpu") == "float32"
+    # bfloat16 matrix units came with Ampere (8.0); on Colab's T4 (7.5) or a V100 (7.0) XLA computes
+    # bfloat16 in float32 with conversions, slower than float32 itself.
+    for capability, expected in (("7.5", "float32"), ("7.0", "float32"), ("6.0", "float32"), ("8.0", "bfloat16"),
+                                 ("8.9", "bfloat16"), ("9.0", "bfloat16"), ("10.0", "bfloat16"), ("gfx942", "bfloat16")):
+        assert train_lib.resolve_dtype("auto", "gpu", capability) == expected, capability
+    assert train_lib.resolve_dtype("bfloat16", "gpu", "7.5") == "bfloat16"  # asked for by name: as asked
     assert tiny_config().dtype == "auto"  # the default recipe
     assert train_lib.build(tiny_config(), 10).dtype == jnp.float32  # this machine is a CPU
     assert train_lib.build(tiny_config(dtype="bfloat16"), 10).dtype == jnp.bfloat16
