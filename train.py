@@ -1,7 +1,7 @@
 """Train a CIFAR ResNet with jaxcam.
 
     python train.py --workdir runs [--config configs/default.py] [--config.KEY=VALUE ...]
-    python train.py --workdir runs --resume [RUN_DIR]
+    python train.py --workdir runs --resume [RUN_DIR] [--config.data_dir=PATH]
     python train.py --workdir runs --find-lr [--config.max_lr=auto]
 """
 
@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", required=True, help="folder that receives the run directory")
     parser.add_argument("--config", default=None, help="Python config file with get_config() (default: configs/default.py)")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_DIR",
-                        help="continue a run from its latest checkpoint (default: the newest run in --workdir)")
+                        help="continue a run from its latest checkpoint (default: the newest run in --workdir); only "
+                             "--config.data_dir and --config.tfds_data_dir may be given with it")
     parser.add_argument("--find-lr", action="store_true",
                         help="run the LR range test first; with --config.max_lr=auto train with its suggestion")
     parser.add_argument("--find-lr-only", action="store_true", help="run the LR range test and stop")
