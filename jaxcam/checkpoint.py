@@ -129,12 +129,12 @@ def load_variables(run_dir: str | os.PathLike, which: str = "best") -> tuple[dic
         # What a run stopped during its first epoch leaves.
         raise CheckpointError(f"No complete {which} checkpoint in {str(directory)!r}: no epoch of this run has "
                               "ended yet; train.py --resume continues it.")
+    # Onto one host device, whatever devices saved it: without a target, orbax restores onto the
+    # saving devices, and refused ("Topology mismatch") a run trained on more devices than this
+    # machine has (8 TPU cores or 2 GPUs, explained on a laptop).
+    one_device = jax.sharding.SingleDeviceSharding(_host_device())
     try:
-        # Onto one CPU device, whatever devices saved it: without a target, orbax restores onto the
-        # saving devices, and refused ("Topology mismatch") a run trained on more devices than this
-        # machine has (8 TPU cores or 2 GPUs, explained on a laptop).
-        cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-        target = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=cpu),
+        target = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=one_device),
                                         manager.item_metadata(epoch)["state"])
         restored = manager.restore(
             epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
@@ -150,6 +150,14 @@ def load_variables(run_dir: str | os.PathLike, which: str = "best") -> tuple[dic
     finally:
         manager.close()
     return variables, dict(restored["meta"])
+
+
+def _host_device() -> jax.Device:
+    """The CPU, or the first local device where JAX_PLATFORMS leaves out the CPU backend."""
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError:
+        return jax.local_devices()[0]
 
 
 def _first_line(e: BaseException) -> str:
