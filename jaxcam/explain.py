@@ -61,16 +61,21 @@ class LoadedRun:
         return np.asarray(self._forward(self.variables, normalized))
 
 
-def load_run(run_dir: str | os.PathLike, which: str = "best", data_dir: str | None = None) -> LoadedRun:
-    """A run's config, history and `which` checkpoint, and its dataset (from `data_dir` if given)."""
+def load_run(run_dir: str | os.PathLike, which: str = "best", data_dir: str | None = None,
+             dataset: data_lib.Cifar10 | None = None) -> LoadedRun:
+    """A run's config, history and `which` checkpoint, and its dataset: `dataset` (as passed to
+    `train_and_evaluate(dataset=...)`), else read from `data_dir`, else from the run's config."""
+    if dataset is not None and data_dir is not None:
+        raise ValueError("Give the data either as a dataset or as data_dir, not both.")
     run_dir = train_lib.check_run_dir(run_dir)
     config = config_from_json(run_dir / "config.json")
     history = train_lib.read_history(run_dir)
     variables, meta = load_variables(run_dir, which)
     if data_dir is not None:
         config.data_dir = data_dir
+    given_dataset = dataset is not None
     try:
-        dataset = train_lib.load_dataset(config)
+        dataset = dataset if given_dataset else train_lib.load_dataset(config)
     except data_lib.DataError as e:
         if data_dir is not None:
             raise
@@ -83,10 +88,12 @@ def load_run(run_dir: str | os.PathLike, which: str = "best", data_dir: str | No
     if trained_on is not None and list(trained_on) != list(dataset.class_names):
         # A run trained on a dataset passed in code keeps its config's data_dir (None: tfds' CIFAR-10),
         # which may hold other classes; with as many of them the explanations would be silently wrong.
-        source = repr(config.data_dir) if config.data_dir is not None else "tensorflow-datasets' cifar10"
+        source = ("the dataset given" if given_dataset else repr(config.data_dir) if config.data_dir is not None
+                  else "tensorflow-datasets' cifar10")
         raise data_lib.DataError(
             f"{str(run_dir)!r} was trained on the classes {', '.join(trained_on)}, but its data ({source}) "
-            f"has {', '.join(dataset.class_names)}; give the data it was trained on (explain.py --data-dir)."
+            f"has {', '.join(dataset.class_names)}; give the data it was trained on (explain.py --data-dir, or "
+            "dataset= in code)."
         )
     model = train_lib.build(config, dataset.num_classes)
     try:
@@ -185,9 +192,11 @@ def explain_run(
     image_files: Sequence[str] = (),
     faithfulness_images: int = 64,
     data_dir: str | None = None,
+    dataset: data_lib.Cifar10 | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Write every report file for `run_dir` into `out_dir` (default `<run_dir>/report`)."""
+    """Write every report file for `run_dir` into `out_dir` (default `<run_dir>/report`); the data
+    as `load_run` takes it (`dataset`, `data_dir` or the run's config)."""
     layers = cam_lib.check_layers(layers)
     cam_lib.check_method(method)
     if not 1 <= num <= MAX_GALLERY_ROWS:
@@ -197,7 +206,7 @@ def explain_run(
                          f"{len(image_files)}; explain more with jaxcam.explain.explain_images.")
     if faithfulness_images < 0:
         raise ValueError(f"--faithfulness must be 0 (skip) or a number of test images, got {faithfulness_images}.")
-    run = load_run(run_dir, data_dir=data_dir)
+    run = load_run(run_dir, data_dir=data_dir, dataset=dataset)
     names = run.dataset.class_names
     custom = load_image_files(image_files) if image_files else None  # read before writing anything
     final = make_writable_folder(out_dir if out_dir is not None else run.run_dir / "report", "the output folder")

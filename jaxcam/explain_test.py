@@ -14,7 +14,7 @@ from jaxcam import cam
 from jaxcam.checkpoint import Checkpointer, load_variables
 from jaxcam.configuration import load_config_file
 from jaxcam.data import DataError, load_cifar10
-from jaxcam.explain import REQUIRED_FILES, explain_images, load_image_files, load_run
+from jaxcam.explain import REQUIRED_FILES, explain_images, explain_run, load_image_files, load_run
 from jaxcam.train import train_and_evaluate
 
 
@@ -315,9 +315,16 @@ def test_a_run_trained_on_other_classes_is_not_explained_with_its_configs_data(o
     train_and_evaluate(config, tmp_path, dataset=renamed, progress=False, log=lambda line: None)
     message = (rf"{re.escape(repr(str(tmp_path)))} was trained on the classes kind0, kind1, .*kind9, but its data "
                rf"\({re.escape(repr(str(official_folder)))}\) has airplane, automobile, .*truck; give the data it "
-               r"was trained on \(explain.py --data-dir\).")
+               r"was trained on \(explain.py --data-dir, or dataset= in code\).")
     with pytest.raises(DataError, match=message):
         load_run(tmp_path)
+    # The dataset it was trained on, given in code as to train_and_evaluate, explains it.
+    out = explain_run(tmp_path, tmp_path / "report", dataset=renamed, num=2, faithfulness_images=0, log=lambda s: None)
+    assert "kind0" in (out / "report.md").read_text() and "airplane" not in (out / "report.md").read_text()
+    with pytest.raises(DataError, match=r"but its data \(the dataset given\) has airplane"):
+        load_run(tmp_path, dataset=cifar)
+    with pytest.raises(ValueError, match="Give the data either as a dataset or as data_dir, not both."):
+        load_run(tmp_path, data_dir=str(official_folder), dataset=renamed)
 
 
 def test_bfloat16_run_keeps_float32_parameters_and_the_report_says_why_accuracy_differs(official_folder, tmp_path,
