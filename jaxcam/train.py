@@ -14,6 +14,7 @@ import datetime
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -282,14 +283,27 @@ def create_run_dir(workdir: str | os.PathLike, name: str) -> Path:
             suffix += 1
 
 
+_RUN_STAMP = re.compile(r"_(\d{8}_\d{6})(?:_(\d+))?$")
+
+
+def _created(run_dir: Path) -> tuple[float, int]:
+    """When a run directory was created: from the `<YYYYMMDD>_<HHMMSS>[_n]` of its name, which a
+    copy keeps (`cp -r` gives every folder a new mtime, and --resume rewrites a config.json);
+    from its config.json's mtime for a folder named otherwise."""
+    match = _RUN_STAMP.search(run_dir.name)
+    if match:
+        with contextlib.suppress(ValueError):
+            stamp = datetime.datetime.strptime(match[1], "%Y%m%d_%H%M%S").timestamp()
+            return stamp, int(match[2] or 0)
+    return (run_dir / "config.json").stat().st_mtime, 0
+
+
 def latest_run_dir(workdir: str | os.PathLike) -> Path:
     """The most recently created run directory (one with a config.json) in `workdir`."""
-    runs = sorted(
-        (p for p in Path(workdir).glob("*/config.json")), key=lambda p: p.stat().st_mtime
-    )
+    runs = sorted((p.parent for p in Path(workdir).glob("*/config.json")), key=_created)
     if not runs:
         raise FileNotFoundError(f"No run directory with a config.json in {str(workdir)!r} to resume.")
-    return runs[-1].parent
+    return runs[-1]
 
 
 def check_run_dir(run_dir: str | os.PathLike) -> Path:

@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import shutil
 import time
@@ -395,6 +396,19 @@ def test_cli_finds_the_default_config_from_another_directory(tmp_path, monkeypat
     # The default config loads (its own error, not "does not exist"); epochs=0 stops before any data is read.
     code, _, err = run_cli(["--workdir", tmp_path / "runs", "--config.epochs=0"], capsys)
     assert code == 1 and err == "error: config.epochs must be a positive integer, got 0.\n"
+
+
+def test_the_newest_run_is_found_by_the_time_in_its_name(tmp_path):
+    # A copied workdir (cp -r) gives every folder a new mtime, in copy order; --resume with a new
+    # data_dir rewrites an old run's config.json. The name keeps when each run was created.
+    names = ["resnet18_20261121_120000", "resnet18_20261122_090000_1", "resnet18_20261122_090000", "mine"]
+    for age, name in enumerate(names):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+        os.utime(tmp_path / name / "config.json", (1e9 - 1000 * age, 1e9 - 1000 * age))  # the oldest name is newest
+    assert train_lib.latest_run_dir(tmp_path) == tmp_path / "resnet18_20261122_090000_1"
+    os.utime(tmp_path / "mine" / "config.json", None)  # a folder named otherwise counts by its mtime: now
+    assert train_lib.latest_run_dir(tmp_path) == tmp_path / "mine"
 
 
 def test_cli_resume_of_the_workdir_names_the_newest_run(official_folder, tmp_path, capsys):
