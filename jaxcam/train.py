@@ -543,6 +543,12 @@ def train_and_evaluate(
         log(f"{run_dir} stopped before its first epoch ended, so it starts again from epoch 1.")
     elif resume:
         state, meta = checkpointer.restore(state, "latest")
+        trained_on = meta.get("class_names")  # absent in checkpoints written before it was recorded
+        if trained_on is not None and list(trained_on) != list(dataset.class_names):
+            checkpointer.close()
+            # With as many classes, training would go on silently with other labels.
+            raise data_lib.DataError(f"{str(run_dir)!r} was trained on the classes {', '.join(trained_on)}, but "
+                                     f"the data given has {', '.join(dataset.class_names)}; resume it on its own data.")
         start_epoch = int(meta["epoch"]) + 1
         history = [r for r in read_history(run_dir) if r["epoch"] < start_epoch]
         if start_epoch > config.epochs:

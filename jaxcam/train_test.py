@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from jaxcam import train as train_lib
 from jaxcam.checkpoint import Checkpointer, CheckpointError, load_variables
 from jaxcam.configuration import (CONFIG_KEYS, LR_FINDER_KEYS, ConfigError, apply_overrides, config_from_json,
                                   load_config_file)
+from jaxcam.data import DataError
 
 
 def tiny_config(**overrides):
@@ -92,6 +94,12 @@ def test_resume_equals_uninterrupted(tiny_dataset, tmp_path):
     again = train_lib.train_and_evaluate(config, tmp_path / "full", resume=True, dataset=tiny_dataset, progress=False,
                                          log=logged.append)
     assert any("already finished its 2 epochs; there is nothing to resume" in line for line in logged)
+    # Data of other classes (a --resume --config.data_dir that points elsewhere) is refused.
+    renamed = dataclasses.replace(tiny_dataset, class_names=tuple(f"kind{i}" for i in range(10)))
+    with pytest.raises(DataError, match=r"was trained on the classes airplane, .*truck, but the data given has kind0, "
+                                        r".*kind9; resume it on its own data."):
+        train_lib.train_and_evaluate(config, tmp_path / "full", resume=True, dataset=renamed, progress=False,
+                                     log=lambda s: None)
     assert again.history == json.loads((tmp_path / "full" / "history.json").read_text())
     assert Checkpointer(tmp_path / "full", create=False).latest_epoch() == 2
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(full.state.params),
