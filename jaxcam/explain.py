@@ -84,17 +84,12 @@ def load_run(run_dir: str | os.PathLike, which: str = "best", data_dir: str | No
                                  "a copy on this machine with explain.py --data-dir).") from None
     # Explanations run in float32 whatever the training compute dtype was.
     config.dtype = "float32"
-    trained_on = meta.get("class_names")  # absent in checkpoints written before it was recorded
-    if trained_on is not None and list(trained_on) != list(dataset.class_names):
-        # A run trained on a dataset passed in code keeps its config's data_dir (None: tfds' CIFAR-10),
-        # which may hold other classes; with as many of them the explanations would be silently wrong.
-        source = ("the dataset given" if given_dataset else repr(config.data_dir) if config.data_dir is not None
-                  else "tensorflow-datasets' cifar10")
-        raise data_lib.DataError(
-            f"{str(run_dir)!r} was trained on the classes {', '.join(trained_on)}, but its data ({source}) "
-            f"has {', '.join(dataset.class_names)}; give the data it was trained on (explain.py --data-dir, or "
-            "dataset= in code)."
-        )
+    # A run trained on a dataset passed in code keeps its config's data_dir (None: tfds' CIFAR-10),
+    # which may hold other classes; with as many of them the explanations would be silently wrong.
+    source = ("the dataset given" if given_dataset else repr(config.data_dir) if config.data_dir is not None
+              else "tensorflow-datasets' cifar10")
+    train_lib.check_trained_classes(run_dir, meta, dataset, f"its data ({source})",
+                                    "give the data it was trained on (explain.py --data-dir, or dataset= in code)")
     model = train_lib.build(config, dataset.num_classes)
     try:
         models.check_variables(model, variables, what=f"The weights of the {which} checkpoint in {str(run_dir)!r}")

@@ -329,6 +329,16 @@ def config_record(config: ml_collections.ConfigDict) -> dict:
     return saved
 
 
+def check_trained_classes(run_dir: str | os.PathLike, meta: dict, dataset: data_lib.Cifar10, data: str,
+                          remedy: str) -> None:
+    """DataError unless `dataset` has the classes that a checkpoint's `meta` records as trained on
+    (checkpoints written before they were recorded pass); `data` names the dataset, `remedy` the fix."""
+    trained_on = meta.get("class_names")
+    if trained_on is not None and list(trained_on) != list(dataset.class_names):
+        raise data_lib.DataError(f"{str(run_dir)!r} was trained on the classes {', '.join(trained_on)}, but {data} "
+                                 f"has {', '.join(dataset.class_names)}; {remedy}.")
+
+
 HISTORY_KEYS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc")
 
 
@@ -543,12 +553,11 @@ def train_and_evaluate(
         log(f"{run_dir} stopped before its first epoch ended, so it starts again from epoch 1.")
     elif resume:
         state, meta = checkpointer.restore(state, "latest")
-        trained_on = meta.get("class_names")  # absent in checkpoints written before it was recorded
-        if trained_on is not None and list(trained_on) != list(dataset.class_names):
+        try:  # with as many classes, training would go on silently with other labels
+            check_trained_classes(run_dir, meta, dataset, "the data given", "resume it on its own data")
+        except data_lib.DataError:
             checkpointer.close()
-            # With as many classes, training would go on silently with other labels.
-            raise data_lib.DataError(f"{str(run_dir)!r} was trained on the classes {', '.join(trained_on)}, but "
-                                     f"the data given has {', '.join(dataset.class_names)}; resume it on its own data.")
+            raise
         start_epoch = int(meta["epoch"]) + 1
         history = [r for r in read_history(run_dir) if r["epoch"] < start_epoch]
         if start_epoch > config.epochs:
