@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import io
 import os
 import pickle
@@ -239,6 +240,17 @@ def _assemble(read: Callable[[str], bytes], source: str) -> Cifar10:
     )
 
 
+def _hide_gpus_from_tensorflow() -> None:
+    """Preparing the dataset imports TensorFlow, which would reserve GPU memory that JAX then
+    lacks; as Flax's examples do, TensorFlow is shown no GPU (it needs none to prepare data)."""
+    if importlib.util.find_spec("tensorflow") is None:
+        return  # tensorflow-datasets then says that preparing needs it
+    import tensorflow as tf
+
+    with contextlib.suppress(RuntimeError):  # raised once TensorFlow has set up its GPUs: too late
+        tf.config.set_visible_devices([], "GPU")
+
+
 def _load_tfds(tfds_data_dir: str | None) -> Cifar10:
     import tensorflow_datasets as tfds
 
@@ -250,6 +262,7 @@ def _load_tfds(tfds_data_dir: str | None) -> Cifar10:
             print(f"CIFAR-10 is not prepared in {str(builder.data_dir)!r} yet: tensorflow-datasets downloads "
                   "(163 MB) and prepares it once, which needs internet and TensorFlow; offline, pass a local "
                   "copy with --config.data_dir.", file=sys.stderr)
+            _hide_gpus_from_tensorflow()
     splits = {}
     for split in ("train", "test"):
         try:
