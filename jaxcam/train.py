@@ -53,8 +53,8 @@ def resolve_dtype(name: str, backend: str | None = None, compute_capability: str
     "auto" is bfloat16 on TPUs and on GPUs with bfloat16 matrix units (NVIDIA Ampere, compute
     capability 8.0, and later), which run it at twice the float32 (TF32) rate (73.5k against
     36.7k images/s on an H100, bench/RESULTS.md). Older GPUs, such as Colab's T4 (7.5) and the
-    V100 (7.0), have none: XLA computes bfloat16 there in float32 plus conversions, about half
-    as fast as float32 itself (jax-ml/jax#21212), so "auto" is float32 on them, as on CPUs,
+    V100 (7.0), have none: XLA emulates bfloat16 there, and a bfloat16 matmul on a T4 ran at
+    about half float32's speed (jax-ml/jax#21212), so "auto" is float32 on them, as on CPUs,
     which have no fast bfloat16 arithmetic either. Parameters stay float32 either way.
     """
     if name == "auto":
