@@ -210,9 +210,8 @@ def explain_run(
     with _staged(final) as out:
         mesh = train_lib.make_mesh()
         predict_fn = train_lib.make_predict_fn(run.model, mesh, run.dataset.mean, run.dataset.std)
-        batch = max(len(jax.local_devices()), (500 // len(jax.local_devices())) * len(jax.local_devices()))
         test_images, test_labels = run.dataset.test_images, run.dataset.test_labels
-        logits = train_lib.predict(predict_fn, run.variables, test_images, batch, mesh)
+        logits = train_lib.predict(predict_fn, run.variables, test_images, 500, mesh)
         probabilities = _softmax(logits)
         predictions = logits.argmax(-1)
         summary = train_lib.evaluate(logits, test_labels)

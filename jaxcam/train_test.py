@@ -13,6 +13,7 @@ import pytest
 
 import train as train_cli
 from conftest import ROOT
+from jaxcam import data as data_lib
 from jaxcam import models
 from jaxcam import train as train_lib
 from jaxcam.checkpoint import Checkpointer, CheckpointError, load_variables
@@ -31,6 +32,20 @@ def tiny_config(**overrides):
 
 def test_two_cpu_devices_are_available():
     assert jax.device_count() == 2, "conftest sets --xla_force_host_platform_device_count=2"
+
+
+@pytest.mark.parametrize("batch_size", [3, 1, 40])
+def test_predict_splits_any_batch_size_over_the_devices(tiny_dataset, batch_size):
+    # A batch that does not split over the two devices had failed in sharding (IndivisibleError).
+    model = models.ResNet18(width=4)
+    variables = models.init_variables(model, jax.random.key(0))
+    mesh = train_lib.make_mesh(jax.devices()[:2])
+    predict_fn = train_lib.make_predict_fn(model, mesh, tiny_dataset.mean, tiny_dataset.std)
+    images = tiny_dataset.test_images[:7]
+    logits = train_lib.predict(predict_fn, variables, images, batch_size, mesh)
+    expected = model.apply(variables, data_lib.normalize(images, tiny_dataset.mean, tiny_dataset.std), train=False)
+    assert logits.shape == (7, 10)  # every image once, the padding dropped
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_data_parallel_step_equals_single_device_step(tiny_dataset):
