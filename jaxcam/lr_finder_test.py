@@ -117,6 +117,12 @@ def test_range_test_leaves_the_state_untouched(tiny_dataset):
         lr_finder.range_test(model, {"params": state.params, "batch_stats": state.batch_stats},
                              lambda s: optax.adam(s), batches(), opt_state=state.opt_state, mean=tiny_dataset.mean,
                              std=tiny_dataset.std, num_iter=3, progress=False, mesh=mesh)
+    # A batch that does not split over the two devices had failed inside JAX's sharding.
+    odd = iter([(tiny_dataset.train_images[:3], tiny_dataset.train_labels[:3])])
+    with pytest.raises(ValueError, match="A batch of 3 images does not split over the 2 devices; give batches of a "
+                                         "multiple of 2."):
+        lr_finder.range_test(model, {"params": state.params, "batch_stats": state.batch_stats}, make_optimizer, odd,
+                             mean=tiny_dataset.mean, std=tiny_dataset.std, num_iter=3, progress=False, mesh=mesh)
     # Parameters alone had been a bare KeyError ('batch_stats').
     with pytest.raises(ValueError, match="must be a mapping with 'params' and 'batch_stats'"):
         lr_finder.range_test(model, {"params": state.params}, make_optimizer, batches(), mean=tiny_dataset.mean,
