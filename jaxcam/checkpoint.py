@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import logging
 import os
 import signal
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -76,10 +80,9 @@ class Checkpointer:
         target = flax.serialization.to_state_dict(template)
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
         try:
-            restored = manager.restore(
-                epoch,
-                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
-            )
+            with _late_reports_held():
+                restored = manager.restore(epoch, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
             state = flax.serialization.from_state_dict(template, restored["state"])
         except Exception as e:
             raise CheckpointError(
@@ -134,11 +137,12 @@ def load_variables(run_dir: str | os.PathLike, which: str = "best") -> tuple[dic
     # machine has (8 TPU cores or 2 GPUs, explained on a laptop).
     one_device = jax.sharding.SingleDeviceSharding(_host_device())
     try:
-        target = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=one_device),
-                                        manager.item_metadata(epoch)["state"])
-        restored = manager.restore(
-            epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
-        )
+        with _late_reports_held():
+            target = jax.tree_util.tree_map(
+                lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=one_device),
+                manager.item_metadata(epoch)["state"])
+            restored = manager.restore(epoch, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         state = restored["state"]
         variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
         variables = jax.tree_util.tree_map(np.asarray, variables)
@@ -152,6 +156,44 @@ def load_variables(run_dir: str | os.PathLike, which: str = "best") -> tuple[dic
     return variables, dict(restored["meta"])
 
 
+@contextlib.contextmanager
+def _late_reports_held() -> Iterator[None]:
+    """Hold Python's stderr while orbax reads a checkpoint: passed on after a success, dropped after
+    a failure once the late reports have come in (they follow within moments).
+
+    When one array of a damaged checkpoint cannot be read (a missing OCDBT manifest, say), orbax
+    closes its asyncio loop while tensorstore's other reads are still in flight; each of them then
+    printed "RuntimeError: Event loop is closed" with a traceback, up to hundreds of them, after
+    our one-sentence error.
+    """
+    real, held = sys.stderr, io.StringIO()
+    sys.stderr = held
+    # The reads' tasks also report "Task exception was never retrieved" through asyncio's logger
+    # when they are collected: during the failure, or at exit. The filter stays after a failure.
+    asyncio_logger = logging.getLogger("asyncio")
+    asyncio_logger.addFilter(_unretrieved_read_failure)
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        if failed:
+            deadline, size = time.monotonic() + 2.0, -1
+            while held.tell() != size and time.monotonic() < deadline:
+                size = held.tell()
+                time.sleep(0.1)
+        sys.stderr = real
+        if not failed:
+            asyncio_logger.removeFilter(_unretrieved_read_failure)
+            real.write(held.getvalue())
+
+
+def _unretrieved_read_failure(record: logging.LogRecord) -> bool:
+    """False (drop it) for asyncio's report of a checkpoint read's exception that nobody retrieved."""
+    message = record.getMessage()
+    return not ("exception was never retrieved" in message and ("orbax" in message or "tensorstore" in message))
+
+
 def _host_device() -> jax.Device:
     """The CPU, or the first local device where JAX_PLATFORMS leaves out the CPU backend."""
     try:
@@ -161,8 +203,10 @@ def _host_device() -> jax.Device:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else "no details"
+    # tensorstore appends its whole JSON spec to a message, which says nothing to the user.
+    text = str(e).split(" [tensorstore_spec=")[0].strip()
+    first = text.splitlines()[0] if text else "no details"
+    return first if len(first) <= 300 else first[:299] + "…"
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
