@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -192,10 +193,14 @@ def _late_reports_held() -> Iterator[None]:
 def _drop_unraisable_read_coroutines() -> None:
     """From now on, drop the "Exception ignored in: <coroutine ...>" that orbax's abandoned read
     coroutines print when they are finalized, up to thousands of them at exit (a checkpoint with
-    missing or truncated data files); other unraisable exceptions reach the previous hook."""
+    missing or truncated data files), and their "never awaited" warnings; other unraisable
+    exceptions reach the previous hook."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_orbax_reads", False):
         return
+    # The same coroutines, collected at exit, also warn "coroutine 'Store.read' was never awaited";
+    # the warning names no module, so after a failed read these warnings go unshown in this process.
+    warnings.filterwarnings("ignore", message=r"coroutine '[^']*' was never awaited", category=RuntimeWarning)
 
     def hook(unraisable: Any) -> None:
         code = getattr(unraisable.object, "cr_code", None)
