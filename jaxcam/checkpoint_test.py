@@ -145,7 +145,10 @@ def test_a_damaged_checkpoint_fails_in_one_sentence(damage, smoke_run, tmp_path)
     )
     done = subprocess.run([sys.executable, "-c", script, str(run)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
-    assert done.returncode == 0 and done.stderr == "", done.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-3000:]
+    # What the reads left behind: nothing of it may reach stderr (a log line of orbax's own may).
+    for noise in ("Traceback", "Exception ignored", "never retrieved", "Event loop is closed", "never awaited"):
+        assert noise not in done.stderr, done.stderr[-3000:]
     errors = done.stdout.splitlines()
     assert len(errors) == 6 and all("is corrupt or" in line for line in errors), done.stdout
     assert not any("tensorstore_spec" in line for line in errors)  # its JSON spec says nothing to the user
