@@ -6,6 +6,8 @@ import math
 import numbers
 from typing import Any
 
+import numpy as np
+
 
 def is_integer(value: Any, at_least: int) -> bool:
     """An integer (Python or numpy, not a bool) of at least `at_least`."""
@@ -15,3 +17,8 @@ def is_integer(value: Any, at_least: int) -> bool:
 def is_number(value: Any) -> bool:
     """A finite real number (Python or numpy, not a bool)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def in_unit_range(maps: np.ndarray, tolerance: float = 0.0) -> bool:
+    """All values finite and within [0, 1], give or take `tolerance`."""
+    return bool(np.isfinite(maps).all() and maps.min() >= -tolerance and maps.max() <= 1 + tolerance)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcam.models import STAGE_OUTPUT, STAGES, ResNet, check_image_batch, check_variables
+from jaxcam.models import STAGE_OUTPUT, STAGES, check_image_batch, check_variables
 
 EPS = 1e-7
 
@@ -294,8 +294,7 @@ def compute_with_outputs(
     layers = check_layers(layer)
     check_method(method)
     images = check_float_images(images)
-    if isinstance(model, ResNet):  # other modules that sow the same stages are taken as they are
-        check_variables(model, variables)
+    check_variables(model, variables)  # a ResNet's; other modules that sow the same stages are taken as they are
     if getattr(model, "dtype", jnp.float32) != jnp.float32:
         # A bfloat16 model (train.build on a GPU or TPU) would give maps up to about 0.025 off the
         # float32 reference; the parameters are float32, so explain in float32.

@@ -81,9 +81,7 @@ class Checkpointer:
         target = flax.serialization.to_state_dict(template)
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
         try:
-            with _late_reports_held():
-                restored = manager.restore(epoch, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+            restored = _restore(manager, epoch, abstract)
             state = flax.serialization.from_state_dict(template, restored["state"])
         except Exception as e:
             raise CheckpointError(
@@ -133,17 +131,8 @@ def load_variables(run_dir: str | os.PathLike, which: str = "best") -> tuple[dic
         # What a run stopped during its first epoch leaves.
         raise CheckpointError(f"No complete {which} checkpoint in {str(directory)!r}: no epoch of this run has "
                               "ended yet; train.py --resume continues it.")
-    # Onto one host device, whatever devices saved it: without a target, orbax restores onto the
-    # saving devices, and refused ("Topology mismatch") a run trained on more devices than this
-    # machine has (8 TPU cores or 2 GPUs, explained on a laptop).
-    one_device = jax.sharding.SingleDeviceSharding(_host_device())
     try:
-        with _late_reports_held():
-            target = jax.tree_util.tree_map(
-                lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=one_device),
-                manager.item_metadata(epoch)["state"])
-            restored = manager.restore(epoch, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        restored = _restore(manager, epoch)
         state = restored["state"]
         variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
         variables = jax.tree_util.tree_map(np.asarray, variables)
@@ -155,6 +144,22 @@ def load_variables(run_dir: str | os.PathLike, which: str = "best") -> tuple[dic
     finally:
         manager.close()
     return variables, dict(restored["meta"])
+
+
+def _restore(manager: ocp.CheckpointManager, epoch: int, abstract_state: Any = None) -> Any:
+    """{'state', 'meta'} of checkpoint `epoch`, the state read into `abstract_state` (a tree of
+    jax.ShapeDtypeStruct with shardings) or, if None, as stored onto one host device."""
+    with _late_reports_held():
+        if abstract_state is None:
+            # Without a target, orbax restores onto the devices that saved the checkpoint, and refused
+            # ("Topology mismatch") a run trained on more devices than this machine has (8 TPU cores
+            # or 2 GPUs, explained on a laptop).
+            one_device = jax.sharding.SingleDeviceSharding(_host_device())
+            abstract_state = jax.tree_util.tree_map(
+                lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=one_device),
+                manager.item_metadata(epoch)["state"])
+        return manager.restore(epoch, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
 
 
 @contextlib.contextmanager

@@ -141,8 +141,7 @@ def range_test(
     (images, labels) the recorded loss is the validation loss after each step (slower, as in
     pytorch-lr-finder's `val_loader` mode). Runs data-parallel over `mesh` (all local devices).
     """
-    if isinstance(model, models.ResNet):  # other modules are taken as they are
-        models.check_variables(model, variables)
+    models.check_variables(model, variables)  # a ResNet's; other modules are taken as they are
     lrs = lr_sequence(start_lr, end_lr, num_iter, step_mode)
     schedule = lambda count: jnp.asarray(lrs, jnp.float32)[jnp.minimum(count, num_iter - 1)]
     tx = make_optimizer(schedule)

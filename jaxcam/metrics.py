@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from jaxcam._checks import is_integer
+from jaxcam._checks import in_unit_range, is_integer
 from jaxcam.cam import check_target_range
 from jaxcam.models import check_image_batch
 
@@ -133,7 +133,7 @@ def confidence_change(
     """
     images, saliency, targets = _check_inputs(images, saliency, targets)
     # The maps multiply the images, so a map outside [0, 1] scores a scaled or negated image.
-    if saliency.min() < 0 or saliency.max() > 1:
+    if not in_unit_range(saliency):  # finite already (_check_inputs)
         raise ValueError(
             f"Saliency maps must lie in [0, 1] to multiply the images, got values from {saliency.min():.4g} to "
             f"{saliency.max():.4g}; normalize them first (jaxcam.cam.minmax, as cam.compute does)."

@@ -226,11 +226,13 @@ def _variable_shapes(model: ResNet) -> dict[tuple[str, ...], tuple[int, ...]]:
     return {key: tuple(leaf.shape) for key, leaf in _flax_variables(template).items()}
 
 
-def check_variables(model: ResNet, variables: Any, what: str = "The variables") -> None:
+def check_variables(model: Any, variables: Any, what: str = "The variables") -> None:
     """ValueError unless `variables` ({'params', 'batch_stats'}) fit `model`, naming the first
     entry that does not (variables of another depth, width or class count would otherwise fail
     deep inside Flax, or, for a missing 'batch_stats', as a bare KeyError). `what` names the
-    variables in the message."""
+    variables in the message. Modules other than a ResNet are taken as they are."""
+    if not isinstance(model, ResNet):
+        return
     if not _is_variables(variables):
         given = sorted(map(str, variables)) if isinstance(variables, Mapping) else f"a {type(variables).__name__}"
         raise ValueError(
@@ -239,7 +241,7 @@ def check_variables(model: ResNet, variables: Any, what: str = "The variables") 
         )
     expected = _variable_shapes(model)
     given = {key: tuple(np.shape(leaf)) for key, leaf in _flax_variables(variables).items()}
-    depth = next((d for d, sizes in DEPTHS.items() if tuple(sizes) == tuple(model.stage_sizes)), None)
+    depth = _depth_of(model.stage_sizes)
     name = f"ResNet{depth}" if depth else f"the ResNet with stages {tuple(model.stage_sizes)}"
     subject = f"{what} do not fit {name} at width {model.width} with {model.num_classes} classes"
     params_first = lambda key: (key[0] != "params", key)  # noqa: E731
@@ -391,6 +393,11 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], width: int = 64, depth:
     return _unflatten({k: jnp.asarray(v) for k, v in flat.items()})
 
 
+def _depth_of(stage_sizes: Sequence[int]) -> int | None:
+    """The depth in DEPTHS whose blocks per stage are `stage_sizes`, or None."""
+    return next((d for d, sizes in DEPTHS.items() if tuple(sizes) == tuple(stage_sizes)), None)
+
+
 def _layout_hint(names: Iterable[str], depth: int) -> str:
     """Why a state dict's names may not match: another depth, or torchvision's ImageNet ResNet."""
     names = list(names)
@@ -399,8 +406,10 @@ def _layout_hint(names: Iterable[str], depth: int) -> str:
                 "stem and a max-pool; jaxcam converts the CIFAR layout, with linear and shortcut)")
     blocks = tuple(1 + max((int(n.split(".")[1]) for n in names if n.startswith(f"{stage}.") and
                             n.split(".")[1].isdigit()), default=-1) for stage in STAGES)
-    other = [d for d, sizes in DEPTHS.items() if tuple(sizes) == blocks and d != depth]
-    return f" (its blocks per stage, {blocks}, are a ResNet{other[0]}'s: pass depth={other[0]})" if other else ""
+    other = _depth_of(blocks)
+    if other is None or other == depth:
+        return ""
+    return f" (its blocks per stage, {blocks}, are a ResNet{other}'s: pass depth={other})"
 
 
 # Prefixes that wrappers add to every name: nn.DataParallel / DistributedDataParallel, torch.compile.

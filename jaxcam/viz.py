@@ -16,6 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jaxcam._checks import in_unit_range  # noqa: E402
+
 CMAP = "inferno"
 PathLike = str | os.PathLike
 # Title colours: a wrong prediction, and a right (or the most likely) one.
@@ -44,7 +46,7 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5, cmap: str = 
         raise ValueError(f"overlay's alpha is the CAM's share of the blend, in [0, 1], got {alpha!r}.")
     # A raw map (before min-max) would be clipped to a flat saturated colour, NaN drawn as black;
     # the small tolerance keeps a map resized after normalization, which can overshoot by rounding.
-    if not (np.isfinite(cam).all() and cam.min() >= -1e-5 and cam.max() <= 1 + 1e-5):
+    if not in_unit_range(cam, tolerance=1e-5):
         raise ValueError(f"overlay takes a CAM normalized to [0, 1], got values from {np.nanmin(cam):.4g} to "
                          f"{np.nanmax(cam):.4g}{' and NaN' if np.isnan(cam).any() else ''}; normalize it first "
                          "(jaxcam.cam.minmax, as cam.compute does).")
