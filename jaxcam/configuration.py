@@ -134,6 +134,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             pass
         elif current is None or value is None and key.endswith("dir"):
             pass
+        elif isinstance(current, ml_collections.ConfigDict):  # a group: its keys take the values
+            raise ConfigError(f"config.{dotted} is a group of settings; set one of them as "
+                              f"--config.{dotted}.KEY=VALUE ({', '.join(sorted(current.keys()))}).")
         elif isinstance(current, bool):
             if not isinstance(value, bool):
                 raise ConfigError(f"config.{dotted} takes True or False, got {text!r}.")

@@ -268,6 +268,8 @@ def test_cli_trains_and_writes_the_run_directory(official_folder, tmp_path, caps
         (["--config.dtype='float16'"], "Unknown dtype 'float16'"),
         (["--config.epoch=3"], "Unknown config key 'epoch'"),
         (["--config.batch_size=big"], "config.batch_size takes an integer, got 'big'."),
+        (["--config.lr_finder=3"], "config.lr_finder is a group of settings; set one of them as "
+                                   "--config.lr_finder.KEY=VALUE (diverge_th, end_lr, num_iter, "),
         (["--config.data_dir='/nonexistent/cifar'"], "does not exist"),
         (["--config.cutout_prob=2"], "config.cutout_prob must lie in [0, 1], got 2.0."),
         (["--config.crop_padding=-1"], "config.crop_padding must be a non-negative integer, got -1."),
