@@ -257,5 +257,8 @@ def make_writable_folder(path: str | os.PathLike, what: str) -> Path:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise OSError(f"Cannot write to {what} {str(path)!r} ({e.strerror or e}).") from None
+        # mkdir says only "File exists" or "Not a directory" when the path, or a folder on it, is a file.
+        file = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        reason = f"{str(file)!r} is a file, not a folder" if file is not None else e.strerror or e
+        raise OSError(f"Cannot write to {what} {str(path)!r} ({reason}).") from None
     return path

@@ -240,6 +240,10 @@ def test_unwritable_output_folder(smoke_run, tmp_path, capsys):
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert f"Cannot write to the output folder {str(blocker / 'report')!r}" in err
     assert blocker.read_text() == "not a folder"
+    # The output folder itself a file: said so, not mkdir's bare "File exists".
+    code, _, err = run(["--workdir", smoke_run, "--out", blocker], capsys)
+    assert code == 1 and err == f"error: Cannot write to the output folder {str(blocker)!r} ({str(blocker)!r} is a file, not a folder).\n"
+    assert blocker.read_text() == "not a folder"
 
 
 def test_a_failure_part_way_leaves_the_previous_report_whole(smoke_run, report, tmp_path, monkeypatch, capsys):

@@ -311,7 +311,7 @@ def test_cli_unwritable_workdir(official_folder, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     code, _, err = run_cli(["--workdir", blocker / "runs", *TINY, f"--config.data_dir={str(official_folder)!r}"], capsys)
-    assert code == 1 and "Cannot write to workdir" in err
+    assert code == 1 and f"Cannot write to workdir {str(blocker / 'runs')!r} ({str(blocker)!r} is a file, not a folder)." in err
 
 
 @pytest.mark.parametrize(
