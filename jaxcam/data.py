@@ -17,6 +17,7 @@ import queue
 import sys
 import tarfile
 import threading
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -130,6 +131,12 @@ def _load_local(path: Path) -> Cifar10:
     if not path.exists():
         raise DataError(f"CIFAR-10 data path {str(path)!r} does not exist.")
     if path.is_file():
+        if path.name in (*_TRAIN_FILES, _TEST_FILE, "batches.meta"):  # one file taken for the whole copy
+            raise DataError(f"CIFAR-10 data path {str(path)!r} is one of its batch files; give the folder that "
+                            f"holds them, {str(path.parent)!r}.")
+        if zipfile.is_zipfile(path):
+            raise DataError(f"CIFAR-10 data path {str(path)!r} is a zip archive, which jaxcam does not read; "
+                            f"extract it and give the {_BATCH_FOLDER} folder it holds.")
         return _load_archive(path)
     for candidate in (path, path / _BATCH_FOLDER):
         if (candidate / _TEST_FILE).exists() or (candidate / "batches.meta").exists():

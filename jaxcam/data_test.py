@@ -1,6 +1,7 @@
 import pickle
 import sys
 import tarfile
+import zipfile
 
 import numpy as np
 import pytest
@@ -122,6 +123,18 @@ def test_corrupt_archive(tmp_path, official_archive):
         data_lib.load_cifar10(archive)
     for raised in (garbage, truncated):  # one sentence, not tarfile's list of tried compressions
         assert "\n" not in str(raised.value) and str(raised.value).endswith(").")
+
+
+def test_a_batch_file_or_a_zip_is_named_as_such(tmp_path, official_folder):
+    # Both were read as a tar archive and refused as "not a readable tar.gz file".
+    with pytest.raises(DataError, match="is one of its batch files; give the folder that holds them") as file:
+        data_lib.load_cifar10(official_folder / "data_batch_1")
+    assert str(file.value).endswith(f"{str(official_folder)!r}.")
+    with zipfile.ZipFile(tmp_path / "cifar-10-python.zip", "w") as archive:
+        for batch in official_folder.iterdir():
+            archive.write(batch, f"cifar-10-batches-py/{batch.name}")
+    with pytest.raises(DataError, match="is a zip archive, which jaxcam does not read; extract it"):
+        data_lib.load_cifar10(tmp_path / "cifar-10-python.zip")
 
 
 def test_tfds_path_under_mock_data(capsys):
