@@ -1,8 +1,13 @@
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from jaxcam import cam, models
 
 
@@ -293,3 +298,26 @@ def test_a_bfloat16_model_is_explained_in_float32(setup):
 def test_a_repeated_layer_counts_once():
     assert cam.check_layers(["layer3", "layer2", "layer3"]) == ("layer3", "layer2")
     assert cam.check_layers("layer1") == ("layer1",)
+
+
+def test_variables_replicated_over_devices_give_the_same_maps():
+    # A TrainState's variables after data-parallel training lie on every device; passed as they are,
+    # EigenCAM's program never finished on 2 host CPU devices. In a process of its own, so that a
+    # hang fails the test (by its timeout) rather than stalling the suite.
+    script = """
+import jax, numpy as np
+from jaxcam import cam, models, train
+assert jax.local_device_count() == 2
+model = models.ResNet18(width=4)
+variables = models.init_variables(model, jax.random.key(0))
+replicated = train.replicate(variables, train.make_mesh())
+images = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
+for method in ("eigencam", "gradcam"):
+    np.testing.assert_allclose(cam.compute(model, replicated, images, method=method),
+                               cam.compute(model, variables, images, method=method), atol=1e-6)
+print("same maps")
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "same maps"
