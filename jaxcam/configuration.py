@@ -138,6 +138,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             raise ConfigError(f"config.{dotted} is a group of settings; set one of them as "
                               f"--config.{dotted}.KEY=VALUE ({', '.join(sorted(current.keys()))}).")
         elif isinstance(current, bool):
+            if isinstance(value, str) and value.lower() in ("true", "false"):  # as absl's flags take them
+                value = value.lower() == "true"
             if not isinstance(value, bool):
                 raise ConfigError(f"config.{dotted} takes True or False, got {text!r}.")
         elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):

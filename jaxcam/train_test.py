@@ -455,6 +455,11 @@ def test_overrides_parse_types():
                              "--config.data_dir=/some/where", "--config.max_lr=auto"])
     assert config.max_lr == "auto" and config.flip is False and config.lr_finder.num_iter == 7
     assert config.data_dir == "/some/where"
+    # Lower-case booleans, as absl's (and ml_collections') flags take them; other words are refused.
+    apply_overrides(config, ["--config.flip=true", "--config.nesterov=false", "--config.tensorboard=FALSE"])
+    assert config.flip is True and config.nesterov is False and config.tensorboard is False
+    with pytest.raises(ConfigError, match=r"config.flip takes True or False, got 'yes'."):
+        apply_overrides(config, ["--config.flip=yes"])
 
 
 @pytest.mark.parametrize(
