@@ -299,10 +299,11 @@ def compute_with_outputs(
         # A bfloat16 model (train.build on a GPU or TPU) would give maps up to about 0.025 off the
         # float32 reference; the parameters are float32, so explain in float32.
         model = model.clone(dtype=jnp.float32)
-    # Variables replicated over several devices (a TrainState's after data-parallel training) would
-    # make each CAM a program run on all of them; with an SVD in it (EigenCAM) that program never
-    # finished on 2 host CPU devices. The images' device computes the maps alone.
-    variables = jax.device_put(variables, next(iter(images.devices())))
+    # Variables replicated over several devices (a TrainState's after data-parallel training), or
+    # images sharded over them, would make each CAM a program run on all of them; with an SVD in it
+    # (EigenCAM) that program never finished on 2 host CPU devices. One device computes the maps.
+    device = min(images.devices(), key=lambda d: d.id)
+    images, variables = jax.device_put((images, variables), device)
     n, height, width, _ = images.shape
     num_classes = model.num_classes
     targets = _check_targets(targets, n, num_classes)

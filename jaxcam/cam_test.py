@@ -300,21 +300,23 @@ def test_a_repeated_layer_counts_once():
     assert cam.check_layers("layer1") == ("layer1",)
 
 
-def test_variables_replicated_over_devices_give_the_same_maps():
-    # A TrainState's variables after data-parallel training lie on every device; passed as they are,
-    # EigenCAM's program never finished on 2 host CPU devices. In a process of its own, so that a
-    # hang fails the test (by its timeout) rather than stalling the suite.
+def test_variables_and_images_spread_over_devices_give_the_same_maps():
+    # A TrainState's variables after data-parallel training lie on every device, and a batch from
+    # the training pipeline is sharded over them; passed as they are, EigenCAM's program never
+    # finished on 2 host CPU devices. In a process of its own, so that a hang fails the test (by
+    # its timeout) rather than stalling the suite.
     script = """
-import jax, numpy as np
+import itertools, jax, numpy as np
 from jaxcam import cam, models, train
 assert jax.local_device_count() == 2
+mesh = train.make_mesh()
 model = models.ResNet18(width=4)
 variables = models.init_variables(model, jax.random.key(0))
-replicated = train.replicate(variables, train.make_mesh())
 images = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
 for method in ("eigencam", "gradcam"):
-    np.testing.assert_allclose(cam.compute(model, replicated, images, method=method),
-                               cam.compute(model, variables, images, method=method), atol=1e-6)
+    expected = cam.compute(model, variables, images, method=method)
+    for v, x in itertools.product((variables, train.replicate(variables, mesh)), (images, train.shard_batch(images, mesh))):
+        np.testing.assert_allclose(cam.compute(model, v, x, method=method), expected, atol=1e-6)
 print("same maps")
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=180,
