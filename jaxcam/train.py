@@ -532,10 +532,16 @@ def train_and_evaluate(
     """Train `config` in `run_dir` (config.json, history.json, checkpoints/), evaluating each epoch.
 
     With `resume`, continue from the latest checkpoint in `run_dir`; the result equals an
-    uninterrupted run with the same seed. Raises TrainingDiverged if the loss turns NaN (the
+    uninterrupted run with the same seed. Without it, a `run_dir` that already holds a run is
+    refused (ConfigError) and left as it is. Raises TrainingDiverged if the loss turns NaN (the
     last good checkpoint and history stay as they were).
     """
     run_dir = Path(run_dir)
+    if not resume and any((run_dir / name).exists() for name in ("config.json", "history.json")):
+        # A notebook cell run twice: the second run would overwrite config.json, train, and then
+        # fail at its first save on the checkpoint already there.
+        raise ConfigError(f"{str(run_dir)!r} already holds a run; train in a new run directory "
+                          "(train.create_run_dir), or continue this one with resume=True.")
     validate_config(config)
     if config.max_lr == "auto":
         raise ValueError("config.max_lr is 'auto': run the LR range test first (train.py --find-lr).")

@@ -243,6 +243,18 @@ def test_resume_of_a_run_stopped_in_its_first_epoch_starts_over(tiny_dataset, tm
     assert (run_dir / "history.json").read_text() == history
 
 
+def test_training_again_into_a_run_directory_is_refused_and_changes_nothing(smoke_run, tiny_dataset, tmp_path):
+    # A notebook cell run twice: the second call overwrote config.json, trained a whole run and then
+    # failed with orbax's StepAlreadyExistsError at its first save.
+    run_dir = shutil.copytree(smoke_run, tmp_path / "run")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    config = tiny_config(epochs=3)
+    with pytest.raises(ConfigError, match=r"already holds a run; train in a new run directory "
+                                          r"\(train.create_run_dir\), or continue this one with resume=True."):
+        train_lib.train_and_evaluate(config, run_dir, dataset=tiny_dataset, progress=False, log=lambda s: None)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
 def test_cli_trains_and_writes_the_run_directory(official_folder, tmp_path, capsys):
     code, out, err = run_cli(["--workdir", tmp_path, *TINY, f"--config.data_dir={str(official_folder)!r}"], capsys)
     assert code == 0, err
