@@ -33,7 +33,7 @@ from jaxcam import data as data_lib
 from jaxcam._checks import is_integer, is_number
 from jaxcam import models
 from jaxcam.checkpoint import Checkpointer, interrupts_deferred, make_writable_folder, write_json
-from jaxcam.configuration import CONFIG_KEYS, ConfigError, check_keys
+from jaxcam.configuration import CONFIG_KEYS, ConfigError, check_keys, config_from_json
 from jaxcam.schedules import onecycle
 
 __all__ = [
@@ -345,6 +345,27 @@ def check_trained_classes(run_dir: str | os.PathLike, meta: dict, dataset: data_
                                  f"has {', '.join(dataset.class_names)}; {remedy}.")
 
 
+# What may differ from a run's config.json when it is resumed: where the data lies, and settings
+# that do not change what is trained.
+RESUME_FREE_KEYS = ("name", "data_dir", "tfds_data_dir", "lr_finder", "prefetch", "tensorboard", "print_summary")
+
+
+def check_resume_config(config: ml_collections.ConfigDict, run_dir: str | os.PathLike) -> None:
+    """ConfigError unless `config` trains as `run_dir/config.json` does (RESUME_FREE_KEYS aside):
+    resumed with other settings (more epochs, say), the run would silently be neither the one
+    config.json records nor an uninterrupted run of the new settings."""
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        return
+    saved, given = config_record(config_from_json(path)), config_record(config)
+    differing = [key for key in sorted(saved.keys() | given.keys())
+                 if key not in RESUME_FREE_KEYS and saved.get(key) != given.get(key)]
+    if differing:
+        detail = ", ".join(f"{key} ({saved.get(key)!r} there, {given.get(key)!r} here)" for key in differing)
+        raise ConfigError(f"The config differs from the run's {str(path)!r} in {detail}; a resumed run keeps its "
+                          "own settings, so resume with configuration.config_from_json of that file.")
+
+
 HISTORY_KEYS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc")
 
 
@@ -532,8 +553,9 @@ def train_and_evaluate(
     """Train `config` in `run_dir` (config.json, history.json, checkpoints/), evaluating each epoch.
 
     With `resume`, continue from the latest checkpoint in `run_dir`; the result equals an
-    uninterrupted run with the same seed. Without it, a `run_dir` that already holds a run is
-    refused (ConfigError) and left as it is. Raises TrainingDiverged if the loss turns NaN (the
+    uninterrupted run with the same seed, and `config` must train as the run's config.json
+    does (`check_resume_config`). Without it, a `run_dir` that already holds a run is refused
+    (ConfigError) and left as it is. Raises TrainingDiverged if the loss turns NaN (the
     last good checkpoint and history stay as they were).
     """
     run_dir = Path(run_dir)
@@ -542,6 +564,8 @@ def train_and_evaluate(
         # fail at its first save on the checkpoint already there.
         raise ConfigError(f"{str(run_dir)!r} already holds a run; train in a new run directory "
                           "(train.create_run_dir), or continue this one with resume=True.")
+    if resume:
+        check_resume_config(config, run_dir)
     validate_config(config)
     if config.max_lr == "auto":
         raise ValueError("config.max_lr is 'auto': run the LR range test first (train.py --find-lr).")

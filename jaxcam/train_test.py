@@ -255,6 +255,26 @@ def test_training_again_into_a_run_directory_is_refused_and_changes_nothing(smok
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
+def test_resuming_with_other_settings_is_refused(smoke_run, tiny_dataset, tmp_path):
+    # The library's resume=True trained on with whatever config it was given: a 2-epoch run
+    # "resumed" with epochs=3 trained a third epoch on another schedule while config.json said 2.
+    run_dir = shutil.copytree(smoke_run, tmp_path / "run")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    config = config_from_json(run_dir / "config.json")
+    config.epochs, config.max_lr = 3, 0.5
+    with pytest.raises(ConfigError, match=r"differs from the run's .*config.json' in epochs \(2 there, 3 here\), "
+                                          r"max_lr \(0.2 there, 0.5 here\); a resumed run keeps its own settings"):
+        train_lib.train_and_evaluate(config, run_dir, resume=True, dataset=tiny_dataset, progress=False,
+                                     log=lambda s: None)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    # Where the data lies, and settings that change nothing trained, may differ.
+    config = config_from_json(run_dir / "config.json")
+    config.update(dict(data_dir="/elsewhere", prefetch=1, tensorboard=False, print_summary=False))
+    logged = []
+    train_lib.train_and_evaluate(config, run_dir, resume=True, dataset=tiny_dataset, progress=False, log=logged.append)
+    assert logged == [f"{run_dir} already finished its 2 epochs; there is nothing to resume."]
+
+
 def test_cli_trains_and_writes_the_run_directory(official_folder, tmp_path, capsys):
     code, out, err = run_cli(["--workdir", tmp_path, *TINY, f"--config.data_dir={str(official_folder)!r}"], capsys)
     assert code == 0, err
