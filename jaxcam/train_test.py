@@ -16,7 +16,7 @@ from conftest import ROOT
 from jaxcam import data as data_lib
 from jaxcam import models
 from jaxcam import train as train_lib
-from jaxcam.checkpoint import Checkpointer, CheckpointError, load_variables
+from jaxcam.checkpoint import Checkpointer, CheckpointError, load_variables, write_json
 from jaxcam.configuration import (CONFIG_KEYS, LR_FINDER_KEYS, ConfigError, apply_overrides, config_from_json,
                                   load_config_file)
 from jaxcam.data import DataError
@@ -132,6 +132,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, tmp_pat
                                      on_epoch_end=stop_after_first, log=lambda s: None)
     good, meta = load_variables(tmp_path, "latest")
     diverging = tiny_config(max_lr=1e30)
+    # A run whose recipe diverges in its second epoch: its config.json says so, as resume=True requires.
+    write_json(tmp_path / "config.json", train_lib.config_record(diverging))
     kept_epoch_1 = r"loss became (nan|inf) in epoch 2/2 \(step \d+\); training stopped, and the checkpoint of epoch 1 is kept\."
     with pytest.raises(train_lib.TrainingDiverged, match=kept_epoch_1):
         train_lib.train_and_evaluate(diverging, tmp_path, resume=True, dataset=tiny_dataset, progress=False,
