@@ -246,7 +246,7 @@ def test_resume_of_a_run_stopped_in_its_first_epoch_starts_over(tiny_dataset, tm
 
 
 def test_training_again_into_a_run_directory_is_refused_and_changes_nothing(smoke_run, tiny_dataset, tmp_path):
-    # A notebook cell run twice: the second call overwrote config.json, trained a whole run and then
+    # A notebook cell run twice: the second call overwrote config.json, trained an epoch and then
     # failed with orbax's StepAlreadyExistsError at its first save.
     run_dir = shutil.copytree(smoke_run, tmp_path / "run")
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
