@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Sequence
 
 from jaxcam.checkpoint import CheckpointError, write_json
-from jaxcam.configuration import ConfigError, apply_overrides, config_from_json, load_config_file
+from jaxcam.configuration import DATA_KEYS, ConfigError, apply_overrides, config_from_json, load_config_file
 from jaxcam.data import DataError
 
 EXPECTED_ERRORS = (DataError, ConfigError, CheckpointError, ValueError, OSError, RuntimeError)
 # The overrides --resume takes: `config.KEY` of where the data lies, not of how to train.
-RESUME_DATA_KEYS = ("config.data_dir", "config.tfds_data_dir")
+RESUME_DATA_KEYS = tuple(f"config.{key}" for key in DATA_KEYS)
 
 
 def fail(message: str) -> int:

@@ -18,6 +18,9 @@ SPECIAL_STRINGS = {"max_lr": ("auto",)}
 # A value's type in words, for errors ("config.width takes an integer, got 'abc'.").
 _TYPE_WORDS = {int: "an integer", float: "a number", str: "a string"}
 
+# The keys that say where the data lies (not how to train): made absolute in a run's config.json,
+# and the ones a resumed run may change.
+DATA_KEYS = ("data_dir", "tfds_data_dir")
 # Every top-level key the library reads; configs/default.py sets each (a test keeps them equal).
 # `lr_finder` holds the LR range test's settings, read only by `train.py --find-lr`.
 CONFIG_KEYS = (

@@ -35,6 +35,8 @@ _BATCH_FOLDER = "cifar-10-batches-py"
 _ARCHIVE = "cifar-10-python.tar.gz"
 _TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 _TEST_FILE = "test_batch"
+_META_FILE = "batches.meta"
+_BATCH_FILES = (*_TRAIN_FILES, _TEST_FILE, _META_FILE)
 
 
 class DataError(ValueError):
@@ -131,7 +133,7 @@ def _load_local(path: Path) -> Cifar10:
     if not path.exists():
         raise DataError(f"CIFAR-10 data path {str(path)!r} does not exist.")
     if path.is_file():
-        if path.name in (*_TRAIN_FILES, _TEST_FILE, "batches.meta"):  # one file taken for the whole copy
+        if path.name in _BATCH_FILES:  # one file taken for the whole copy
             raise DataError(f"CIFAR-10 data path {str(path)!r} is one of its batch files; give the folder that "
                             f"holds them, {str(path.parent)!r}.")
         if zipfile.is_zipfile(path):
@@ -139,7 +141,7 @@ def _load_local(path: Path) -> Cifar10:
                             f"extract it and give the {_BATCH_FOLDER} folder it holds.")
         return _load_archive(path)
     for candidate in (path, path / _BATCH_FOLDER):
-        if (candidate / _TEST_FILE).exists() or (candidate / "batches.meta").exists():
+        if (candidate / _TEST_FILE).exists() or (candidate / _META_FILE).exists():
             return _load_folder(candidate)
     if (path / _ARCHIVE).is_file():
         return _load_archive(path / _ARCHIVE)
@@ -177,7 +179,7 @@ def _load_archive(archive: Path) -> Cifar10:
         with tarfile.open(archive, "r:*") as tar:
             members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
             contents: dict[str, bytes] = {}
-            for name in (*_TRAIN_FILES, _TEST_FILE, "batches.meta"):
+            for name in _BATCH_FILES:
                 if name in members:
                     contents[name] = tar.extractfile(members[name]).read()  # type: ignore[union-attr]
     except (tarfile.TarError, OSError, EOFError) as e:
@@ -232,7 +234,7 @@ def _assemble(read: Callable[[str], bytes], source: str) -> Cifar10:
     test_images, test_labels = _read_batch(read(_TEST_FILE), _TEST_FILE, source)
     class_names = CIFAR10_CLASSES
     try:
-        meta = _unpickle_batch(read("batches.meta"), "batches.meta", source)
+        meta = _unpickle_batch(read(_META_FILE), _META_FILE, source)
         names = meta.get("label_names")
         if names and len(names) == 10:
             class_names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)

@@ -33,7 +33,7 @@ from jaxcam import data as data_lib
 from jaxcam._checks import is_integer, is_number
 from jaxcam import models
 from jaxcam.checkpoint import Checkpointer, interrupts_deferred, make_writable_folder, write_json
-from jaxcam.configuration import CONFIG_KEYS, ConfigError, check_keys, config_from_json
+from jaxcam.configuration import CONFIG_KEYS, DATA_KEYS, ConfigError, check_keys, config_from_json
 from jaxcam.schedules import onecycle
 
 __all__ = [
@@ -329,7 +329,7 @@ def config_record(config: ml_collections.ConfigDict) -> dict:
     """What a run's config.json holds: the config, with the data paths made absolute so that
     explain.py and --resume find the data from any working directory."""
     saved = json.loads(config.to_json_best_effort())
-    for key in ("data_dir", "tfds_data_dir"):
+    for key in DATA_KEYS:
         if saved.get(key) is not None:
             saved[key] = str(Path(saved[key]).expanduser().absolute())
     return saved
@@ -347,7 +347,7 @@ def check_trained_classes(run_dir: str | os.PathLike, meta: dict, dataset: data_
 
 # What may differ from a run's config.json when it is resumed: where the data lies, and settings
 # that do not change what is trained.
-RESUME_FREE_KEYS = ("name", "data_dir", "tfds_data_dir", "lr_finder", "prefetch", "tensorboard", "print_summary")
+RESUME_FREE_KEYS = (*DATA_KEYS, "name", "lr_finder", "prefetch", "tensorboard", "print_summary")
 
 
 def check_resume_config(config: ml_collections.ConfigDict, run_dir: str | os.PathLike) -> None:
