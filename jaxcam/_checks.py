@@ -22,3 +22,10 @@ def is_number(value: Any) -> bool:
 def in_unit_range(maps: np.ndarray, tolerance: float = 0.0) -> bool:
     """All values finite and within [0, 1], give or take `tolerance`."""
     return bool(np.isfinite(maps).all() and maps.min() >= -tolerance and maps.max() <= 1 + tolerance)
+
+
+def channels_first_hint(shape: tuple[int, ...]) -> str:
+    """An error-message tail for a 4-d RGB batch in PyTorch's NCHW order, else ""."""
+    if len(shape) == 4 and shape[1] == 3 and shape[-1] != 3:
+        return " (PyTorch's NCHW order? transpose with images.transpose(0, 2, 3, 1))"
+    return ""

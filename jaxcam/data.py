@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from jaxcam._checks import is_integer
+from jaxcam._checks import channels_first_hint, is_integer
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -335,8 +335,9 @@ def augment_batch(
     a given `rng` state.
     """
     images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f"augment_batch takes a uint8 NHWC batch, got {images.dtype} with shape {images.shape}.")
+    hint = channels_first_hint(images.shape)
+    if images.dtype != np.uint8 or images.ndim != 4 or hint:
+        raise ValueError(f"augment_batch takes a uint8 NHWC batch, got {images.dtype} with shape {images.shape}{hint}.")
     n, h, w, c = images.shape
     if not isinstance(rng, np.random.Generator):
         raise ValueError(f"augment_batch takes a numpy.random.Generator (np.random.default_rng(seed)), "

@@ -329,6 +329,13 @@ def test_augment_rejects_wrong_dtype():
         data_lib.augment_batch(np.zeros((2, 32, 32, 3), np.float32), np.random.default_rng(0))
 
 
+def test_augment_names_a_channels_first_batch():
+    # A PyTorch habit; it was refused as "fill must be 32 channel values", which points elsewhere.
+    with pytest.raises(ValueError, match=r"uint8 NHWC batch, got uint8 with shape \(2, 3, 32, 32\) \(PyTorch's NCHW "
+                                         r"order\? transpose with images.transpose\(0, 2, 3, 1\)\)"):
+        data_lib.augment_batch(np.zeros((2, 3, 32, 32), np.uint8), np.random.default_rng(0))
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

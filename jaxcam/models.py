@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcam._checks import is_integer
+from jaxcam._checks import channels_first_hint, is_integer
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 STAGE_OUTPUT = "output"
@@ -162,9 +162,8 @@ def check_image_batch(shape: Sequence[int], dtype: Any) -> None:
             "convert uint8 images with jaxcam.data.normalize first."
         )
     if len(shape) != 4 or shape[-1] != 3:
-        hint = (" (PyTorch's NCHW order? transpose with images.transpose(0, 2, 3, 1))"
-                if len(shape) == 4 and shape[1] == 3 else "")
-        raise ValueError(f"Images must have shape (N, H, W, 3) NHWC, got {tuple(shape)}{hint}.")
+        shape = tuple(shape)
+        raise ValueError(f"Images must have shape (N, H, W, 3) NHWC, got {shape}{channels_first_hint(shape)}.")
 
 
 def ResNet18(num_classes: int = 10, width: int = 64, **kwargs: Any) -> ResNet:
