@@ -355,6 +355,8 @@ def augment_batch(
         # black squares without a word.
         raise ValueError(f"fill takes whole pixel values in 0..255, such as np.round(dataset.mean * 255), "
                          f"got {fill!r}.")
+    if n == 0:
+        return images.copy()  # nothing to draw for; the gather below needs at least one image
     # All random draws first, in a fixed order, so results depend only on the rng state.
     offsets = rng.integers(0, 2 * padding + 1, size=(n, 2)) if padding else np.zeros((n, 2), np.int64)
     flips = rng.random(n) < 0.5 if flip else np.zeros(n, bool)

@@ -336,6 +336,12 @@ def test_augment_names_a_channels_first_batch():
         data_lib.augment_batch(np.zeros((2, 3, 32, 32), np.uint8), np.random.default_rng(0))
 
 
+def test_augment_of_an_empty_batch_is_empty():
+    # It raised a bare IndexError from the gather.
+    out = data_lib.augment_batch(np.zeros((0, 32, 32, 3), np.uint8), np.random.default_rng(0))
+    assert out.shape == (0, 32, 32, 3) and out.dtype == np.uint8
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
