@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from jaxcam._checks import in_unit_range, is_integer
+from jaxcam._checks import in_unit_range, is_integer, is_number
 from jaxcam.cam import check_target_range
 from jaxcam.models import check_image_batch
 
@@ -26,6 +26,8 @@ def _check_inputs(images: np.ndarray, saliency: np.ndarray, targets: np.ndarray)
     check_image_batch(images.shape, images.dtype)
     images = images.astype(np.float32)
     n, h, w, _ = images.shape
+    if n == 0:
+        raise ValueError("No images to score (the batch is empty).")
     saliency, targets = np.asarray(saliency), np.asarray(targets)
     if saliency.shape != (n, h, w):
         raise ValueError(f"Saliency maps must have shape {(n, h, w)}, got {saliency.shape}.")
@@ -59,11 +61,30 @@ def _softmax_target(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 def _predict_in_chunks(predict: Predict, images: np.ndarray, batch_size: int) -> np.ndarray:
-    return np.concatenate([np.asarray(predict(images[i : i + batch_size])) for i in range(0, len(images), batch_size)])
+    """Logits (N, K) of `predict` run on `batch_size` images at a time, or ValueError."""
+    if not is_integer(batch_size, 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    chunks = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i : i + batch_size]
+        logits = np.asarray(predict(chunk))
+        if logits.ndim != 2 or len(logits) != len(chunk):
+            raise ValueError(f"predict must return logits (B, K) for a batch of B images; for {len(chunk)} images "
+                             f"it returned shape {logits.shape}.")
+        if not np.isfinite(logits).all():
+            # Softmax of NaN logits would turn every score into NaN without a word.
+            raise ValueError("predict returned NaN or infinite logits, so no probabilities can be scored.")
+        chunks.append(logits)
+    return np.concatenate(chunks)
 
 
 def blur(images: np.ndarray, sigma: float = 5.0) -> np.ndarray:
     """Separable Gaussian blur of (N, H, W, C) images (edge-replicated): RISE's insertion canvas."""
+    if np.ndim(images) != 4:
+        raise ValueError(f"blur takes a batch of images (N, H, W, C), got shape {np.shape(images)}.")
+    if not is_number(sigma) or sigma <= 0:
+        # sigma 0 gave NaN images and a negative one blurred as its absolute value.
+        raise ValueError(f"sigma must be a positive number of pixels, got {sigma!r}.")
     radius = max(1, int(3 * sigma))
     x = np.arange(-radius, radius + 1)
     kernel = np.exp(-0.5 * (x / sigma) ** 2)
@@ -118,6 +139,8 @@ def deletion_insertion_curves(
 def auc(curves: np.ndarray) -> np.ndarray:
     """Area under each curve (N, steps + 1) over x in [0, 1] by the trapezoid rule: (N,)."""
     curves = np.asarray(curves, np.float64)
+    if curves.ndim != 2 or curves.shape[1] < 2:
+        raise ValueError(f"auc takes curves (N, steps + 1) of at least two points each, got shape {curves.shape}.")
     return (curves[:, 1:] + curves[:, :-1]).sum(1) / (2 * (curves.shape[1] - 1))
 
 

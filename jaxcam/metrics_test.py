@@ -135,3 +135,55 @@ def test_bad_baseline(baseline, message):
 def test_steps_must_be_positive():
     with pytest.raises(ValueError, match="steps must be a positive integer, got 0"):
         metrics.deletion_insertion_curves(predict, np.ones((2, H, W, 3)), np.ones((2, H, W)), np.zeros(2, int), steps=0)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5])
+@pytest.mark.parametrize("metric", ["deletion_insertion_curves", "confidence_change"])
+def test_batch_size_must_be_positive(metric, batch_size):
+    # 0 had failed in range(), -1 in np.concatenate and 2.5 in slicing, none naming batch_size.
+    with pytest.raises(ValueError, match=f"batch_size must be a positive integer, got {batch_size}"):
+        getattr(metrics, metric)(predict, np.ones((2, H, W, 3)), np.ones((2, H, W)), np.zeros(2, int),
+                                 batch_size=batch_size)
+
+
+@pytest.mark.parametrize("metric", ["deletion_insertion_curves", "confidence_change"])
+def test_an_empty_batch_is_named(metric):
+    with pytest.raises(ValueError, match=r"No images to score \(the batch is empty\)"):
+        getattr(metrics, metric)(predict, np.ones((0, H, W, 3)), np.ones((0, H, W)), np.zeros(0, int))
+
+
+@pytest.mark.parametrize("metric", ["deletion_insertion_curves", "confidence_change"])
+def test_predict_must_return_finite_logits_per_image(metric):
+    # NaN logits (a diverged model) had turned every score into NaN without a word.
+    def nan_logits(images):
+        return np.full((len(images), 2), np.nan)
+
+    with pytest.raises(ValueError, match="predict returned NaN or infinite logits"):
+        getattr(metrics, metric)(nan_logits, np.ones((2, H, W, 3)), np.ones((2, H, W)), np.zeros(2, int))
+
+    def one_row(images):
+        return predict(images)[:1]
+
+    with pytest.raises(ValueError, match=r"predict must return logits \(B, K\) for a batch of B images; for 2 images "
+                                         r"it returned shape \(1, 2\)"):
+        getattr(metrics, metric)(one_row, np.ones((2, H, W, 3)), np.ones((2, H, W)), np.zeros(2, int), batch_size=2)
+
+
+@pytest.mark.parametrize("sigma", [0, -1.0, float("nan")])
+def test_blur_needs_a_positive_sigma(sigma):
+    # sigma 0 gave NaN images, and -1 blurred as if it were 1.
+    with pytest.raises(ValueError, match=f"sigma must be a positive number of pixels, got {sigma}"):
+        metrics.blur(np.ones((1, H, W, 3)), sigma=sigma)
+
+
+def test_blur_needs_a_batch():
+    with pytest.raises(ValueError, match=r"blur takes a batch of images \(N, H, W, C\), got shape \(8, 8, 3\)"):
+        metrics.blur(np.ones((H, W, 3)))
+
+
+@pytest.mark.parametrize("shape", [(2, 1), (5,)])
+def test_auc_needs_curves_of_two_points(shape):
+    # One point divided by zero (inf with a RuntimeWarning); a 1-d curve failed in indexing.
+    with pytest.raises(ValueError, match=rf"auc takes curves \(N, steps \+ 1\) of at least two points each, "
+                                         rf"got shape \({shape[0]},"):
+        metrics.auc(np.ones(shape))
