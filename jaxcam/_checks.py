@@ -29,3 +29,22 @@ def channels_first_hint(shape: tuple[int, ...]) -> str:
     if len(shape) == 4 and shape[1] == 3 and shape[-1] != 3:
         return " (PyTorch's NCHW order? transpose with images.transpose(0, 2, 3, 1))"
     return ""
+
+
+def check_class_indices(labels: Any, predictions: Any, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and predictions as int64 arrays (N,) of classes in 0..num_classes-1, else ValueError.
+
+    Counting them with bincount over label * K + prediction would file an out-of-range index
+    under another class without a word.
+    """
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    if labels.ndim != 1 or labels.shape != predictions.shape:
+        raise ValueError(f"Give one label and one prediction per example, as arrays (N,); "
+                         f"got shapes {labels.shape} and {predictions.shape}.")
+    for name, values in (("label", labels), ("prediction", predictions)):
+        if values.size and not np.issubdtype(values.dtype, np.integer):
+            raise ValueError(f"Class {name}s must be integers, got {values.dtype}.")
+        outside = values[(values < 0) | (values >= num_classes)]
+        if outside.size:
+            raise ValueError(f"Class {name} {int(outside[0])} is out of range for {num_classes} classes.")
+    return labels.astype(np.int64), predictions.astype(np.int64)

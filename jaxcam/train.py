@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxcam import data as data_lib
-from jaxcam._checks import is_integer, is_number
+from jaxcam._checks import check_class_indices, is_integer, is_number
 from jaxcam import models
 from jaxcam.checkpoint import Checkpointer, interrupts_deferred, make_writable_folder, write_json
 from jaxcam.configuration import CONFIG_KEYS, DATA_KEYS, ConfigError, check_keys, config_from_json
@@ -264,7 +264,8 @@ def evaluate(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 
 def per_class_accuracy(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Accuracy per true class, float (K,); NaN for a class without examples."""
+    """Accuracy per true class, float (K,); NaN for a class without examples; predictions, labels: (N,)."""
+    labels, predictions = check_class_indices(labels, predictions, num_classes)
     totals = np.bincount(labels, minlength=num_classes)
     hits = np.bincount(labels[predictions == labels], minlength=num_classes)
     with np.errstate(invalid="ignore", divide="ignore"):

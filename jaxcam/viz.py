@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxcam._checks import in_unit_range  # noqa: E402
+from jaxcam._checks import check_class_indices, in_unit_range  # noqa: E402
 
 CMAP = "inferno"
 PathLike = str | os.PathLike
@@ -185,7 +185,8 @@ def plot_all_targets(image: np.ndarray, cams: np.ndarray, probabilities: np.ndar
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
-    """Counts (K, K): rows are true classes, columns predicted classes."""
+    """Counts (K, K): rows are true classes, columns predicted classes; labels, predictions: (N,)."""
+    labels, predictions = check_class_indices(labels, predictions, num_classes)
     return np.bincount(labels * num_classes + predictions, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 

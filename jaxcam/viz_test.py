@@ -34,6 +34,27 @@ def test_classification_report_equals_sklearn():
             assert ours[row]["f1" if column == "f1-score" else column] == pytest.approx(theirs[row][column]), (row, column)
 
 
+@pytest.mark.parametrize("labels, predictions, message", [
+    ([1, 0], [12, 10], "Class prediction 12 is out of range for 10 classes."),
+    ([0, -1], [0, 1], "Class label -1 is out of range for 10 classes."),
+    ([0, 1, 2], [0, 1], r"Give one label and one prediction per example, as arrays \(N,\); got shapes \(3,\) and \(2,\)"),
+    ([0.0, 1.0], [0, 1], "Class labels must be integers, got float64."),
+])
+@pytest.mark.parametrize("count", ["confusion_matrix", "classification_report", "per_class_accuracy"])
+def test_class_counts_refuse_indices_out_of_range(count, labels, predictions, message):
+    # bincount over label * K + prediction filed prediction 12 of label 1 under (2, 2) without a word.
+    from jaxcam import train
+
+    labels, predictions = np.array(labels), np.array(predictions)
+    with pytest.raises(ValueError, match=message):
+        if count == "confusion_matrix":
+            viz.confusion_matrix(labels, predictions, 10)
+        elif count == "classification_report":
+            viz.classification_report(labels, predictions, [str(k) for k in range(10)])
+        else:
+            train.per_class_accuracy(predictions, labels, 10)
+
+
 def test_overlay_blends_rgb_with_the_colormap():
     image = np.zeros((4, 6, 3), np.uint8)
     image[..., 0] = 255  # pure red: the overlay must keep RGB order, not turn it blue
