@@ -84,7 +84,7 @@ class TrainState(train_state.TrainState):
 
 
 class TrainingDiverged(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss, or the model's outputs on the test images, became NaN or infinite."""
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -632,17 +632,25 @@ def train_and_evaluate(
                 transfer=lambda b: shard_batch((b.images, b.labels), mesh),
                 size=config.prefetch,
             )
+            kept = (f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1
+                    else "no epoch had finished, so there is no checkpoint to keep")
             try:
                 state, train_metrics = train_epoch(train_step, state, batches, steps_per_epoch,
                                                    f"Epoch {epoch}/{config.epochs}", progress)
             except TrainingDiverged as diverged:
-                kept = (f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1
-                        else "no epoch had finished, so there is no checkpoint to keep")
                 raise TrainingDiverged(f"{diverged}; training stopped, and {kept}.") from None
             train_time = time.perf_counter() - started
 
             variables = {"params": state.params, "batch_stats": state.batch_stats}
             test_logits = predict(predict_fn, variables, dataset.test_images, config.eval_batch_size, mesh)
+            if not np.isfinite(test_logits).all():
+                # The losses are read before each update, so an update that blows the parameters up
+                # in an epoch's last step passes the loss check; the test images catch it before
+                # the blown-up parameters could be saved (their NaN accuracy counted class 0).
+                raise TrainingDiverged(
+                    f"The model's outputs on the test images became NaN or infinite after epoch "
+                    f"{epoch}/{config.epochs}, so its checkpoint was not saved; training stopped, and "
+                    f"{kept if epoch > 1 else 'there is no checkpoint to keep'}.")
             test = evaluate(test_logits, dataset.test_labels)
             record = {
                 "epoch": epoch,

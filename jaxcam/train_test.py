@@ -149,6 +149,40 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, tmp_pat
     assert Checkpointer(tmp_path / "fresh", create=False).latest_epoch() is None
 
 
+def test_outputs_blown_up_in_an_epochs_last_step_stop_the_run_before_saving(tiny_dataset, tmp_path):
+    # One step per epoch (128 images, batch 128): the loss is read before each update, so an update
+    # that blows the parameters up passed the loss check. The run "finished" with NaN test losses,
+    # accuracies that counted class 0, and non-finite parameters saved as its latest checkpoint.
+    one_step = dict(batch_size=128, eval_batch_size=40)
+    config = tiny_config(**one_step)
+
+    def stop_after_first(epoch, record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_lib.train_and_evaluate(config, tmp_path, dataset=tiny_dataset, progress=False,
+                                     on_epoch_end=stop_after_first, log=lambda s: None)
+    good, _ = load_variables(tmp_path, "latest")
+    blowing_up = tiny_config(max_lr=1e30, **one_step)
+    write_json(tmp_path / "config.json", train_lib.config_record(blowing_up))
+    with pytest.raises(train_lib.TrainingDiverged,
+                       match=r"^The model's outputs on the test images became NaN or infinite after epoch 2/2, so its "
+                             r"checkpoint was not saved; training stopped, and the checkpoint of epoch 1 is kept\.$"):
+        train_lib.train_and_evaluate(blowing_up, tmp_path, resume=True, dataset=tiny_dataset, progress=False,
+                                     log=lambda s: None)
+    kept, meta = load_variables(tmp_path, "latest")
+    assert meta["epoch"] == 1
+    jax.tree_util.tree_map(np.testing.assert_array_equal, good, kept)
+    assert [r["epoch"] for r in json.loads((tmp_path / "history.json").read_text())] == [1]
+
+    with pytest.raises(train_lib.TrainingDiverged, match=r"after epoch 1/2, so its checkpoint was not saved; "
+                                                         r"training stopped, and there is no checkpoint to keep\.$"):
+        train_lib.train_and_evaluate(blowing_up, tmp_path / "fresh", dataset=tiny_dataset, progress=False,
+                                     log=lambda s: None)
+    assert Checkpointer(tmp_path / "fresh", create=False).latest_epoch() is None
+    assert not (tmp_path / "fresh" / "history.json").exists()
+
+
 def test_train_epoch_measures_the_wait_for_data():
     step = jax.jit(lambda count, images, labels: (count + 1, {"loss": jnp.mean(images), "accuracy": jnp.mean(labels)}))
 
