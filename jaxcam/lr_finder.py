@@ -91,6 +91,11 @@ def suggest_lr(
     """
     if skip_start < 0 or skip_end < 0:
         raise ValueError("skip_start and skip_end must be non-negative.")
+    if len(lrs) != len(losses):
+        # The trim counts skip_end back from the end of lrs; with fewer losses (a stopped test's
+        # losses beside the whole sweep) it would keep the last losses it should skip.
+        raise ValueError(f"Give one loss per learning rate: {len(lrs)} learning rates but {len(losses)} losses "
+                         "(a stopped test records fewer; pass its RangeTestResult's lrs and losses together).")
     end = len(lrs) - skip_end
     trimmed = np.asarray(losses[skip_start:end], np.float64)
     # A test stopped by a NaN or infinite loss keeps that point last; np.gradient next to it is NaN,

@@ -57,6 +57,9 @@ def test_suggestion_is_the_steepest_descent():
     assert lr_finder.suggest_lr(lrs, falling, 5, 3) == lr_finder.suggest_lr(lrs, falling, 5, 3, up_to_minimum=False)
     with pytest.raises(ValueError, match="Too few points"):
         lr_finder.suggest_lr(lrs[:12], losses[:12], skip_start=10, skip_end=5)
+    # The whole sweep's rates beside a stopped test's losses had kept losses that skip_end should drop.
+    with pytest.raises(ValueError, match="Give one loss per learning rate: 40 learning rates but 30 losses"):
+        lr_finder.suggest_lr(lrs, losses[:30], skip_start=5, skip_end=3)
 
 
 @pytest.mark.parametrize("up_to_minimum", [True, False])
@@ -65,7 +68,7 @@ def test_suggestion_ignores_the_nan_that_stopped_the_test(up_to_minimum):
     lrs = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     losses = [3.0, 2.9, 2.0, 1.1, 1.0, float("nan")]
     assert lr_finder.suggest_lr(lrs, losses, 0, 0, up_to_minimum=up_to_minimum) == (2, 3.0)
-    assert lr_finder.suggest_lr(lrs, losses[:2] + [float("inf")], 0, 0, up_to_minimum=up_to_minimum) == (0, 1.0)
+    assert lr_finder.suggest_lr(lrs[:3], losses[:2] + [float("inf")], 0, 0, up_to_minimum=up_to_minimum) == (0, 1.0)
 
 
 def test_json_record_writes_a_nan_loss_as_null():
