@@ -47,10 +47,17 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5, cmap: str = 
     # A raw map (before min-max) would be clipped to a flat saturated colour, NaN drawn as black;
     # the small tolerance keeps a map resized after normalization, which can overshoot by rounding.
     if not in_unit_range(cam, tolerance=1e-5):
-        raise ValueError(f"overlay takes a CAM normalized to [0, 1], got values from {np.nanmin(cam):.4g} to "
-                         f"{np.nanmax(cam):.4g}{' and NaN' if np.isnan(cam).any() else ''}; normalize it first "
+        nan = np.isnan(cam)
+        found = ("only NaN" if nan.all() else f"values from {np.nanmin(cam):.4g} to {np.nanmax(cam):.4g}"
+                 f"{' and NaN' if nan.any() else ''}")
+        raise ValueError(f"overlay takes a CAM normalized to [0, 1], got {found}; normalize it first "
                          "(jaxcam.cam.minmax, as cam.compute does).")
-    heat = plt.get_cmap(cmap)(np.clip(cam, 0, 1))[..., :3]
+    try:
+        colormap = plt.get_cmap(cmap)
+    except ValueError:  # matplotlib's own words name its argument ("not a valid value for name")
+        raise ValueError(f"Unknown colour map {cmap!r}; give a matplotlib colormap name such as {CMAP!r} "
+                         "or 'jet'.") from None
+    heat = colormap(np.clip(cam, 0, 1))[..., :3]
     return np.clip((1 - alpha) * image.astype(np.float32) / 255 + alpha * heat, 0, 1)
 
 

@@ -82,6 +82,13 @@ def test_overlay_rejects_what_it_cannot_draw():
         viz.overlay(np.zeros((32, 32, 3), np.uint8), np.linspace(-2, 37, 1024).reshape(32, 32))
     with pytest.raises(ValueError, match=r"got values from 0 to 0 and NaN"):
         viz.overlay(np.zeros((32, 32, 3), np.uint8), np.where(np.eye(32) > 0, np.nan, 0.0))
+    # An all-NaN map had read "got values from nan to nan and NaN", with a RuntimeWarning.
+    with pytest.raises(ValueError, match=r"overlay takes a CAM normalized to \[0, 1\], got only NaN; normalize"):
+        viz.overlay(np.zeros((32, 32, 3), np.uint8), np.full((32, 32), np.nan))
+    # matplotlib's own error had said "'nope' is not a valid value for name".
+    with pytest.raises(ValueError, match=r"^Unknown colour map 'nope'; give a matplotlib colormap name such as "
+                                         r"'inferno' or 'jet'\.$"):
+        viz.overlay(np.zeros((32, 32, 3), np.uint8), cam, cmap="nope")
 
 
 @pytest.mark.parametrize("plot", ["plot_misclassified", "plot_samples_per_class"])
