@@ -256,6 +256,11 @@ def predict(
 def evaluate(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Mean cross-entropy, accuracy and the correct count of logits (N, K) against labels (N,)."""
     logits = np.asarray(logits, np.float64)
+    if logits.ndim != 2 or len(logits) == 0 or np.shape(labels) != logits.shape[:1]:
+        raise ValueError(f"evaluate takes logits (N, K) of at least one example and labels (N,), got shapes "
+                         f"{logits.shape} and {np.shape(labels)}.")
+    # A label of -1 would score the last class's log-probability without a word.
+    labels, _ = check_class_indices(labels, logits.argmax(-1), logits.shape[-1])
     shifted = logits - logits.max(-1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
     loss = -log_probs[np.arange(len(labels)), labels].mean()

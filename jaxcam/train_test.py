@@ -183,6 +183,28 @@ def test_outputs_blown_up_in_an_epochs_last_step_stop_the_run_before_saving(tiny
     assert not (tmp_path / "fresh" / "history.json").exists()
 
 
+def test_evaluate_scores_logits_against_labels():
+    probabilities = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.6, 0.1]])
+    summary = train_lib.evaluate(np.log(probabilities) + 5.0, np.array([0, 2, 0]))  # a shift changes no softmax
+    assert summary["correct"] == 2 and summary["total"] == 3 and summary["accuracy"] == pytest.approx(2 / 3)
+    assert summary["loss"] == pytest.approx(-np.log([0.7, 0.8, 0.3]).mean())
+
+
+@pytest.mark.parametrize("logits, labels, message", [
+    # A label of -1 had scored the last class's probability without a word; 5 and a short label
+    # array failed in numpy's indexing.
+    (np.zeros((2, 3)), [0, -1], "Class label -1 is out of range for 3 classes."),
+    (np.zeros((2, 3)), [0, 5], "Class label 5 is out of range for 3 classes."),
+    (np.zeros((2, 3)), [0, 1, 2], r"evaluate takes logits \(N, K\) of at least one example and labels \(N,\), "
+                                  r"got shapes \(2, 3\) and \(3,\)"),
+    (np.zeros((0, 3)), [], r"got shapes \(0, 3\) and \(0,\)"),
+    (np.zeros((2, 3)), [0.0, 1.0], "Class labels must be integers, got float64."),
+])
+def test_evaluate_refuses_labels_that_do_not_fit(logits, labels, message):
+    with pytest.raises(ValueError, match=message):
+        train_lib.evaluate(logits, np.array(labels))
+
+
 def test_train_epoch_measures_the_wait_for_data():
     step = jax.jit(lambda count, images, labels: (count + 1, {"loss": jnp.mean(images), "accuracy": jnp.mean(labels)}))
 
