@@ -305,7 +305,8 @@ def check_images(images: Any, *, name: str = "images") -> np.ndarray:
     if images.dtype != np.uint8:
         raise ValueError(f"{name} must be uint8 RGB values 0..255, got dtype {images.dtype}.")
     if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
-        raise ValueError(f"{name} must have shape (N, 32, 32, 3) NHWC, got {images.shape}.")
+        raise ValueError(f"{name} must have shape (N, 32, 32, 3) NHWC, got {images.shape}"
+                         f"{channels_first_hint(images.shape)}.")
     return images
 
 

@@ -23,6 +23,7 @@ from jaxcam import metrics as metrics_lib
 from jaxcam import models
 from jaxcam import train as train_lib
 from jaxcam import viz
+from jaxcam._checks import is_integer
 from jaxcam.checkpoint import CheckpointError, load_variables, make_writable_folder
 from jaxcam.configuration import config_from_json
 from jaxcam.models import STAGES
@@ -143,6 +144,8 @@ def load_image_files(paths: Sequence[str | os.PathLike]) -> np.ndarray:
     """
     from PIL import Image, UnidentifiedImageError
 
+    if not paths:
+        raise data_lib.DataError("Give at least one image file to explain.")
     images = []
     for path in paths:
         try:
@@ -150,6 +153,9 @@ def load_image_files(paths: Sequence[str | os.PathLike]) -> np.ndarray:
                 images.append(np.asarray(_to_rgb8(img, path).resize((32, 32), Image.Resampling.LANCZOS), np.uint8))
         except FileNotFoundError:
             raise data_lib.DataError(f"Image file {str(path)!r} does not exist.") from None
+        except IsADirectoryError:
+            raise data_lib.DataError(f"{str(path)!r} is a folder, not an image file; name the PNG or JPEG files "
+                                     "in it.") from None
         except Image.DecompressionBombError:  # PIL's guard against images made to exhaust memory
             raise data_lib.DataError(
                 f"{str(path)!r} has more pixels than PIL opens safely ({2 * Image.MAX_IMAGE_PIXELS:,}); scale it "
@@ -166,7 +172,7 @@ def explain_images(
 
     Returns the probabilities (N, K), the top classes ranked (N, top) and their CAMs (N, top, H, W).
     """
-    if not 1 <= top <= run.dataset.num_classes:
+    if not is_integer(top, 1) or top > run.dataset.num_classes:
         raise ValueError(f"top must be between 1 and {run.dataset.num_classes}, got {top}.")
     x = run.normalize(images)
     probabilities = _softmax(run.logits(x))  # the classes must be known before their CAMs

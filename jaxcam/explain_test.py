@@ -107,6 +107,18 @@ def test_own_images_are_explained_for_their_two_most_likely_classes(smoke_run):
         explain_images(run, images, top=11)
 
 
+def test_own_images_that_cannot_be_explained_get_one_sentence(smoke_run):
+    run = load_run(smoke_run)
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    # top=2.5 had failed in slicing, and a channels-first batch and no files had numpy's words.
+    with pytest.raises(ValueError, match="top must be between 1 and 10, got 2.5"):
+        explain_images(run, images, top=2.5)
+    with pytest.raises(ValueError, match=r"got \(2, 3, 32, 32\) \(PyTorch's NCHW order\? transpose"):
+        explain_images(run, images.transpose(0, 3, 1, 2))
+    with pytest.raises(DataError, match="Give at least one image file to explain."):
+        load_image_files([])
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -116,6 +128,7 @@ def test_own_images_are_explained_for_their_two_most_likely_classes(smoke_run):
         (["--num", "101"], "--num must be between 1 and 100 (one gallery row each), got 101."),
         (["--faithfulness", "-1"], "--faithfulness must be 0 (skip) or a number of test images, got -1."),
         (["--images", "/nonexistent.png"], "does not exist"),
+        (["--images", "/"], "'/' is a folder, not an image file; name the PNG or JPEG files in it."),
         (["--images", *[f"/nonexistent{i}.png" for i in range(101)]], "--images takes at most 100 files"),
     ],
 )
