@@ -13,6 +13,7 @@ from jaxcam import cli
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and write the report; returns the exit status (0, or 1 after a one-sentence error)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="a run directory written by train.py")
     parser.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")

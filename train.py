@@ -15,6 +15,7 @@ from jaxcam import cli
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and train; returns the exit status (0, or 1 after a one-sentence error)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="folder that receives the run directory")
     parser.add_argument("--config", default=None, help="Python config file with get_config() (default: configs/default.py)")

@@ -62,14 +62,17 @@ class Checkpointer:
             )
 
     def wait(self) -> None:
+        """Block until the asynchronous saves of both managers are on disk."""
         for manager in (self.latest, self.best):
             manager.wait_until_finished()
 
     def close(self) -> None:
+        """Finish pending saves and release both managers."""
         for manager in (self.latest, self.best):
             manager.close()
 
     def latest_epoch(self, which: str = "latest") -> int | None:
+        """The newest epoch saved as `which` ("latest" or "best"), or None before the first save."""
         return getattr(self, which).latest_step()
 
     def restore(self, template: Any, which: str = "latest") -> tuple[Any, dict]:

@@ -76,6 +76,7 @@ class Cifar10:
 
     @property
     def num_classes(self) -> int:
+        """K, the number of class names (labels are 0..K-1)."""
         return len(self.class_names)
 
     @functools.cached_property

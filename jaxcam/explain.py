@@ -50,6 +50,7 @@ class LoadedRun:
     dataset: data_lib.Cifar10
 
     def normalize(self, images: np.ndarray) -> np.ndarray:
+        """uint8 RGB (N, 32, 32, 3) -> float32 (N, 32, 32, 3) with the training split's mean and std."""
         return np.asarray(data_lib.normalize(data_lib.check_images(images), self.dataset.mean, self.dataset.std))
 
     @functools.cached_property
