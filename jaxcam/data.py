@@ -152,8 +152,22 @@ def _load_local(path: Path) -> Cifar10:
         present = set()
     raise DataError(
         f"No CIFAR-10 found in {str(path)!r}: expected {_ARCHIVE}, a {_BATCH_FOLDER}/ folder, "
-        f"or the batch files themselves{_other_download(present)}."
+        f"or the batch files themselves{_other_download(present) or _tfds_hint(path)}."
     )
+
+
+def _tfds_hint(path: Path) -> str:
+    """A hint when `path` is, or lies in, a tensorflow-datasets data dir that holds a prepared cifar10."""
+    for root in (path, path.parent, path.parent.parent):
+        try:
+            prepared = any((root / "cifar10").glob("*/dataset_info.json"))
+        except OSError:
+            continue
+        if prepared:
+            # data_dir means an official copy; a tfds folder goes to tfds_data_dir, with data_dir None.
+            return (f"; this is a tensorflow-datasets folder, so {str(root)!r} goes in tfds_data_dir (train.py "
+                    "--config.tfds_data_dir), with data_dir unset")
+    return ""
 
 
 def _other_download(names: set[str]) -> str:

@@ -1,4 +1,5 @@
 import pickle
+import re
 import sys
 import tarfile
 import zipfile
@@ -83,6 +84,20 @@ def test_the_downloads_taken_for_this_one_are_named(tmp_path, folder, files, hin
                                        f"themselves{hint}")
     assert str(parent_error.value).endswith(hint)
     assert str(archive_error.value) == f"CIFAR-10 archive {str(archive)!r} has no member 'data_batch_1'{hint}"
+
+
+@pytest.mark.parametrize("given", [".", "cifar10", "cifar10/3.0.2"])
+def test_a_tensorflow_datasets_folder_given_as_data_dir_is_named(tmp_path, given):
+    # A Colab user's ~/tensorflow_datasets (or a folder in it) given as data_dir: the error listed
+    # the official files without saying which setting takes this folder.
+    version = tmp_path / "cifar10" / "3.0.2"
+    version.mkdir(parents=True)
+    (version / "dataset_info.json").write_text("{}")
+    (version / "cifar10-train.array_record-00000-of-00001").write_bytes(b"\x00" * 64)
+    with pytest.raises(DataError, match=rf"^No CIFAR-10 found in .*; this is a tensorflow-datasets folder, so "
+                                        rf"{re.escape(repr(str(tmp_path)))} goes in tfds_data_dir \(train.py "
+                                        rf"--config.tfds_data_dir\), with data_dir unset\.$"):
+        data_lib.load_cifar10(tmp_path / given)
 
 
 def test_missing_batch_file(official_folder, tmp_path):
