@@ -141,11 +141,9 @@ def _load_local(path: Path) -> Cifar10:
             raise DataError(f"CIFAR-10 data path {str(path)!r} is a zip archive, which jaxcam does not read; "
                             f"extract it and give the {_BATCH_FOLDER} folder it holds.")
         return _load_archive(path)
-    for candidate in (path, path / _BATCH_FOLDER):
-        if (candidate / _TEST_FILE).exists() or (candidate / _META_FILE).exists():
-            return _load_folder(candidate)
-    if (path / _ARCHIVE).is_file():
-        return _load_archive(path / _ARCHIVE)
+    found = _official_copy_in(path)
+    if found is not None:
+        return _load_folder(found) if found.is_dir() else _load_archive(found)
     try:
         present = {p.name for p in path.iterdir()} | {p.name for p in path.glob("*/*")}
     except OSError:  # an unreadable folder only costs the hint
@@ -154,6 +152,17 @@ def _load_local(path: Path) -> Cifar10:
         f"No CIFAR-10 found in {str(path)!r}: expected {_ARCHIVE}, a {_BATCH_FOLDER}/ folder, "
         f"or the batch files themselves{_other_download(present) or _tfds_hint(path)}."
     )
+
+
+def _official_copy_in(folder: Path) -> Path | None:
+    """The official copy in `folder`: the folder of batch files (itself or its cifar-10-batches-py/),
+    else its cifar-10-python.tar.gz; None if it holds neither."""
+    for candidate in (folder, folder / _BATCH_FOLDER):
+        if (candidate / _TEST_FILE).exists() or (candidate / _META_FILE).exists():
+            return candidate
+    if (folder / _ARCHIVE).is_file():
+        return folder / _ARCHIVE
+    return None
 
 
 def _tfds_hint(path: Path) -> str:
@@ -275,7 +284,17 @@ def _hide_gpus_from_tensorflow() -> None:
         tf.config.set_visible_devices([], "GPU")
 
 
-def _load_tfds(tfds_data_dir: str | None) -> Cifar10:
+def _load_tfds(tfds_data_dir: str | os.PathLike | None) -> Cifar10:
+    if tfds_data_dir is not None:
+        # An official copy given as tfds_data_dir: tensorflow-datasets would download CIFAR-10
+        # beside it (offline: retrying for minutes) instead of reading it.
+        path = Path(tfds_data_dir).expanduser()
+        if path.is_file():
+            raise DataError(f"tfds_data_dir {str(path)!r} is a file, not tensorflow-datasets' folder; an official "
+                            "CIFAR-10 archive goes in data_dir (--config.data_dir).")
+        if path.is_dir() and _official_copy_in(path) is not None:
+            raise DataError(f"tfds_data_dir {str(path)!r} holds an official CIFAR-10 copy, not tensorflow-datasets' "
+                            "prepared data; give it as data_dir (--config.data_dir) instead.")
     import tensorflow_datasets as tfds
 
     # Say why the first run waits (a download and a preparation), and what to do offline, where

@@ -168,6 +168,25 @@ def test_tfds_path_under_mock_data(capsys):
     assert d.mean.shape == (3,) and np.all(d.std > 0)
 
 
+@pytest.mark.parametrize("given", ["parent", "folder", "archive"])
+def test_an_official_copy_given_as_tfds_data_dir_is_refused_before_tfds_runs(tmp_path, given):
+    # tensorflow-datasets had downloaded CIFAR-10 beside the copy (offline: retrying for minutes).
+    # mock_data stands in for that download, so the old behaviour fails here by not raising.
+    tfds = pytest.importorskip("tensorflow_datasets")
+    folder = write_official_batches(tmp_path / "cifar-10-batches-py", *synthetic_arrays(20, 10))
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    path = {"parent": tmp_path, "folder": folder, "archive": archive}[given]
+    message = ("is a file, not tensorflow-datasets' folder; an official CIFAR-10 archive goes in data_dir"
+               if given == "archive" else "holds an official CIFAR-10 copy, not tensorflow-datasets' prepared data; "
+                                          "give it as data_dir")
+    with tfds.testing.mock_data(num_examples=4):
+        with pytest.raises(DataError, match=rf"^tfds_data_dir {re.escape(repr(str(path)))} {message}"):
+            data_lib.load_cifar10(None, tfds_data_dir=str(path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+
+
 def _arrays(n=4):
     images = np.zeros((n, 32, 32, 3), np.uint8)
     return images, np.arange(n) % 10
