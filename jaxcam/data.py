@@ -472,6 +472,15 @@ class Batch:
     weights: np.ndarray
 
 
+def _check_batching(images: np.ndarray, labels: np.ndarray, batch_size: int) -> None:
+    """ValueError unless `batch_size` is a positive integer and there is one label per image."""
+    if not is_integer(batch_size, 1):
+        # A negative one gave no batches at all: an "every example once" evaluation of nothing.
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if len(images) != len(labels):
+        raise ValueError(f"Give one label per image: {len(images)} images but {len(labels)} labels.")
+
+
 def train_batches(
     images: np.ndarray,
     labels: np.ndarray,
@@ -486,6 +495,11 @@ def train_batches(
     The shuffle and the augmentation draw from `np.random.default_rng([seed, epoch])`, so an
     epoch is the same whether or not the run was resumed before it.
     """
+    _check_batching(images, labels, batch_size)
+    if batch_size > len(images):
+        # The remainder is dropped, so the epoch would end without a single batch.
+        raise ValueError(f"batch_size {batch_size} exceeds the {len(images)} training images, so an epoch would "
+                         "have no batch.")
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(images))
     for start in range(0, len(order) - batch_size + 1, batch_size):
@@ -498,6 +512,7 @@ def train_batches(
 
 def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int) -> Iterator[Batch]:
     """Every example exactly once, in order; the last batch is padded to `batch_size` with weight 0."""
+    _check_batching(images, labels, batch_size)
     for start in range(0, len(images), batch_size):
         batch_images = images[start : start + batch_size]
         batch_labels = labels[start : start + batch_size]

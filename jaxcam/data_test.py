@@ -429,6 +429,28 @@ def test_train_batches_shuffle_per_epoch_and_drop_remainder():
     assert not np.array_equal(np.concatenate(epoch1), np.concatenate(epoch2))
 
 
+@pytest.mark.parametrize("batches", ["train_batches", "eval_batches"])
+@pytest.mark.parametrize("batch_size, labels, message", [
+    # -1 had given no batches at all (an "every example once" evaluation of nothing), 0 failed in
+    # range(), and a short label array in numpy's indexing.
+    (-1, 10, "batch_size must be a positive integer, got -1."),
+    (0, 10, "batch_size must be a positive integer, got 0."),
+    (2.5, 10, "batch_size must be a positive integer, got 2.5."),
+    (4, 5, "Give one label per image: 10 images but 5 labels."),
+])
+def test_batching_refuses_what_cannot_be_batched(batches, batch_size, labels, message):
+    images = np.zeros((10, 32, 32, 3), np.uint8)
+    arguments = dict(seed=0, epoch=1) if batches == "train_batches" else {}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        next(getattr(data_lib, batches)(images, np.arange(labels), batch_size, **arguments))
+
+
+def test_train_batches_refuse_a_batch_larger_than_the_images():
+    # The remainder is dropped, so the epoch had ended silently without a batch.
+    with pytest.raises(ValueError, match="batch_size 20 exceeds the 10 training images, so an epoch would have no batch."):
+        next(data_lib.train_batches(np.zeros((10, 32, 32, 3), np.uint8), np.arange(10), 20, seed=0, epoch=1))
+
+
 def test_prefetch_preserves_order_and_reraises():
     assert list(data_lib.prefetch(iter(range(10)), transfer=lambda x: x * 2)) == list(range(0, 20, 2))
 
