@@ -170,11 +170,12 @@ def range_test(
     diverged = False
     bar = tqdm(total=num_iter, desc="LR range test", disable=not progress)
     for i, (images, labels) in enumerate(itertools.islice(batches, num_iter)):
-        if len(images) % mesh.devices.size:  # else a sharding error from inside JAX
+        try:
+            sharded = train_lib.shard_batch((images, labels), mesh)  # ValueError for a batch that does not split
+        except ValueError:
             bar.close()
-            raise ValueError(f"A batch of {len(images)} images does not split over the {mesh.devices.size} devices; "
-                             f"give batches of a multiple of {mesh.devices.size}.")
-        state, metrics = step(state, *train_lib.shard_batch((images, labels), mesh))
+            raise
+        state, metrics = step(state, *sharded)
         if val_data is not None:
             logits = train_lib.predict(predict_fn, {"params": state.params, "batch_stats": state.batch_stats},
                                        val_data[0], val_batch_size, mesh)

@@ -168,7 +168,11 @@ def create_train_state(
 
 def make_mesh(devices: list | None = None) -> Mesh:
     """A one-axis mesh 'batch' over `devices` (default: all local devices)."""
-    return Mesh(np.asarray(devices if devices is not None else jax.local_devices()), (AXIS,))
+    devices = devices if devices is not None else jax.local_devices()
+    if len(devices) == 0:
+        # A mesh of no devices was made, and failed only at the first step, in jit's words.
+        raise ValueError("make_mesh needs at least one device (None means all local devices).")
+    return Mesh(np.asarray(devices), (AXIS,))
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
@@ -178,6 +182,11 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
     """Split the leading axis of each array in `batch` over the mesh's devices."""
+    devices = mesh.devices.size
+    for array in jax.tree_util.tree_leaves(batch):
+        if np.shape(array)[0] % devices:  # else JAX's IndivisibleError, in sharding terms
+            raise ValueError(f"A batch of {np.shape(array)[0]} images does not split over the {devices} devices; "
+                             f"give batches of a multiple of {devices}.")
     return jax.device_put(batch, NamedSharding(mesh, P(AXIS)))
 
 

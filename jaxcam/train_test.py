@@ -34,6 +34,19 @@ def test_two_cpu_devices_are_available():
     assert jax.device_count() == 2, "conftest sets --xla_force_host_platform_device_count=2"
 
 
+def test_mesh_and_sharding_refuse_what_cannot_run():
+    # An empty device list made a mesh of no devices, and a batch of 3 over 2 devices failed in JAX's
+    # IndivisibleError, in sharding terms.
+    with pytest.raises(ValueError, match=r"make_mesh needs at least one device \(None means all local devices\)."):
+        train_lib.make_mesh([])
+    mesh = train_lib.make_mesh(jax.devices()[:2])
+    with pytest.raises(ValueError, match="A batch of 3 images does not split over the 2 devices; give batches of a "
+                                         "multiple of 2."):
+        train_lib.shard_batch((np.zeros((3, 32, 32, 3), np.uint8), np.zeros(3, np.int32)), mesh)
+    images, labels = train_lib.shard_batch((np.zeros((4, 32, 32, 3), np.uint8), np.zeros(4, np.int32)), mesh)
+    assert len(images.sharding.device_set) == 2 and labels.shape == (4,)
+
+
 @pytest.mark.parametrize("batch_size", [3, 1, 40])
 def test_predict_splits_any_batch_size_over_the_devices(tiny_dataset, batch_size):
     # A batch that does not split over the two devices had failed in sharding (IndivisibleError).
