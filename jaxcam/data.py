@@ -292,7 +292,7 @@ def _load_tfds(tfds_data_dir: str | os.PathLike | None) -> Cifar10:
         if path.is_file():
             raise DataError(f"tfds_data_dir {str(path)!r} is a file, not tensorflow-datasets' folder; an official "
                             "CIFAR-10 archive goes in data_dir (--config.data_dir).")
-        if path.is_dir() and _official_copy_in(path) is not None:
+        if _official_copy_in(path) is not None:
             raise DataError(f"tfds_data_dir {str(path)!r} holds an official CIFAR-10 copy, not tensorflow-datasets' "
                             "prepared data; give it as data_dir (--config.data_dir) instead.")
     import tensorflow_datasets as tfds

@@ -168,27 +168,22 @@ def range_test(
     raw: list[float] = []
     smoothed: list[float] = []
     diverged = False
-    bar = tqdm(total=num_iter, desc="LR range test", disable=not progress)
-    for i, (images, labels) in enumerate(itertools.islice(batches, num_iter)):
-        try:
-            sharded = train_lib.shard_batch((images, labels), mesh)  # ValueError for a batch that does not split
-        except ValueError:
-            bar.close()
-            raise
-        state, metrics = step(state, *sharded)
-        if val_data is not None:
-            logits = train_lib.predict(predict_fn, {"params": state.params, "batch_stats": state.batch_stats},
-                                       val_data[0], val_batch_size, mesh)
-            loss = train_lib.evaluate(logits, val_data[1])["loss"]
-        else:
-            loss = float(metrics["loss"])
-        raw.append(loss)
-        smoothed, diverged = smooth_and_stop(raw, smooth_f, diverge_th)
-        bar.update(1)
-        bar.set_postfix(lr=f"{lrs[i]:.2e}", loss=f"{smoothed[-1]:.4f}", refresh=False)
-        if diverged:
-            break
-    bar.close()
+    # The bar closes however the loop ends: a batch that does not split over the devices raises.
+    with tqdm(total=num_iter, desc="LR range test", disable=not progress) as bar:
+        for i, (images, labels) in enumerate(itertools.islice(batches, num_iter)):
+            state, metrics = step(state, *train_lib.shard_batch((images, labels), mesh))
+            if val_data is not None:
+                logits = train_lib.predict(predict_fn, {"params": state.params, "batch_stats": state.batch_stats},
+                                           val_data[0], val_batch_size, mesh)
+                loss = train_lib.evaluate(logits, val_data[1])["loss"]
+            else:
+                loss = float(metrics["loss"])
+            raw.append(loss)
+            smoothed, diverged = smooth_and_stop(raw, smooth_f, diverge_th)
+            bar.update(1)
+            bar.set_postfix(lr=f"{lrs[i]:.2e}", loss=f"{smoothed[-1]:.4f}", refresh=False)
+            if diverged:
+                break
     return RangeTestResult(lrs=[float(v) for v in lrs[: len(smoothed)]], losses=smoothed, diverged=diverged)
 
 

@@ -269,11 +269,11 @@ def evaluate(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         raise ValueError(f"evaluate takes logits (N, K) of at least one example and labels (N,), got shapes "
                          f"{logits.shape} and {np.shape(labels)}.")
     # A label of -1 would score the last class's log-probability without a word.
-    labels, _ = check_class_indices(labels, logits.argmax(-1), logits.shape[-1])
+    labels, predictions = check_class_indices(labels, logits.argmax(-1), logits.shape[-1])
     shifted = logits - logits.max(-1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
     loss = -log_probs[np.arange(len(labels)), labels].mean()
-    correct = int((logits.argmax(-1) == labels).sum())
+    correct = int((predictions == labels).sum())
     return {"loss": float(loss), "accuracy": correct / len(labels), "correct": correct, "total": len(labels)}
 
 
@@ -646,12 +646,12 @@ def train_and_evaluate(
                 transfer=lambda b: shard_batch((b.images, b.labels), mesh),
                 size=config.prefetch,
             )
-            kept = (f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1
-                    else "no epoch had finished, so there is no checkpoint to keep")
+            kept = f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else None
             try:
                 state, train_metrics = train_epoch(train_step, state, batches, steps_per_epoch,
                                                    f"Epoch {epoch}/{config.epochs}", progress)
             except TrainingDiverged as diverged:
+                kept = kept or "no epoch had finished, so there is no checkpoint to keep"
                 raise TrainingDiverged(f"{diverged}; training stopped, and {kept}.") from None
             train_time = time.perf_counter() - started
 
@@ -664,7 +664,7 @@ def train_and_evaluate(
                 raise TrainingDiverged(
                     f"The model's outputs on the test images became NaN or infinite after epoch "
                     f"{epoch}/{config.epochs}, so its checkpoint was not saved; training stopped, and "
-                    f"{kept if epoch > 1 else 'there is no checkpoint to keep'}.")
+                    f"{kept or 'there is no checkpoint to keep'}.")
             test = evaluate(test_logits, dataset.test_labels)
             record = {
                 "epoch": epoch,

@@ -30,6 +30,16 @@ def tiny_config(**overrides):
     return config
 
 
+def train_first_epoch_then_interrupt(config, run_dir, dataset):
+    """Train `config` in `run_dir` and stop after epoch 1 as Ctrl-C would: its checkpoint and history stay."""
+    def interrupt(epoch, record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_lib.train_and_evaluate(config, run_dir, dataset=dataset, progress=False, on_epoch_end=interrupt,
+                                     log=lambda s: None)
+
+
 def test_two_cpu_devices_are_available():
     assert jax.device_count() == 2, "conftest sets --xla_force_host_platform_device_count=2"
 
@@ -99,14 +109,8 @@ def test_resume_equals_uninterrupted(tiny_dataset, tmp_path):
     config = tiny_config()
     full = train_lib.train_and_evaluate(config, tmp_path / "full", dataset=tiny_dataset, progress=False, log=lambda s: None)
 
-    def stop_after_first(epoch, record):
-        if epoch == 1:
-            raise KeyboardInterrupt
-
     (tmp_path / "resumed").mkdir()
-    with pytest.raises(KeyboardInterrupt):
-        train_lib.train_and_evaluate(config, tmp_path / "resumed", dataset=tiny_dataset, progress=False,
-                                     on_epoch_end=stop_after_first, log=lambda s: None)
+    train_first_epoch_then_interrupt(config, tmp_path / "resumed", tiny_dataset)
     assert Checkpointer(tmp_path / "resumed", create=False).latest_epoch() == 1
     resumed = train_lib.train_and_evaluate(config, tmp_path / "resumed", resume=True, dataset=tiny_dataset,
                                            progress=False, log=lambda s: None)
@@ -136,13 +140,7 @@ def test_resume_equals_uninterrupted(tiny_dataset, tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, tmp_path):
     config = tiny_config()
-
-    def stop_after_first(epoch, record):
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_lib.train_and_evaluate(config, tmp_path, dataset=tiny_dataset, progress=False,
-                                     on_epoch_end=stop_after_first, log=lambda s: None)
+    train_first_epoch_then_interrupt(config, tmp_path, tiny_dataset)
     good, meta = load_variables(tmp_path, "latest")
     diverging = tiny_config(max_lr=1e30)
     # A run whose recipe diverges in its second epoch: its config.json says so, as resume=True requires.
@@ -168,13 +166,7 @@ def test_outputs_blown_up_in_an_epochs_last_step_stop_the_run_before_saving(tiny
     # accuracies that counted class 0, and non-finite parameters saved as its latest checkpoint.
     one_step = dict(batch_size=128, eval_batch_size=40)
     config = tiny_config(**one_step)
-
-    def stop_after_first(epoch, record):
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_lib.train_and_evaluate(config, tmp_path, dataset=tiny_dataset, progress=False,
-                                     on_epoch_end=stop_after_first, log=lambda s: None)
+    train_first_epoch_then_interrupt(config, tmp_path, tiny_dataset)
     good, _ = load_variables(tmp_path, "latest")
     blowing_up = tiny_config(max_lr=1e30, **one_step)
     write_json(tmp_path / "config.json", train_lib.config_record(blowing_up))
