@@ -26,8 +26,54 @@ STAGES = ("layer1", "layer2", "layer3", "layer4")
 STAGE_OUTPUT = "output"
 DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
-# PyTorch's BatchNorm2d(momentum=0.1, eps=1e-5): Flax's momentum is the decay of the old value.
-BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+
+class BatchNorm(nn.Module):
+    """PyTorch's BatchNorm2d(momentum=0.1, eps=1e-5) over the last axis of (N, H, W, C).
+
+    A batch is normalized with its biased variance, and the running variance is updated with
+    the unbiased one, times n / (n - 1) for the n values per channel over all devices of
+    `axis_name`, both as in PyTorch. Flax's nn.BatchNorm, used before, adds the biased one,
+    1.6% smaller than PyTorch's at layer4 of a batch of 4 (n = 64).
+    Variables are named as Flax's (params `scale`/`bias`, batch_stats `mean`/`var`), so
+    checkpoints and the PyTorch conversion are unchanged. Statistics are reduced in float32
+    whatever the compute dtype.
+    """
+
+    use_running_average: bool = False
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+    momentum: float = 0.9  # Flax's decay of the old value: PyTorch's momentum 0.1
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = (x.shape[-1],)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+        scale = self.param("scale", nn.initializers.ones, features, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
+        if self.use_running_average:
+            mean, var = running_mean.value, running_var.value
+        else:
+            axes = tuple(range(x.ndim - 1))
+            x32 = x.astype(jnp.float32)
+            # The square before the means, in nn.BatchNorm's order: XLA's fusion follows the trace
+            # order, and this order keeps the gradients bitwise those of nn.BatchNorm.
+            square = jax.lax.square(x32)
+            mean, mean_square = x32.mean(axes), square.mean(axes)
+            count = int(np.prod(x.shape[:-1]))
+            if self.axis_name is not None and not self.is_initializing():
+                # One collective for both moments.
+                mean, mean_square = jax.lax.pmean(jnp.stack([mean, mean_square]), self.axis_name)
+                count *= jax.lax.axis_size(self.axis_name)
+            var = jnp.maximum(0.0, mean_square - jax.lax.square(mean))  # E[x^2] - E[x]^2 may round below 0
+            if not self.is_initializing():
+                # One value per channel has no unbiased variance (PyTorch refuses it); keep it 0.
+                unbiased = var * (count / max(count - 1, 1))
+                running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+                running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased
+        y = (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+        return y.astype(self.dtype)
 
 
 def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any) -> nn.Conv:
