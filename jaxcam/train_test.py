@@ -269,6 +269,39 @@ def test_sgd_matches_torch_sgd_with_weight_decay_and_nesterov():
     np.testing.assert_allclose(params["w"], w.detach().numpy(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("three_phase", [False, True])
+def test_optimizer_with_onecycle_matches_torch_step_for_step(optimizer, three_phase):
+    # The default recipe's optimizer under OneCycleLR, momentum (Adam's beta1) cycling included:
+    # the k-th update must use the k-th step's lr and momentum, as PyTorch's scheduler sets them.
+    torch = pytest.importorskip("torch")
+    steps, max_lr = 30, 0.4
+    config = tiny_config(optimizer=optimizer, max_lr=max_lr, three_phase=three_phase)
+    rng = np.random.default_rng(0)
+    w0 = rng.normal(size=5).astype(np.float32)
+    grads = [rng.normal(size=5).astype(np.float32) for _ in range(steps)]
+    tx, _ = train_lib.create_optimizer(config, total_steps=steps)
+    params, opt_state = {"w": w0}, tx.init({"w": w0})
+    for g in grads:
+        updates, opt_state = tx.update({"w": g}, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    w = torch.nn.Parameter(torch.tensor(w0))
+    reference = {
+        "sgd": lambda: torch.optim.SGD([w], lr=max_lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay),
+        "adam": lambda: torch.optim.Adam([w], lr=max_lr, betas=(0.9, config.beta2), weight_decay=config.weight_decay),
+        "adamw": lambda: torch.optim.AdamW([w], lr=max_lr, betas=(0.9, config.beta2), weight_decay=config.weight_decay),
+    }[optimizer]()
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        reference, max_lr=max_lr, total_steps=steps, pct_start=config.pct_start, div_factor=config.div_factor,
+        final_div_factor=config.final_div_factor, three_phase=three_phase, base_momentum=config.base_momentum,
+        max_momentum=config.max_momentum)
+    for g in grads:
+        w.grad = torch.tensor(g)
+        reference.step()
+        scheduler.step()
+    np.testing.assert_allclose(params["w"], w.detach().numpy(), rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- the CLI
 
 
