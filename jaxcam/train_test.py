@@ -251,22 +251,37 @@ def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu():
         train_lib.build(tiny_config(dtype="float16"), 10)
 
 
+def optimized_weights(tx, w0, grads):
+    """The weights `w0` after `tx` applied each of `grads` in turn."""
+    params, opt_state = {"w": w0}, tx.init({"w": w0})
+    for g in grads:
+        updates, opt_state = tx.update({"w": g}, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    return params["w"]
+
+
+def torch_optimized_weights(torch, w0, grads, make_optimizer, make_scheduler=None):
+    """The same with the torch optimizer `make_optimizer([w])` (and its scheduler, stepped after each step)."""
+    w = torch.nn.Parameter(torch.tensor(w0))
+    optimizer = make_optimizer([w])
+    scheduler = make_scheduler(optimizer) if make_scheduler else None
+    for g in grads:
+        w.grad = torch.tensor(g)
+        optimizer.step()
+        if scheduler:
+            scheduler.step()
+    return w.detach().numpy()
+
+
 def test_sgd_matches_torch_sgd_with_weight_decay_and_nesterov():
     torch = pytest.importorskip("torch")
     config = tiny_config(schedule="constant", max_lr=0.1, cycle_momentum=False, momentum=0.9, weight_decay=5e-4)
     tx, _ = train_lib.create_optimizer(config, total_steps=5)
     w0 = np.array([1.0, -2.0, 3.0], np.float32)
     grads = [np.array([0.5, 0.1, -0.3], np.float32) * (k + 1) for k in range(5)]
-    params, opt_state = {"w": w0}, tx.init({"w": w0})
-    for g in grads:
-        updates, opt_state = tx.update({"w": g}, opt_state, params)
-        params = optax.apply_updates(params, updates)
-    w = torch.nn.Parameter(torch.tensor(w0))
-    optimizer = torch.optim.SGD([w], lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    for g in grads:
-        w.grad = torch.tensor(g)
-        optimizer.step()
-    np.testing.assert_allclose(params["w"], w.detach().numpy(), rtol=1e-6)
+    expected = torch_optimized_weights(
+        torch, w0, grads, lambda w: torch.optim.SGD(w, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4))
+    np.testing.assert_allclose(optimized_weights(tx, w0, grads), expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
@@ -281,25 +296,18 @@ def test_optimizer_with_onecycle_matches_torch_step_for_step(optimizer, three_ph
     w0 = rng.normal(size=5).astype(np.float32)
     grads = [rng.normal(size=5).astype(np.float32) for _ in range(steps)]
     tx, _ = train_lib.create_optimizer(config, total_steps=steps)
-    params, opt_state = {"w": w0}, tx.init({"w": w0})
-    for g in grads:
-        updates, opt_state = tx.update({"w": g}, opt_state, params)
-        params = optax.apply_updates(params, updates)
-    w = torch.nn.Parameter(torch.tensor(w0))
-    reference = {
-        "sgd": lambda: torch.optim.SGD([w], lr=max_lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay),
-        "adam": lambda: torch.optim.Adam([w], lr=max_lr, betas=(0.9, config.beta2), weight_decay=config.weight_decay),
-        "adamw": lambda: torch.optim.AdamW([w], lr=max_lr, betas=(0.9, config.beta2), weight_decay=config.weight_decay),
-    }[optimizer]()
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        reference, max_lr=max_lr, total_steps=steps, pct_start=config.pct_start, div_factor=config.div_factor,
-        final_div_factor=config.final_div_factor, three_phase=three_phase, base_momentum=config.base_momentum,
-        max_momentum=config.max_momentum)
-    for g in grads:
-        w.grad = torch.tensor(g)
-        reference.step()
-        scheduler.step()
-    np.testing.assert_allclose(params["w"], w.detach().numpy(), rtol=1e-5)
+    wd = config.weight_decay
+    make_optimizer = {
+        "sgd": lambda w: torch.optim.SGD(w, lr=max_lr, momentum=0.9, nesterov=True, weight_decay=wd),
+        "adam": lambda w: torch.optim.Adam(w, lr=max_lr, betas=(0.9, config.beta2), weight_decay=wd),
+        "adamw": lambda w: torch.optim.AdamW(w, lr=max_lr, betas=(0.9, config.beta2), weight_decay=wd),
+    }[optimizer]
+    expected = torch_optimized_weights(torch, w0, grads, make_optimizer, lambda optimizer: (
+        torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=max_lr, total_steps=steps, pct_start=config.pct_start, div_factor=config.div_factor,
+            final_div_factor=config.final_div_factor, three_phase=three_phase, base_momentum=config.base_momentum,
+            max_momentum=config.max_momentum)))
+    np.testing.assert_allclose(optimized_weights(tx, w0, grads), expected, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- the CLI
