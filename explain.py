@@ -2,6 +2,7 @@
 
     python explain.py --workdir RUN_DIR [--out DIR] [--layer layer3 layer2] [--method gradcam]
                       [--num 10] [--images a.png b.jpg]
+    python explain.py --workdir RUN_DIR --images a.png b.jpg --images-only   # no CIFAR-10 needed
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="gradcam", help="gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, scorecam")
     parser.add_argument("--num", type=int, default=10, help="how many misclassified images to show (1 to 100)")
     parser.add_argument("--images", nargs="+", default=[], help="your own PNG/JPEG files to classify and explain")
+    parser.add_argument("--images-only", action="store_true",
+                        help="explain only the --images files (into RUN_DIR/images by default), without CIFAR-10")
     parser.add_argument("--data-dir", default=None, help="CIFAR-10 location if not the one the run was trained on")
     parser.add_argument("--faithfulness", type=int, default=64, help="test images for the faithfulness metrics (0: skip)")
     args = parser.parse_args(argv)

@@ -113,9 +113,15 @@ def run_explain(args: argparse.Namespace) -> int:
     from jaxcam import explain
 
     use_compilation_cache()
+    if args.images_only and not args.images:
+        return fail("--images-only explains your own images; name them with --images.")
     try:
-        explain.explain_run(args.workdir, args.out, layers=args.layer, method=args.method, num=args.num,
-                            image_files=args.images, faithfulness_images=args.faithfulness, data_dir=args.data_dir)
+        if args.images_only:
+            explain.explain_image_files(args.workdir, args.images, args.out, layer=args.layer, method=args.method,
+                                        data_dir=args.data_dir)
+        else:
+            explain.explain_run(args.workdir, args.out, layers=args.layer, method=args.method, num=args.num,
+                                image_files=args.images, faithfulness_images=args.faithfulness, data_dir=args.data_dir)
         return 0
     except KeyboardInterrupt:
         return fail("interrupted.")

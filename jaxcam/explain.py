@@ -23,7 +23,7 @@ from jaxcam import metrics as metrics_lib
 from jaxcam import models
 from jaxcam import train as train_lib
 from jaxcam import viz
-from jaxcam._checks import is_integer
+from jaxcam._checks import is_integer, is_number
 from jaxcam.checkpoint import CheckpointError, load_variables, make_writable_folder
 from jaxcam.configuration import config_from_json
 from jaxcam.models import STAGES
@@ -39,7 +39,8 @@ MAX_GALLERY_ROWS = 100
 
 @dataclasses.dataclass
 class LoadedRun:
-    """A run's config, history, model and best variables, with the dataset's normalization."""
+    """A run's config, history, model and best variables, its classes and the training split's
+    normalization; `dataset` is None when loaded without the data (`load_run(with_data=False)`)."""
 
     run_dir: Path
     config: object
@@ -47,11 +48,18 @@ class LoadedRun:
     model: object
     variables: dict
     meta: dict
-    dataset: data_lib.Cifar10
+    dataset: data_lib.Cifar10 | None
+    class_names: tuple[str, ...]
+    mean: np.ndarray  # float32 (3,), in [0, 1]
+    std: np.ndarray  # float32 (3,)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
 
     def normalize(self, images: np.ndarray) -> np.ndarray:
         """uint8 RGB (N, 32, 32, 3) -> float32 (N, 32, 32, 3) with the training split's mean and std."""
-        return np.asarray(data_lib.normalize(data_lib.check_images(images), self.dataset.mean, self.dataset.std))
+        return np.asarray(data_lib.normalize(data_lib.check_images(images), self.mean, self.std))
 
     @functools.cached_property
     def _forward(self):
@@ -64,15 +72,56 @@ class LoadedRun:
 
 
 def load_run(run_dir: str | os.PathLike, which: str = "best", data_dir: str | None = None,
-             dataset: data_lib.Cifar10 | None = None) -> LoadedRun:
+             dataset: data_lib.Cifar10 | None = None, *, with_data: bool = True) -> LoadedRun:
     """A run's config, history and `which` checkpoint, and its dataset: `dataset` (as passed to
-    `train_and_evaluate(dataset=...)`), else read from `data_dir`, else from the run's config."""
+    `train_and_evaluate(dataset=...)`), else read from `data_dir`, else from the run's config.
+
+    `with_data=False` (enough to classify new images) takes the classes and the normalization
+    from the checkpoint instead, where training recorded them, and leaves `dataset` None; it
+    reads the data as above only for a checkpoint written before they were recorded.
+    """
     if dataset is not None and data_dir is not None:
         raise ValueError("Give the data either as a dataset or as data_dir, not both.")
     run_dir = train_lib.check_run_dir(run_dir)
     config = config_from_json(run_dir / "config.json")
     history = train_lib.read_history(run_dir)
     variables, meta = load_variables(run_dir, which)
+    # Explanations run in float32 whatever the training compute dtype was.
+    config.dtype = "float32"
+    recorded = {"class_names", "mean", "std"} <= meta.keys()
+    if not with_data and dataset is None and data_dir is None and recorded:
+        class_names, mean, std = _recorded_normalization(run_dir, which, meta)
+    else:
+        dataset = _load_trained_data(run_dir, config, meta, data_dir, dataset)
+        class_names, mean, std = dataset.class_names, dataset.mean, dataset.std
+    model = train_lib.build(config, len(class_names))
+    try:
+        models.check_variables(model, variables, what=f"The weights of the {which} checkpoint in {str(run_dir)!r}")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    return LoadedRun(run_dir, config, history, model, variables, meta, dataset, class_names,
+                     np.asarray(mean, np.float32), np.asarray(std, np.float32))
+
+
+def _recorded_normalization(run_dir: Path, which: str, meta: dict) -> tuple[tuple[str, ...], list, list]:
+    """The class names, mean and std that training recorded in a checkpoint's meta, checked."""
+    names, mean, std = meta["class_names"], meta["mean"], meta["std"]
+
+    def three_numbers(values) -> bool:
+        return isinstance(values, list) and len(values) == 3 and all(map(is_number, values))
+
+    if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(name, str) for name in names)
+            and three_numbers(mean) and three_numbers(std) and min(std) > 0):
+        raise CheckpointError(f"The classes and normalization recorded in the {which} checkpoint in {str(run_dir)!r} "
+                              "are malformed (expected class names, 3 channel means and 3 positive standard "
+                              "deviations); it was edited or damaged.")
+    return tuple(names), mean, std
+
+
+def _load_trained_data(run_dir: Path, config, meta: dict, data_dir: str | None,
+                       dataset: data_lib.Cifar10 | None) -> data_lib.Cifar10:
+    """`dataset`, else the data at `data_dir`, else at the run's config; checked against the
+    classes the run was trained on."""
     if data_dir is not None:
         config.data_dir = data_dir
     given_dataset = dataset is not None
@@ -84,20 +133,13 @@ def load_run(run_dir: str | os.PathLike, which: str = "best", data_dir: str | No
         # A run copied from another machine names a path of that machine.
         raise data_lib.DataError(f"{str(e).rstrip('.')} (the data named in the run's config.json; give "
                                  "a copy on this machine with explain.py --data-dir).") from None
-    # Explanations run in float32 whatever the training compute dtype was.
-    config.dtype = "float32"
     # A run trained on a dataset passed in code keeps its config's data_dir (None: tfds' CIFAR-10),
     # which may hold other classes; with as many of them the explanations would be silently wrong.
     source = ("the dataset given" if given_dataset else repr(config.data_dir) if config.data_dir is not None
               else "tensorflow-datasets' cifar10")
     train_lib.check_trained_classes(run_dir, meta, dataset, f"its data ({source})",
                                     "give the data it was trained on (explain.py --data-dir, or dataset= in code)")
-    model = train_lib.build(config, dataset.num_classes)
-    try:
-        models.check_variables(model, variables, what=f"The weights of the {which} checkpoint in {str(run_dir)!r}")
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
-    return LoadedRun(run_dir, config, history, model, variables, meta, dataset)
+    return dataset
 
 
 def _training_precision_note(meta: dict) -> str:
@@ -173,8 +215,8 @@ def explain_images(
 
     Returns the probabilities (N, K), the top classes ranked (N, top) and their CAMs (N, top, H, W).
     """
-    if not is_integer(top, 1) or top > run.dataset.num_classes:
-        raise ValueError(f"top must be between 1 and {run.dataset.num_classes}, got {top}.")
+    if not is_integer(top, 1) or top > run.num_classes:
+        raise ValueError(f"top must be between 1 and {run.num_classes}, got {top}.")
     x = run.normalize(images)
     probabilities = _softmax(run.logits(x))  # the classes must be known before their CAMs
     classes = np.argsort(-probabilities, axis=1, kind="stable")[:, :top]
@@ -203,20 +245,25 @@ def explain_run(
     cam_lib.check_method(method)
     if not 1 <= num <= MAX_GALLERY_ROWS:
         raise ValueError(f"--num must be between 1 and {MAX_GALLERY_ROWS} (one gallery row each), got {num}.")
-    if len(image_files) > MAX_GALLERY_ROWS:
-        raise ValueError(f"--images takes at most {MAX_GALLERY_ROWS} files (one gallery row each), got "
-                         f"{len(image_files)}; explain more with jaxcam.explain.explain_images.")
+    _check_image_count(image_files)
     if faithfulness_images < 0:
         raise ValueError(f"--faithfulness must be 0 (skip) or a number of test images, got {faithfulness_images}.")
-    run = load_run(run_dir, data_dir=data_dir, dataset=dataset)
-    names = run.dataset.class_names
+    try:
+        run = load_run(run_dir, data_dir=data_dir, dataset=dataset)
+    except data_lib.DataError as e:
+        if not image_files or data_dir is not None or dataset is not None:
+            raise
+        # Someone with a run copied from Colab and a photo to classify need not fetch CIFAR-10.
+        raise data_lib.DataError(f"{str(e).rstrip('.')}; to classify and explain only your images, which needs no "
+                                 "data, add --images-only.") from None
+    names = run.class_names
     custom = load_image_files(image_files) if image_files else None  # read before writing anything
     final = make_writable_folder(out_dir if out_dir is not None else run.run_dir / "report", "the output folder")
     # Every file is drawn in a hidden folder and moved in at the end: a failure part-way leaves
     # the previous report whole rather than half replaced.
     with _staged(final) as out:
         mesh = train_lib.make_mesh()
-        predict_fn = train_lib.make_predict_fn(run.model, mesh, run.dataset.mean, run.dataset.std)
+        predict_fn = train_lib.make_predict_fn(run.model, mesh, run.mean, run.std)
         test_images, test_labels = run.dataset.test_images, run.dataset.test_labels
         logits = train_lib.predict(predict_fn, run.variables, test_images, 500, mesh)
         probabilities = _softmax(logits)
@@ -257,17 +304,17 @@ def explain_run(
         right = np.flatnonzero(predictions == test_labels)
         index = int(right[np.argmax(probabilities[right, predictions[right]])]) if len(right) else 0
         one = run.normalize(test_images[index : index + 1])
-        every = np.arange(run.dataset.num_classes)
+        every = np.arange(run.num_classes)
         cams_all = cam_lib.compute(run.model, run.variables, np.repeat(one, len(every), 0), layer=layers[0],
                                    targets=every, method=method)
         viz.plot_all_targets(test_images[index], cams_all, probabilities[index], names, out / "gradcam_targets.png",
                              title=f"{method} at {layers[0]} for every class (true: {names[test_labels[index]]})")
         written["gradcam_targets.png"] = "One test image explained for each of the classes"
 
-        matrix = viz.confusion_matrix(test_labels, predictions, run.dataset.num_classes)
+        matrix = viz.confusion_matrix(test_labels, predictions, run.num_classes)
         viz.plot_confusion_matrix(matrix, names, out / "confusion_matrix.png")
         written["confusion_matrix.png"] = "Confusion matrix on the test split"
-        per_class = train_lib.per_class_accuracy(predictions, test_labels, run.dataset.num_classes)
+        per_class = train_lib.per_class_accuracy(predictions, test_labels, run.num_classes)
         viz.plot_per_class_accuracy(per_class, names, out / "per_class_accuracy.png")
         written["per_class_accuracy.png"] = "Accuracy per class"
         viz.plot_samples_per_class(run.dataset.train_images, run.dataset.train_labels, names, out / "samples.png")
@@ -288,20 +335,64 @@ def explain_run(
 
         custom_rows = []
         if custom is not None:
-            probs, top_classes, cams_top = explain_images(run, custom, layer=layers[0], method=method)
-            for path, image_probs in zip(image_files, probs):
-                top = np.argsort(-image_probs, kind="stable")[:3]
-                text = ", ".join(f"{names[i]} {100 * image_probs[i]:.1f}%" for i in top)
-                log(f"{path}: {text}")
-                custom_rows.append((str(path), text))
-            viz.plot_top_classes(custom, cams_top, top_classes, probs, [Path(f).name for f in image_files], names,
-                                 out / "custom_images.png",
-                                 title=f"Your images: {method} at {layers[0]} for their top {top_classes.shape[1]} classes")
+            custom_rows = _plot_own_images(run, custom, image_files, layers[0], method, out, log)
             written["custom_images.png"] = "Your images with the CAMs of their two most likely classes"
         _write_report(out, run, summary, report, written, faithfulness_rows, faithfulness_count, custom_rows, method,
                       layers)
     log(f"Wrote the report to {final / 'report.md'} and {final / 'report.html'}")
     return final
+
+
+def explain_image_files(
+    run_dir: str | os.PathLike,
+    image_files: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike | None = None,
+    *,
+    layer: str | Sequence[str] = "layer3",
+    method: str = "gradcam",
+    data_dir: str | None = None,
+    dataset: data_lib.Cifar10 | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Classify and explain only `image_files` (explain.py --images-only): log each file's top 3
+    classes and write `custom_images.png` into `out_dir` (default `<run_dir>/images`, apart from
+    the report, whose own copy it would leave out of step), with CAMs at `layer` (of a list, the
+    first). Needs no dataset: the checkpoint holds the classes and the normalization (for a run
+    trained before they were recorded, the data is read as `load_run` reads it)."""
+    layer = cam_lib.check_layers(layer)[0]
+    cam_lib.check_method(method)
+    _check_image_count(image_files)
+    run = load_run(run_dir, data_dir=data_dir, dataset=dataset, with_data=False)
+    custom = load_image_files(image_files)
+    final = make_writable_folder(out_dir if out_dir is not None else run.run_dir / "images", "the output folder")
+    with _staged(final) as out:
+        _plot_own_images(run, custom, image_files, layer, method, out, log)
+    log(f"Wrote {final / 'custom_images.png'}")
+    return final
+
+
+def _check_image_count(image_files: Sequence) -> None:
+    if len(image_files) > MAX_GALLERY_ROWS:
+        raise ValueError(f"--images takes at most {MAX_GALLERY_ROWS} files (one gallery row each), got "
+                         f"{len(image_files)}; explain more with jaxcam.explain.explain_images.")
+
+
+def _plot_own_images(run: LoadedRun, images: np.ndarray, image_files: Sequence, layer: str, method: str, out: Path,
+                     log: Callable[[str], None]) -> list[tuple[str, str]]:
+    """Log the top 3 classes of each of the user's images and draw `custom_images.png` with the
+    CAMs of their two most likely classes; returns (file, top-3 text) rows for the report."""
+    names = run.class_names
+    probs, top_classes, cams_top = explain_images(run, images, layer=layer, method=method)
+    rows = []
+    for path, image_probs in zip(image_files, probs):
+        top = np.argsort(-image_probs, kind="stable")[:3]
+        text = ", ".join(f"{names[i]} {100 * image_probs[i]:.1f}%" for i in top)
+        log(f"{path}: {text}")
+        rows.append((str(path), text))
+    viz.plot_top_classes(images, cams_top, top_classes, probs, [Path(f).name for f in image_files], names,
+                         out / "custom_images.png",
+                         title=f"Your images: {method} at {layer} for their top {top_classes.shape[1]} classes")
+    return rows
 
 
 @contextlib.contextmanager

@@ -130,6 +130,9 @@ def test_own_images_that_cannot_be_explained_get_one_sentence(smoke_run):
         (["--images", "/nonexistent.png"], "does not exist"),
         (["--images", "/"], "'/' is a folder, not an image file; name the PNG or JPEG files in it."),
         (["--images", *[f"/nonexistent{i}.png" for i in range(101)]], "--images takes at most 100 files"),
+        (["--images-only"], "--images-only explains your own images; name them with --images."),
+        (["--images-only", "--images", "/nonexistent.png"], "does not exist"),
+        (["--images-only", "--images", "/x.png", "--layer", "layer9"], "Unknown layer 'layer9'"),
     ],
 )
 def test_bad_arguments_give_one_clear_error(smoke_run, tmp_path, capsys, extra, message):
@@ -236,6 +239,72 @@ def test_a_run_whose_data_is_elsewhere_points_to_data_dir(smoke_run, official_fo
     # A wrong --data-dir is the user's own path: its message stands alone.
     code, _, err = run(["--workdir", copied, "--out", tmp_path / "r", "--data-dir", tmp_path / "nowhere"], capsys)
     assert code == 1 and err == f"error: CIFAR-10 data path {str(tmp_path / 'nowhere')!r} does not exist.\n"
+
+
+def copy_run_with_data_elsewhere(run_dir, copied):
+    """A copy of `run_dir` whose config.json names data of another machine (Colab's /content)."""
+    shutil.copytree(run_dir, copied, ignore=shutil.ignore_patterns("report", "images"))
+    config = json.loads((copied / "config.json").read_text())
+    (copied / "config.json").write_text(json.dumps({**config, "data_dir": "/content/cifar-10-python.tar.gz"}))
+    return copied
+
+
+def test_own_images_are_explained_without_the_data(smoke_run, official_folder, tmp_path, capsys):
+    # Training records the classes and the normalization in each checkpoint...
+    _, meta = load_variables(smoke_run)
+    cifar = load_cifar10(official_folder)
+    assert meta["class_names"] == list(cifar.class_names)
+    np.testing.assert_array_equal(np.float32(meta["mean"]), cifar.mean)
+    np.testing.assert_array_equal(np.float32(meta["std"]), cifar.std)
+    # ... so a run copied to a machine without CIFAR-10 classifies and explains new images.
+    copied = copy_run_with_data_elsewhere(smoke_run, tmp_path / "copied")
+    images = np.random.default_rng(2).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    files = [tmp_path / "a.png", tmp_path / "b.png"]
+    for image, path in zip(images, files):
+        Image.fromarray(image).save(path)
+    code, _, err = run(["--workdir", copied, "--images", *files], capsys)
+    assert code == 1 and err.endswith("give a copy on this machine with explain.py --data-dir); to classify and "
+                                      "explain only your images, which needs no data, add --images-only.\n")
+    code, out, err = run(["--workdir", copied, "--images", *files, "--images-only", "--layer", "layer2"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (copied / "images").iterdir()) == ["custom_images.png"]
+    assert not (copied / "report").exists()
+    with Image.open(copied / "images" / "custom_images.png") as png:
+        assert png.mode in ("RGB", "RGBA") and png.size[1] > 300
+    # The same classes, probabilities and maps as with the data at hand.
+    alone, with_data = load_run(copied, with_data=False), load_run(smoke_run)
+    assert alone.dataset is None and alone.class_names == with_data.class_names
+    for got, expected in zip(explain_images(alone, images, layer="layer2"), explain_images(with_data, images,
+                                                                                           layer="layer2")):
+        np.testing.assert_array_equal(got, expected)
+    probs = explain_images(alone, images)[0]
+    for path, image_probs in zip(files, probs):
+        top = np.argsort(-image_probs, kind="stable")[0]
+        assert f"{path}: {alone.class_names[top]} {100 * image_probs[top]:.1f}%" in out
+
+
+def test_own_images_of_a_run_without_a_recorded_normalization_need_the_data(smoke_run, official_folder, tmp_path,
+                                                                            capsys):
+    copied = copy_run_with_data_elsewhere(smoke_run, tmp_path / "copied")
+    image = tmp_path / "a.png"
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(image)
+    (meta_file,) = (copied / "checkpoints" / "best").glob("*/meta/metadata")
+    meta = json.loads(meta_file.read_text())
+    # A checkpoint written before the normalization was recorded: the data is read, as for a report.
+    meta_file.write_text(json.dumps({k: v for k, v in meta.items() if k not in ("mean", "std")}))
+    code, _, err = run(["--workdir", copied, "--images", image, "--images-only"], capsys)
+    assert code == 1 and "'/content/cifar-10-python.tar.gz' does not exist" in err
+    assert not (copied / "images").exists()
+    code, _, err = run(["--workdir", copied, "--images", image, "--images-only", "--data-dir", official_folder], capsys)
+    assert code == 0, err
+    # A record that was edited or damaged is named as such.
+    meta_file.write_text(json.dumps({**meta, "std": [0.2, 0.0, 0.2]}))
+    (copied / "images" / "custom_images.png").unlink()
+    code, _, err = run(["--workdir", copied, "--images", image, "--images-only"], capsys)
+    assert code == 1 and err == (f"error: The classes and normalization recorded in the best checkpoint in "
+                                 f"{str(copied)!r} are malformed (expected class names, 3 channel means and 3 positive "
+                                 "standard deviations); it was edited or damaged.\n")
+    assert not (copied / "images" / "custom_images.png").exists()
 
 
 def test_the_workdir_instead_of_a_run_names_the_newest_run(smoke_run, tmp_path, capsys):

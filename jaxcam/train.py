@@ -684,11 +684,14 @@ def train_and_evaluate(
             is_best = test["accuracy"] > best_acc
             best_acc = max(best_acc, test["accuracy"])
             # The compute dtype lets a report say when its float32 figures differ from these; the class
-            # names let explain check that the data it loads is what the run was trained on.
+            # names let explain check that the data it loads is what the run was trained on; with the
+            # normalization, a copy of the run classifies new images without the dataset at hand.
             with interrupts_deferred():
                 checkpointer.save(epoch, state, {"test_acc": float(test["accuracy"]), "test_loss": float(test["loss"]),
                                                  "compute_dtype": jnp.dtype(model.dtype).name,
-                                                 "class_names": list(dataset.class_names)}, is_best)
+                                                 "class_names": list(dataset.class_names),
+                                                 "mean": [float(v) for v in dataset.mean],
+                                                 "std": [float(v) for v in dataset.std]}, is_best)
                 write_json(run_dir / "history.json", history)
             if writer is not None:
                 for key, value in record.items():
