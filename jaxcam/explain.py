@@ -76,9 +76,9 @@ def load_run(run_dir: str | os.PathLike, which: str = "best", data_dir: str | No
     """A run's config, history and `which` checkpoint, and its dataset: `dataset` (as passed to
     `train_and_evaluate(dataset=...)`), else read from `data_dir`, else from the run's config.
 
-    `with_data=False` (enough to classify new images) takes the classes and the normalization
-    from the checkpoint instead, where training recorded them, and leaves `dataset` None; it
-    reads the data as above only for a checkpoint written before they were recorded.
+    The classes and the normalization are those training recorded in the checkpoint (the data's
+    own for a checkpoint written before they were recorded). `with_data=False`, enough to classify
+    new images, then reads no data and leaves `dataset` None.
     """
     if dataset is not None and data_dir is not None:
         raise ValueError("Give the data either as a dataset or as data_dir, not both.")
@@ -89,11 +89,11 @@ def load_run(run_dir: str | os.PathLike, which: str = "best", data_dir: str | No
     # Explanations run in float32 whatever the training compute dtype was.
     config.dtype = "float32"
     recorded = {"class_names", "mean", "std"} <= meta.keys()
-    if not with_data and dataset is None and data_dir is None and recorded:
-        class_names, mean, std = _recorded_normalization(run_dir, which, meta)
-    else:
+    if with_data or dataset is not None or data_dir is not None or not recorded:
         dataset = _load_trained_data(run_dir, config, meta, data_dir, dataset)
-        class_names, mean, std = dataset.class_names, dataset.mean, dataset.std
+    # The model takes its inputs as training normalized them, whatever split or copy the data now is.
+    class_names, mean, std = (_recorded_normalization(run_dir, which, meta) if recorded
+                              else (dataset.class_names, dataset.mean, dataset.std))
     model = train_lib.build(config, len(class_names))
     try:
         models.check_variables(model, variables, what=f"The weights of the {which} checkpoint in {str(run_dir)!r}")

@@ -297,6 +297,9 @@ def test_own_images_of_a_run_without_a_recorded_normalization_need_the_data(smok
     assert not (copied / "images").exists()
     code, _, err = run(["--workdir", copied, "--images", image, "--images-only", "--data-dir", official_folder], capsys)
     assert code == 0, err
+    # The recorded normalization is the model's, even with data of other statistics at hand.
+    meta_file.write_text(json.dumps({**meta, "mean": [0.25, 0.5, 0.75]}))
+    np.testing.assert_array_equal(load_run(copied, data_dir=str(official_folder)).mean, np.float32([0.25, 0.5, 0.75]))
     # A record that was edited or damaged is named as such.
     meta_file.write_text(json.dumps({**meta, "std": [0.2, 0.0, 0.2]}))
     (copied / "images" / "custom_images.png").unlink()
