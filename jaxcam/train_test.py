@@ -680,6 +680,50 @@ def test_cli_config_file_with_missing_or_unknown_keys(body, message, tmp_path, c
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (None, "Config file {path!r} does not exist."),
+        ("def get_config(:\n", "Config file {path!r} failed to load (SyntaxError: invalid syntax"),
+        ("import not_a_module_anywhere\n", "Config file {path!r} failed to load (ModuleNotFoundError: No module named "
+                                           "'not_a_module_anywhere')."),
+        ("epochs = 3\n", "Config file {path!r} has no get_config() function."),
+    ],
+)
+def test_cli_config_file_that_cannot_be_read(body, message, tmp_path, capsys):
+    config_file = tmp_path / "mine.py"
+    if body is not None:
+        config_file.write_text(body)
+    code, _, err = run_cli(["--workdir", tmp_path / "runs", "--config", config_file], capsys)
+    assert code == 1 and err.startswith("error: " + message.format(path=str(config_file)))
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.epochs", "Cannot parse '--config.epochs'; write overrides as --config.KEY=VALUE."),
+        ("--confg.epochs=1", "Cannot parse '--confg.epochs=1'; write overrides as --config.KEY=VALUE."),
+        ("--config.optim.lr=1", "Unknown config key 'optim.lr'."),
+        ("--config.lr_finder.nope=1", "Unknown config key 'lr_finder.nope'; known keys: diverge_th, end_lr, "),
+    ],
+)
+def test_cli_override_that_cannot_be_parsed(override, message, tmp_path, capsys):
+    code, _, err = run_cli(["--workdir", tmp_path / "runs", *TINY, override], capsys)
+    assert code == 1 and err.startswith("error: " + message) and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_config_that_is_not_json_is_named(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.json").write_text('{"epochs":')
+    code, _, err = run_cli(["--workdir", tmp_path, "--resume", run_dir], capsys)
+    assert code == 1 and err == (f"error: Cannot read the run config {str(run_dir / 'config.json')!r} "
+                                 "(Expecting value: line 1 column 11 (char 10)).\n")
+    assert (run_dir / "config.json").read_text() == '{"epochs":'  # left as it was
+
+
 def test_get_config_failing_is_one_sentence(tmp_path, capsys):
     config_file = tmp_path / "mine.py"
     config_file.write_text("def get_config():\n    return {}['model']\n")
