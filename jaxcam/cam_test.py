@@ -225,6 +225,7 @@ def test_multi_layer_combination_is_mean_of_normalized_maps(setup):
         (dict(layer="layer5"), "Unknown layer 'layer5'"),
         (dict(layer=3), "Name the layer as a string or a list of them, such as 'layer3', got 3."),
         (dict(layer=["layer2", 3]), "Unknown layer 3"),
+        (dict(layer=[]), "Name at least one layer for the CAM."),
         (dict(method="gradcam3"), "Unknown CAM method 'gradcam3'"),
         (dict(targets=[0, 1]), "one target class per image"),
         (dict(targets=[0, 1, 2, 3, 4, 10]), "Target class 10 is out of range"),
@@ -259,6 +260,8 @@ def test_bad_images(setup):
         cam.compute(model, variables, images[:, :, :, :1])
     with pytest.raises(ValueError, match=r"shape \(N, H, W, 3\)"):
         cam.compute(model, variables, images[0])
+    with pytest.raises(ValueError, match=r"No images to explain \(the batch is empty\)."):
+        cam.compute(model, variables, images[:0])
     with pytest.raises(ValueError, match=r"got \(6, 3, 32, 32\) \(PyTorch's NCHW order\? transpose with "
                                          r"images.transpose\(0, 2, 3, 1\)\)."):
         cam.compute(model, variables, images.transpose(0, 3, 1, 2))

@@ -230,8 +230,6 @@ def create_model(name: str, num_classes: int = 10, width: int = 64, **kwargs: An
     key = name.lower()
     if key not in MODELS:
         raise ValueError(f"Unknown model {name!r}; choose one of {', '.join(MODELS)}.")
-    if width < 1:
-        raise ValueError(f"Model width must be a positive number of channels, got {width}.")
     return MODELS[key](num_classes=num_classes, width=width, **kwargs)
 
 

@@ -203,6 +203,18 @@ def test_unknown_model_name():
         models.create_model("resnet50")
 
 
+@pytest.mark.parametrize("width", [0, -3, 2.5, "a"])
+def test_create_model_refuses_a_width_that_is_not_a_positive_integer(width):
+    # The string had been a TypeError from comparing it with 1.
+    with pytest.raises(ValueError, match=f"ResNet width must be a positive integer, got {width!r}."):
+        models.create_model("resnet34", width=width)
+
+
+def test_from_torch_state_dict_refuses_an_unknown_depth():
+    with pytest.raises(ValueError, match=r"Unknown ResNet depth 50; choose one of \[18, 34\]."):
+        models.from_torch_state_dict({"conv1.weight": np.zeros((4, 3, 3, 3))}, width=4, depth=50)
+
+
 @pytest.mark.parametrize("kwargs, message", [(dict(width=0), "width must be a positive integer, got 0"),
                                              (dict(num_classes=2.5), "num_classes must be a positive integer, got 2.5")])
 def test_bad_model_sizes_fail_at_construction(kwargs, message):
