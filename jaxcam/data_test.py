@@ -125,6 +125,16 @@ def test_malformed_batch_contents(tmp_path):
         pickle.dump({b"data": np.zeros((5, 3072), np.uint8), b"labels": [0, 1, 2, 3, 12]}, f)
     with pytest.raises(DataError, match="labels outside 0..9"):
         data_lib.load_cifar10(folder)
+    for contents, message in [
+        ([np.zeros((5, 3072), np.uint8)], r"test_batch in .* is not a CIFAR-10 batch file \(no dictionary inside\)."),
+        ({b"data": np.zeros((5, 3072), np.uint8)}, "test_batch in .* lacks the 'data' or 'labels' entry of a CIFAR-10 "
+                                                   "batch."),
+        ({b"data": np.zeros((5, 3072), np.uint8), b"labels": [0, 1, 2]}, "test_batch in .* has 5 images but 3 labels."),
+    ]:
+        with open(folder / "test_batch", "wb") as f:
+            pickle.dump(contents, f)
+        with pytest.raises(DataError, match=message):
+            data_lib.load_cifar10(folder)
 
 
 def test_corrupt_archive(tmp_path, official_archive):
