@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from jaxcam.checkpoint import interrupts_deferred, load_variables
+from jaxcam.checkpoint import CheckpointError, interrupts_deferred, load_variables
 
 
 @pytest.fixture
@@ -152,3 +152,16 @@ def test_a_damaged_checkpoint_fails_in_one_sentence(damage, smoke_run, tmp_path)
     errors = done.stdout.splitlines()
     assert len(errors) == 6 and all("is corrupt or" in line for line in errors), done.stdout
     assert not any("tensorstore_spec" in line for line in errors)  # its JSON spec says nothing to the user
+
+
+def test_a_folder_without_checkpoints_is_named(smoke_run, tmp_path):
+    with pytest.raises(CheckpointError, match=f"No best checkpoint folder in {str(tmp_path)!r}; is it a jaxcam run "
+                                              r"directory\?"):
+        load_variables(tmp_path)
+    # A run whose best folder was deleted keeps its latest one, which still loads.
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run, ignore=shutil.ignore_patterns("report", "tensorboard"))
+    shutil.rmtree(run / "checkpoints" / "best")
+    with pytest.raises(CheckpointError, match="No best checkpoint folder in"):
+        load_variables(run, "best")
+    assert load_variables(run, "latest")[1]["epoch"] == 2
