@@ -7,7 +7,7 @@ import pytest
 
 import train as train_cli
 from conftest import ROOT
-from jaxcam import lr_finder, models, train as train_lib
+from jaxcam import data as data_lib, lr_finder, models, train as train_lib
 
 
 def test_lr_sequence_formulas():
@@ -130,6 +130,30 @@ def test_range_test_leaves_the_state_untouched(tiny_dataset):
     with pytest.raises(ValueError, match="must be a mapping with 'params' and 'batch_stats'"):
         lr_finder.range_test(model, {"params": state.params}, make_optimizer, batches(), mean=tiny_dataset.mean,
                              std=tiny_dataset.std, num_iter=3, progress=False, mesh=mesh)
+
+
+def test_with_validation_data_the_recorded_loss_is_the_validation_loss_after_each_step(tiny_dataset):
+    # An optimizer that leaves the parameters as they are: each step then only moves the BatchNorm
+    # running statistics, which the validation loss (eval mode) reads, so the expected losses can
+    # be replayed with the model alone.
+    model = models.ResNet18(width=4)
+    variables = models.init_variables(model, jax.random.key(0))
+    mean, std = tiny_dataset.mean, tiny_dataset.std
+    train_batches = [(tiny_dataset.train_images[i:i + 32], tiny_dataset.train_labels[i:i + 32]) for i in (0, 32, 64)]
+    val_images, val_labels = tiny_dataset.test_images, tiny_dataset.test_labels
+    result = lr_finder.range_test(model, variables, lambda schedule: optax.set_to_zero(), iter(train_batches),
+                                  mean=mean, std=std, num_iter=3, smooth_f=0.0, diverge_th=1e9,
+                                  val_data=(val_images, val_labels), val_batch_size=16, progress=False)
+    expected, batch_stats = [], variables["batch_stats"]
+    for images, _ in train_batches:
+        _, updates = model.apply({"params": variables["params"], "batch_stats": batch_stats},
+                                 data_lib.normalize(images, mean, std), train=True, mutable=["batch_stats"])
+        batch_stats = updates["batch_stats"]
+        logits = model.apply({"params": variables["params"], "batch_stats": batch_stats},
+                             data_lib.normalize(val_images, mean, std), train=False)
+        expected.append(train_lib.evaluate(np.asarray(logits), val_labels)["loss"])
+    assert len(set(expected)) == 3  # the statistics did move: each step has its own loss
+    np.testing.assert_allclose(result.losses, expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize("max_lr", ["auto", "0.05"])
