@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the command line and write the report; returns the exit status (0, or 1 after a one-sentence error)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="a run directory written by train.py")
-    parser.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
+    parser.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report, or RUN_DIR/images with --images-only)")
     parser.add_argument("--layer", nargs="+", default=["layer3", "layer2"], help="stages to explain (first is the main one)")
     parser.add_argument("--method", default="gradcam", help="gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, scorecam")
     parser.add_argument("--num", type=int, default=10, help="how many misclassified images to show (1 to 100)")
