@@ -20,12 +20,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report, or RUN_DIR/images with --images-only)")
     parser.add_argument("--layer", nargs="+", default=["layer3", "layer2"], help="stages to explain (first is the main one)")
     parser.add_argument("--method", default="gradcam", help="gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, scorecam")
-    parser.add_argument("--num", type=int, default=10, help="how many misclassified images to show (1 to 100)")
+    # --num and --faithfulness default to None, so that --images-only can tell they were given.
+    parser.add_argument("--num", type=int, default=None, help="how many misclassified images to show (1 to 100; default 10)")
     parser.add_argument("--images", nargs="+", default=[], help="your own PNG/JPEG files to classify and explain")
     parser.add_argument("--images-only", action="store_true",
                         help="explain only the --images files (into RUN_DIR/images by default), without CIFAR-10")
     parser.add_argument("--data-dir", default=None, help="CIFAR-10 location if not the one the run was trained on")
-    parser.add_argument("--faithfulness", type=int, default=64, help="test images for the faithfulness metrics (0: skip)")
+    parser.add_argument("--faithfulness", type=int, default=None,
+                        help="test images for the faithfulness metrics (0: skip; default 64)")
     args = parser.parse_args(argv)
     return cli.run_explain(args)
 

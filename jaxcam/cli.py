@@ -113,15 +113,25 @@ def run_explain(args: argparse.Namespace) -> int:
     from jaxcam import explain
 
     use_compilation_cache()
-    if args.images_only and not args.images:
-        return fail("--images-only explains your own images; name them with --images.")
+    # The report's own settings where given, by flag: explain_run holds their defaults.
+    report_settings = {flag: (key, value) for flag, key, value in (("--num", "num", args.num),
+                                                                  ("--faithfulness", "faithfulness_images",
+                                                                   args.faithfulness))
+                       if value is not None}
+    if args.images_only:
+        if not args.images:
+            return fail("--images-only explains your own images; name them with --images.")
+        if report_settings:
+            verb = "sets" if len(report_settings) == 1 else "set"
+            return fail(f"{' and '.join(report_settings)} {verb} up the test-set report, which --images-only does "
+                        "not write.")
     try:
         if args.images_only:
             explain.explain_image_files(args.workdir, args.images, args.out, layer=args.layer, method=args.method,
                                         data_dir=args.data_dir)
         else:
-            explain.explain_run(args.workdir, args.out, layers=args.layer, method=args.method, num=args.num,
-                                image_files=args.images, faithfulness_images=args.faithfulness, data_dir=args.data_dir)
+            explain.explain_run(args.workdir, args.out, layers=args.layer, method=args.method, image_files=args.images,
+                                data_dir=args.data_dir, **dict(report_settings.values()))
         return 0
     except KeyboardInterrupt:
         return fail("interrupted.")

@@ -133,6 +133,11 @@ def test_own_images_that_cannot_be_explained_get_one_sentence(smoke_run):
         (["--images-only"], "--images-only explains your own images; name them with --images."),
         (["--images-only", "--images", "/nonexistent.png"], "does not exist"),
         (["--images-only", "--images", "/x.png", "--layer", "layer9"], "Unknown layer 'layer9'"),
+        # They had been ignored without a word.
+        (["--images-only", "--images", "/x.png", "--num", "4"],
+         "--num sets up the test-set report, which --images-only does not write."),
+        (["--images-only", "--images", "/x.png", "--num", "4", "--faithfulness", "0"],
+         "--num and --faithfulness set up the test-set report, which --images-only does not write."),
     ],
 )
 def test_bad_arguments_give_one_clear_error(smoke_run, tmp_path, capsys, extra, message):
