@@ -227,12 +227,17 @@ def test_a_perfect_model_shows_and_says_correct_images_instead(smoke_run, tmp_pa
     assert "misclassifications" not in text
 
 
-def test_a_run_whose_data_is_elsewhere_points_to_data_dir(smoke_run, official_folder, tmp_path, capsys):
-    # A run copied from another machine (Colab's /content) names a path of that machine.
-    copied = tmp_path / "copied_run"
-    shutil.copytree(smoke_run, copied, ignore=shutil.ignore_patterns("report"))
+def copy_run_with_data_elsewhere(run_dir, copied):
+    """A copy of `run_dir` whose config.json names data of another machine (Colab's /content)."""
+    shutil.copytree(run_dir, copied, ignore=shutil.ignore_patterns("report", "images"))
     config = json.loads((copied / "config.json").read_text())
     (copied / "config.json").write_text(json.dumps({**config, "data_dir": "/content/cifar-10-python.tar.gz"}))
+    return copied
+
+
+def test_a_run_whose_data_is_elsewhere_points_to_data_dir(smoke_run, official_folder, tmp_path, capsys):
+    # A run copied from another machine (Colab's /content) names a path of that machine.
+    copied = copy_run_with_data_elsewhere(smoke_run, tmp_path / "copied_run")
     code, _, err = run(["--workdir", copied, "--out", tmp_path / "r"], capsys)
     assert code == 1 and err == ("error: CIFAR-10 data path '/content/cifar-10-python.tar.gz' does not exist (the data "
                                  "named in the run's config.json; give a copy on this machine with explain.py "
@@ -244,14 +249,6 @@ def test_a_run_whose_data_is_elsewhere_points_to_data_dir(smoke_run, official_fo
     # A wrong --data-dir is the user's own path: its message stands alone.
     code, _, err = run(["--workdir", copied, "--out", tmp_path / "r", "--data-dir", tmp_path / "nowhere"], capsys)
     assert code == 1 and err == f"error: CIFAR-10 data path {str(tmp_path / 'nowhere')!r} does not exist.\n"
-
-
-def copy_run_with_data_elsewhere(run_dir, copied):
-    """A copy of `run_dir` whose config.json names data of another machine (Colab's /content)."""
-    shutil.copytree(run_dir, copied, ignore=shutil.ignore_patterns("report", "images"))
-    config = json.loads((copied / "config.json").read_text())
-    (copied / "config.json").write_text(json.dumps({**config, "data_dir": "/content/cifar-10-python.tar.gz"}))
-    return copied
 
 
 def test_own_images_are_explained_without_the_data(smoke_run, official_folder, tmp_path, capsys):

@@ -688,6 +688,7 @@ def test_cli_config_file_with_missing_or_unknown_keys(body, message, tmp_path, c
         ("import not_a_module_anywhere\n", "Config file {path!r} failed to load (ModuleNotFoundError: No module named "
                                            "'not_a_module_anywhere')."),
         ("epochs = 3\n", "Config file {path!r} has no get_config() function."),
+        ("def get_config():\n    return {}['model']\n", "get_config() of {path!r} failed (KeyError"),
     ],
 )
 def test_cli_config_file_that_cannot_be_read(body, message, tmp_path, capsys):
@@ -722,13 +723,6 @@ def test_a_run_config_that_is_not_json_is_named(tmp_path, capsys):
     assert code == 1 and err == (f"error: Cannot read the run config {str(run_dir / 'config.json')!r} "
                                  "(Expecting value: line 1 column 11 (char 10)).\n")
     assert (run_dir / "config.json").read_text() == '{"epochs":'  # left as it was
-
-
-def test_get_config_failing_is_one_sentence(tmp_path, capsys):
-    config_file = tmp_path / "mine.py"
-    config_file.write_text("def get_config():\n    return {}['model']\n")
-    code, _, err = run_cli(["--workdir", tmp_path / "runs", "--config", config_file], capsys)
-    assert code == 1 and err.startswith(f"error: get_config() of {str(config_file)!r} failed (KeyError")
 
 
 @pytest.mark.parametrize(
