@@ -351,7 +351,10 @@ def test_a_failure_part_way_leaves_the_previous_report_whole(smoke_run, report, 
 
 def test_not_a_run_directory(tmp_path, capsys):
     code, _, err = run(["--workdir", tmp_path], capsys)
-    assert code == 1 and "not a jaxcam run directory" in err
+    assert code == 1 and err == f"error: {str(tmp_path)!r} is not a jaxcam run directory (no config.json).\n"
+    code, _, err = run(["--workdir", tmp_path / "typo"], capsys)
+    assert code == 1 and err == f"error: The run directory {str(tmp_path / 'typo')!r} does not exist.\n"
+    assert not (tmp_path / "typo").exists()
 
 
 def test_a_run_stopped_in_its_first_epoch_is_said_to_have_no_checkpoint_yet(smoke_run, tmp_path, capsys):

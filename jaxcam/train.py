@@ -333,6 +333,8 @@ def check_run_dir(run_dir: str | os.PathLike) -> Path:
     run_dir = Path(run_dir)
     if (run_dir / "config.json").is_file():
         return run_dir
+    if not run_dir.exists():  # most often a mistyped path: "no config.json" would send the user looking for one
+        raise ConfigError(f"The run directory {str(run_dir)!r} does not exist.")
     hint = ""
     if run_dir.is_dir():
         with contextlib.suppress(FileNotFoundError):

@@ -583,6 +583,9 @@ def test_cli_resume_of_the_workdir_names_the_newest_run(official_folder, tmp_pat
 def test_cli_resume_without_runs(tmp_path, capsys):
     code, _, err = run_cli(["--workdir", tmp_path, "--resume"], capsys)
     assert code == 1 and "No run directory" in err
+    code, _, err = run_cli(["--workdir", tmp_path, "--resume", tmp_path / "typo"], capsys)
+    assert code == 1 and err == f"error: The run directory {str(tmp_path / 'typo')!r} does not exist.\n"
+    assert not (tmp_path / "typo").exists()
 
 
 def test_overrides_parse_types():
