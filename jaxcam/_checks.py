@@ -24,10 +24,15 @@ def in_unit_range(maps: np.ndarray, tolerance: float = 0.0) -> bool:
     return bool(np.isfinite(maps).all() and maps.min() >= -tolerance and maps.max() <= 1 + tolerance)
 
 
-def channels_first_hint(shape: tuple[int, ...]) -> str:
-    """An error-message tail for a 4-d RGB batch in PyTorch's NCHW order, else ""."""
+def layout_hint(shape: tuple[int, ...]) -> str:
+    """An error-message tail for RGB images in a layout other than a batch (N, H, W, 3): a
+    batch in PyTorch's NCHW order, or one image without its batch axis; else ""."""
     if len(shape) == 4 and shape[1] == 3 and shape[-1] != 3:
         return " (PyTorch's NCHW order? transpose with images.transpose(0, 2, 3, 1))"
+    if len(shape) == 3 and shape[-1] == 3:
+        return " (one image? add the batch axis with image[None])"
+    if len(shape) == 3 and shape[0] == 3:
+        return " (one image in PyTorch's CHW order? use image.transpose(1, 2, 0)[None])"
     return ""
 
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from jaxcam._checks import channels_first_hint, is_integer
+from jaxcam._checks import layout_hint, is_integer
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -340,7 +340,7 @@ def check_images(images: Any, *, name: str = "images") -> np.ndarray:
         raise ValueError(f"{name} must be uint8 RGB values 0..255, got dtype {images.dtype}.")
     if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
         raise ValueError(f"{name} must have shape (N, 32, 32, 3) NHWC, got {images.shape}"
-                         f"{channels_first_hint(images.shape)}.")
+                         f"{layout_hint(images.shape)}.")
     return images
 
 
@@ -370,7 +370,7 @@ def augment_batch(
     a given `rng` state.
     """
     images = np.asarray(images)
-    hint = channels_first_hint(images.shape)
+    hint = layout_hint(images.shape)
     if images.dtype != np.uint8 or images.ndim != 4 or hint:
         raise ValueError(f"augment_batch takes a uint8 NHWC batch, got {images.dtype} with shape {images.shape}{hint}.")
     n, h, w, c = images.shape

@@ -378,6 +378,9 @@ def test_augment_names_a_channels_first_batch():
     with pytest.raises(ValueError, match=r"uint8 NHWC batch, got uint8 with shape \(2, 3, 32, 32\) \(PyTorch's NCHW "
                                          r"order\? transpose with images.transpose\(0, 2, 3, 1\)\)"):
         data_lib.augment_batch(np.zeros((2, 3, 32, 32), np.uint8), np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"got uint8 with shape \(32, 32, 3\) \(one image\? add the batch axis with "
+                                         r"image\[None\]\)\.$"):
+        data_lib.augment_batch(np.zeros((32, 32, 3), np.uint8), np.random.default_rng(0))
 
 
 def test_augment_of_an_empty_batch_is_empty():

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcam._checks import channels_first_hint, is_integer
+from jaxcam._checks import layout_hint, is_integer
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 STAGE_OUTPUT = "output"
@@ -209,7 +209,7 @@ def check_image_batch(shape: Sequence[int], dtype: Any) -> None:
         )
     if len(shape) != 4 or shape[-1] != 3:
         shape = tuple(shape)
-        raise ValueError(f"Images must have shape (N, H, W, 3) NHWC, got {shape}{channels_first_hint(shape)}.")
+        raise ValueError(f"Images must have shape (N, H, W, 3) NHWC, got {shape}{layout_hint(shape)}.")
 
 
 def ResNet18(num_classes: int = 10, width: int = 64, **kwargs: Any) -> ResNet:

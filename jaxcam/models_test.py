@@ -52,8 +52,11 @@ def test_the_model_refuses_pixels_and_nchw_images():
         model.apply(variables, np.zeros((2, 32, 32, 3), np.uint8), train=False)
     with pytest.raises(ValueError, match=r"got \(2, 3, 32, 32\) \(PyTorch's NCHW order\?"):
         model.apply(variables, np.zeros((2, 3, 32, 32), np.float32), train=False)
-    with pytest.raises(ValueError, match=r"got \(32, 32, 3\)."):
+    with pytest.raises(ValueError, match=r"got \(32, 32, 3\) \(one image\? add the batch axis with image\[None\]\)\."):
         jax.jit(lambda x: model.apply(variables, x, train=False))(jnp.zeros((32, 32, 3)))
+    with pytest.raises(ValueError, match=r"got \(3, 32, 32\) \(one image in PyTorch's CHW order\? use "
+                                         r"image.transpose\(1, 2, 0\)\[None\]\)\."):
+        model.apply(variables, np.zeros((3, 32, 32), np.float32), train=False)
     assert model.apply(variables, np.zeros((2, 32, 32, 3), np.float32), train=False).shape == (2, 10)
 
 
