@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxcam._checks import check_class_indices, in_unit_range  # noqa: E402
+from jaxcam._checks import check_class_indices, in_unit_range, layout_hint  # noqa: E402
 
 CMAP = "inferno"
 PathLike = str | os.PathLike
@@ -31,8 +31,15 @@ def check_uint8_rgb(images: np.ndarray, who: str, batch: bool = True) -> np.ndar
         # Float or normalized images would be divided by 255 again, or clipped by imshow, and
         # drawn wrong without a word.
         expected = "uint8 RGB images (N, H, W, 3)" if batch else "a uint8 RGB image (H, W, 3)"
-        raise ValueError(f"{who} takes {expected}, got {images.dtype} with shape {images.shape}; "
-                         "pass the images before normalization.")
+        if images.dtype != np.uint8:
+            advice = "; pass the images before normalization"
+        elif not batch and images.ndim == 4:
+            advice = "; pass one image of the batch, such as images[0]"
+        elif not batch and images.ndim == 3 and images.shape[0] == 3:
+            advice = " (PyTorch's CHW order? transpose with image.transpose(1, 2, 0))"
+        else:
+            advice = layout_hint(images.shape)
+        raise ValueError(f"{who} takes {expected}, got {images.dtype} with shape {images.shape}{advice}.")
     return images
 
 

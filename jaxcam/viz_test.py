@@ -68,10 +68,16 @@ def test_overlay_blends_rgb_with_the_colormap():
 
 def test_overlay_rejects_what_it_cannot_draw():
     cam = np.zeros((32, 32), np.float32)
-    with pytest.raises(ValueError, match="uint8 RGB image"):
+    with pytest.raises(ValueError, match=r"^overlay takes a uint8 RGB image \(H, W, 3\), got float32 with shape "
+                                         r"\(32, 32, 3\); pass the images before normalization\.$"):
         viz.overlay(np.zeros((32, 32, 3), np.float32), cam)  # would come out black
-    with pytest.raises(ValueError, match="uint8 RGB image"):
+    # The advice fits the fault: a uint8 image is not helped by "before normalization".
+    with pytest.raises(ValueError, match=r"got uint8 with shape \(3, 32, 32\) \(PyTorch's CHW order\? transpose with "
+                                         r"image.transpose\(1, 2, 0\)\)\.$"):
         viz.overlay(np.zeros((3, 32, 32), np.uint8), cam)
+    with pytest.raises(ValueError, match=r"got uint8 with shape \(1, 32, 32, 3\); pass one image of the batch, such as "
+                                         r"images\[0\]\.$"):
+        viz.overlay(np.zeros((1, 32, 32, 3), np.uint8), cam)
     with pytest.raises(ValueError, match="same size"):
         viz.overlay(np.zeros((16, 16, 3), np.uint8), cam)
     with pytest.raises(ValueError, match=r"alpha is the CAM's share of the blend, in \[0, 1\], got 1.5"):
@@ -101,6 +107,9 @@ def test_galleries_refuse_normalized_images(plot, tmp_path):
     with pytest.raises(ValueError, match=rf"{plot} takes uint8 RGB images \(N, H, W, 3\), got float32 with shape "
                                          r"\(2, 32, 32, 3\); pass the images before normalization."):
         getattr(viz, plot)(*arguments)
+    with pytest.raises(ValueError, match=r"got uint8 with shape \(32, 32, 3\) \(one image\? add the batch axis with "
+                                         r"image\[None\]\)\.$"):
+        getattr(viz, plot)(np.zeros((32, 32, 3), np.uint8), *arguments[1:])
     assert not (tmp_path / "a.png").exists()
 
 
