@@ -482,7 +482,7 @@ def _float32_array(name: str, value: Any) -> np.ndarray:
     except (TypeError, ValueError):
         hint = (f" (a whole training checkpoint? pass the model's state dict inside it, such as checkpoint[{name!r}])"
                 if isinstance(value, Mapping) else "")
-        raise ValueError(f"State dict entry {name!r} is a {type(value).__name__}, not an array{hint}.") from None
+        raise ValueError(f"State dict entry {name!r} is of type {type(value).__name__}, not an array{hint}.") from None
 
 
 def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -151,7 +151,7 @@ def test_from_torch_state_dict_reads_what_pytorch_users_have():
 
 def test_from_torch_state_dict_refuses_a_whole_training_checkpoint():
     state_dict = models.to_torch_state_dict(models.init_variables(models.ResNet18(width=4), jax.random.key(1)))
-    message = (r"State dict entry 'model' is a dict, not an array \(a whole training checkpoint\? "
+    message = (r"State dict entry 'model' is of type dict, not an array \(a whole training checkpoint\? "
                r"pass the model's state dict inside it, such as checkpoint\['model'\]\)")
     with pytest.raises(ValueError, match=message):
         models.from_torch_state_dict({"model": state_dict, "epoch": 20}, width=4)
