@@ -281,8 +281,6 @@ def section_cam(args) -> dict:
         run()  # compile
         row = {"batch": n, "jaxcam_cams_per_s": n / timed(run, 3)}
         if torch_model is not None:
-            import torch
-
             tensor = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
             with classes[method](model=torch_model, target_layers=[torch_model.layer3[-1]]) as extractor:
                 if method == "scorecam":

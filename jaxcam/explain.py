@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -27,6 +27,9 @@ from jaxcam._checks import is_integer, is_number
 from jaxcam.checkpoint import CheckpointError, load_variables, make_writable_folder
 from jaxcam.configuration import config_from_json
 from jaxcam.models import STAGES
+
+if TYPE_CHECKING:  # for annotations only; Pillow itself is imported where image files are read
+    import PIL.Image
 
 REQUIRED_FILES = ("curves.png", "misclassified.png", "gradcam_layer3.png", "gradcam_layer2.png",
                   "gradcam_targets.png", "confusion_matrix.png", "report.md")
