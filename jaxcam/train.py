@@ -649,12 +649,14 @@ def train_and_evaluate(
                 size=config.prefetch,
             )
             kept = f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else None
+            # Divergence is nearly always a learning rate too high for the model and batch.
+            cause = f" (max_lr {config.max_lr:g} may be too high; train.py --find-lr suggests one)"
             try:
                 state, train_metrics = train_epoch(train_step, state, batches, steps_per_epoch,
                                                    f"Epoch {epoch}/{config.epochs}", progress)
             except TrainingDiverged as diverged:
                 kept = kept or "no epoch had finished, so there is no checkpoint to keep"
-                raise TrainingDiverged(f"{diverged}; training stopped, and {kept}.") from None
+                raise TrainingDiverged(f"{diverged}; training stopped, and {kept}{cause}.") from None
             train_time = time.perf_counter() - started
 
             variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -666,7 +668,7 @@ def train_and_evaluate(
                 raise TrainingDiverged(
                     f"The model's outputs on the test images became NaN or infinite after epoch "
                     f"{epoch}/{config.epochs}, so its checkpoint was not saved; training stopped, and "
-                    f"{kept or 'there is no checkpoint to keep'}.")
+                    f"{kept or 'there is no checkpoint to keep'}{cause}.")
             test = evaluate(test_logits, dataset.test_labels)
             record = {
                 "epoch": epoch,

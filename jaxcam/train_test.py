@@ -145,7 +145,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, tmp_pat
     diverging = tiny_config(max_lr=1e30)
     # A run whose recipe diverges in its second epoch: its config.json says so, as resume=True requires.
     write_json(tmp_path / "config.json", train_lib.config_record(diverging))
-    kept_epoch_1 = r"loss became (nan|inf) in epoch 2/2 \(step \d+\); training stopped, and the checkpoint of epoch 1 is kept\."
+    kept_epoch_1 = (r"loss became (nan|inf) in epoch 2/2 \(step \d+\); training stopped, and the checkpoint of epoch 1 is "
+                    r"kept \(max_lr 1e\+30 may be too high; train.py --find-lr suggests one\)\.$")
     with pytest.raises(train_lib.TrainingDiverged, match=kept_epoch_1):
         train_lib.train_and_evaluate(diverging, tmp_path, resume=True, dataset=tiny_dataset, progress=False,
                                      log=lambda s: None)
@@ -172,7 +173,8 @@ def test_outputs_blown_up_in_an_epochs_last_step_stop_the_run_before_saving(tiny
     write_json(tmp_path / "config.json", train_lib.config_record(blowing_up))
     with pytest.raises(train_lib.TrainingDiverged,
                        match=r"^The model's outputs on the test images became NaN or infinite after epoch 2/2, so its "
-                             r"checkpoint was not saved; training stopped, and the checkpoint of epoch 1 is kept\.$"):
+                             r"checkpoint was not saved; training stopped, and the checkpoint of epoch 1 is kept \(max_lr 1e\+30 "
+                             r"may be too high; train.py --find-lr suggests one\)\.$"):
         train_lib.train_and_evaluate(blowing_up, tmp_path, resume=True, dataset=tiny_dataset, progress=False,
                                      log=lambda s: None)
     kept, meta = load_variables(tmp_path, "latest")
@@ -181,7 +183,8 @@ def test_outputs_blown_up_in_an_epochs_last_step_stop_the_run_before_saving(tiny
     assert [r["epoch"] for r in json.loads((tmp_path / "history.json").read_text())] == [1]
 
     with pytest.raises(train_lib.TrainingDiverged, match=r"after epoch 1/2, so its checkpoint was not saved; "
-                                                         r"training stopped, and there is no checkpoint to keep\.$"):
+                                                         r"training stopped, and there is no checkpoint to keep \(max_lr 1e\+30 "
+                                                         r"may be too high; train.py --find-lr suggests one\)\.$"):
         train_lib.train_and_evaluate(blowing_up, tmp_path / "fresh", dataset=tiny_dataset, progress=False,
                                      log=lambda s: None)
     assert Checkpointer(tmp_path / "fresh", create=False).latest_epoch() is None
