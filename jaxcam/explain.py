@@ -274,8 +274,8 @@ def explain_run(
         summary = train_lib.evaluate(logits, test_labels)
         written: dict[str, str] = {}
 
-        viz.plot_curves(run.history, out / "curves.png")  # an empty history gives empty axes
-        written["curves.png"] = "Loss and accuracy per epoch"
+        viz.plot_curves(run.history, out / "curves.png")
+        written["curves.png"] = "Loss and accuracy per epoch" + ("" if run.history else " (the run has no history.json)")
 
         # The most confident mistakes are the most instructive ones.
         wrong = np.flatnonzero(predictions != test_labels)

@@ -227,6 +227,20 @@ def test_a_perfect_model_shows_and_says_correct_images_instead(smoke_run, tmp_pa
     assert "misclassifications" not in text
 
 
+def test_a_run_without_its_history_says_so_under_its_curves(smoke_run, tmp_path, capsys):
+    # Empty axes had been drawn with made-up ticks around 0, under the plain "per epoch" caption.
+    copied = tmp_path / "run"
+    shutil.copytree(smoke_run, copied, ignore=shutil.ignore_patterns("report", "images"))
+    (copied / "history.json").unlink()
+    code, _, err = run(["--workdir", copied, "--num", "3", "--faithfulness", "0"], capsys)
+    assert code == 0, err
+    text = (copied / "report" / "report.md").read_text()
+    assert "## Loss and accuracy per epoch (the run has no history.json)" in text
+    assert "Epochs trained" not in text  # the summary line that needs the history is left out
+    with Image.open(copied / "report" / "curves.png") as img:
+        assert img.format == "PNG" and np.asarray(img.convert("RGB")).std() > 10
+
+
 def copy_run_with_data_elsewhere(run_dir, copied):
     """A copy of `run_dir` whose config.json names data of another machine (Colab's /content)."""
     shutil.copytree(run_dir, copied, ignore=shutil.ignore_patterns("report", "images"))

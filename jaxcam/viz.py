@@ -92,8 +92,14 @@ def plot_curves(history: Sequence[dict], path: PathLike) -> None:
     ax_acc.plot(epochs, [100 * r["test_acc"] for r in history], "s-", label="test", color="#d62728")
     ax_acc.set_title("Accuracy (%)")
     for ax in (ax_loss, ax_acc):
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
+        if not history:  # empty axes would show made-up ticks around 0 as if they were data
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.text(0.5, 0.5, "no per-epoch history recorded", ha="center", va="center", transform=ax.transAxes,
+                    color="#555555")
+            continue
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     _save(fig, path)
