@@ -263,8 +263,9 @@ def explain_run(
     custom = load_image_files(image_files) if image_files else None  # read before writing anything
     final = make_writable_folder(out_dir if out_dir is not None else run.run_dir / "report", "the output folder")
     # Every file is drawn in a hidden folder and moved in at the end: a failure part-way leaves
-    # the previous report whole rather than half replaced.
-    with _staged(final) as out:
+    # the previous report whole rather than half replaced. Galleries of an earlier report that this
+    # one does not draw (other layers, images no longer given) go, so the folder matches report.md.
+    with _staged(final, replaces=("gradcam_layer*.png", "custom_images.png")) as out:
         mesh = train_lib.make_mesh()
         predict_fn = train_lib.make_predict_fn(run.model, mesh, run.mean, run.std)
         test_images, test_labels = run.dataset.test_images, run.dataset.test_labels
@@ -399,14 +400,20 @@ def _plot_own_images(run: LoadedRun, images: np.ndarray, image_files: Sequence, 
 
 
 @contextlib.contextmanager
-def _staged(folder: Path) -> Iterator[Path]:
-    """A fresh hidden folder inside `folder`; on success its files replace those in `folder`,
-    on an error it is removed and `folder` keeps what it had."""
+def _staged(folder: Path, replaces: Sequence[str] = ()) -> Iterator[Path]:
+    """A fresh hidden folder inside `folder`; on success its files replace those in `folder`, and
+    files matching the glob patterns `replaces` that it did not write are removed; on an error it
+    is removed and `folder` keeps what it had."""
     staging = Path(tempfile.mkdtemp(prefix=".report-", dir=folder))
     try:
         yield staging
-        for path in sorted(staging.iterdir()):
-            os.replace(path, folder / path.name)
+        written = {path.name for path in staging.iterdir()}
+        for name in sorted(written):
+            os.replace(staging / name, folder / name)
+        for pattern in replaces:
+            for path in folder.glob(pattern):
+                if path.name not in written and path.is_file():
+                    path.unlink()
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

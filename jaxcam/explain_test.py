@@ -91,6 +91,25 @@ def test_own_images_print_top3(smoke_run, tmp_path, capsys):
     assert line.count("%") == 3
 
 
+def test_a_new_report_removes_the_galleries_of_an_earlier_one_that_it_does_not_draw(smoke_run, tmp_path, capsys):
+    # They had stayed beside the new report.md: a custom_images.png of images no longer given, of
+    # an earlier checkpoint, and the galleries of layers no longer chosen.
+    image, out = tmp_path / "cat.png", tmp_path / "r"
+    Image.fromarray(np.full((40, 40, 3), 120, np.uint8)).save(image)
+    settings = ["--workdir", smoke_run, "--out", out, "--num", "2", "--faithfulness", "0"]
+    code, _, err = run([*settings, "--images", image, "--layer", "layer1"], capsys)
+    assert code == 0, err
+    assert {"gradcam_layer1.png", "custom_images.png"} <= {p.name for p in out.iterdir()}
+    (out / "my_notes.txt").write_text("mine")  # what jaxcam did not write stays
+    (out / "my_plot.png").write_bytes(b"mine")
+    code, _, err = run([*settings, "--layer", "layer4"], capsys)
+    assert code == 0, err
+    names = {p.name for p in out.iterdir()}
+    assert "gradcam_layer4.png" in names and "gradcam_layer1.png" not in names and "custom_images.png" not in names
+    assert (out / "my_notes.txt").read_text() == "mine" and (out / "my_plot.png").read_bytes() == b"mine"
+    assert not [name for name in names if name.startswith(".report-")]
+
+
 def test_own_images_are_explained_for_their_two_most_likely_classes(smoke_run):
     run = load_run(smoke_run)
     images = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
