@@ -265,7 +265,8 @@ def explain_run(
     # Every file is drawn in a hidden folder and moved in at the end: a failure part-way leaves
     # the previous report whole rather than half replaced. Galleries of an earlier report that this
     # one does not draw (other layers, images no longer given) go, so the folder matches report.md.
-    with _staged(final, replaces=("gradcam_layer*.png", "custom_images.png")) as out:
+    # Exact names, not a wildcard: a user's own gradcam_layer3_v2.png in --out must stay.
+    with _staged(final, replaces=(*(f"gradcam_{stage}.png" for stage in STAGES), "custom_images.png")) as out:
         mesh = train_lib.make_mesh()
         predict_fn = train_lib.make_predict_fn(run.model, mesh, run.mean, run.std)
         test_images, test_labels = run.dataset.test_images, run.dataset.test_labels
@@ -402,18 +403,17 @@ def _plot_own_images(run: LoadedRun, images: np.ndarray, image_files: Sequence, 
 @contextlib.contextmanager
 def _staged(folder: Path, replaces: Sequence[str] = ()) -> Iterator[Path]:
     """A fresh hidden folder inside `folder`; on success its files replace those in `folder`, and
-    files matching the glob patterns `replaces` that it did not write are removed; on an error it
-    is removed and `folder` keeps what it had."""
+    the files named in `replaces` that it did not write are removed; on an error it is removed
+    and `folder` keeps what it had."""
     staging = Path(tempfile.mkdtemp(prefix=".report-", dir=folder))
     try:
         yield staging
         written = {path.name for path in staging.iterdir()}
         for name in sorted(written):
             os.replace(staging / name, folder / name)
-        for pattern in replaces:
-            for path in folder.glob(pattern):
-                if path.name not in written and path.is_file():
-                    path.unlink()
+        for name in set(replaces) - written:
+            if (folder / name).is_file():
+                (folder / name).unlink()
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

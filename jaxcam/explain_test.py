@@ -102,11 +102,12 @@ def test_a_new_report_removes_the_galleries_of_an_earlier_one_that_it_does_not_d
     assert {"gradcam_layer1.png", "custom_images.png"} <= {p.name for p in out.iterdir()}
     (out / "my_notes.txt").write_text("mine")  # what jaxcam did not write stays
     (out / "my_plot.png").write_bytes(b"mine")
+    (out / "gradcam_layer1_v2.png").write_bytes(b"mine")  # close to jaxcam's names, but not one of them
     code, _, err = run([*settings, "--layer", "layer4"], capsys)
     assert code == 0, err
     names = {p.name for p in out.iterdir()}
     assert "gradcam_layer4.png" in names and "gradcam_layer1.png" not in names and "custom_images.png" not in names
-    assert (out / "my_notes.txt").read_text() == "mine" and (out / "my_plot.png").read_bytes() == b"mine"
+    assert [(out / name).read_bytes() for name in ("my_notes.txt", "my_plot.png", "gradcam_layer1_v2.png")] == [b"mine"] * 3
     assert not [name for name in names if name.startswith(".report-")]
 
 
