@@ -637,6 +637,8 @@ def train_and_evaluate(
 
     writer = _summary_writer(run_dir, config)
     test_logits = np.zeros((0, dataset.num_classes), np.float32)
+    # Divergence is nearly always a learning rate too high for the model and batch.
+    cause = f" (max_lr {config.max_lr:g} may be too high; train.py --find-lr suggests one)"
     try:
         for epoch in range(start_epoch, config.epochs + 1):
             started = time.perf_counter()
@@ -649,8 +651,6 @@ def train_and_evaluate(
                 size=config.prefetch,
             )
             kept = f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else None
-            # Divergence is nearly always a learning rate too high for the model and batch.
-            cause = f" (max_lr {config.max_lr:g} may be too high; train.py --find-lr suggests one)"
             try:
                 state, train_metrics = train_epoch(train_step, state, batches, steps_per_epoch,
                                                    f"Epoch {epoch}/{config.epochs}", progress)
