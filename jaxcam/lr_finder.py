@@ -190,14 +190,11 @@ def range_test(
 def plot(result: RangeTestResult, path: str | Path, *, skip_start: int = 10, skip_end: int = 5,
          suggestion: tuple[int, float] | None = None) -> None:
     """Loss against learning rate (log axis) with the suggestion marked; saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from jaxcam import viz  # matplotlib loads only when a plot is drawn
 
     end = len(result.lrs) - skip_end
     lrs, losses = result.lrs[skip_start:end], result.losses[skip_start:end]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120, layout="constrained")
+    fig, ax = viz.subplots(figsize=(6.4, 4.2), dpi=120, layout="constrained")
     ax.plot(lrs, losses, color="#1f77b4", lw=1.8)
     ax.set_xscale("log")
     ax.set_xlabel("Learning rate")
@@ -212,7 +209,6 @@ def plot(result: RangeTestResult, path: str | Path, *, skip_start: int = 10, ski
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     fig.savefig(path)
-    plt.close(fig)
 
 
 def json_record(result: RangeTestResult, suggestion: tuple[int, float] | None) -> dict[str, Any]:

@@ -31,3 +31,25 @@ def test_unknown_attribute_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'resnet'"):
         jaxcam.resnet
     assert {"models", "data", "train", "cam"} <= set(dir(jaxcam))
+
+
+def test_drawing_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+    # jaxcam.viz had called matplotlib.use("Agg") on import: in a notebook that switched the inline
+    # backend off, so plt.show() of the user's own figures (the Colab notebook's last cell) drew nothing.
+    # A fresh interpreter, whose backend is chosen before jaxcam is imported, as a notebook's is.
+    code = (
+        "import sys, matplotlib\n"
+        "matplotlib.use('svg')\n"
+        "import matplotlib.pyplot as plt\n"
+        "from jaxcam import explain, lr_finder, viz\n"
+        "out = sys.argv[1]\n"
+        "viz.plot_curves([], out + '/curves.png')\n"
+        "result = lr_finder.RangeTestResult(lrs=[1e-3, 1e-2, 1e-1], losses=[2.0, 1.5, 3.0], diverged=False)\n"
+        "lr_finder.plot(result, out + '/lr.png', skip_start=0, skip_end=0)\n"
+        "print(matplotlib.get_backend(), plt.get_fignums())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0] == "svg []"  # the backend kept, and no figure left open in pyplot
+    assert (tmp_path / "curves.png").read_bytes()[:8] == (tmp_path / "lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

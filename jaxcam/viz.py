@@ -10,13 +10,12 @@ import os
 from typing import Sequence
 
 import matplotlib
+import matplotlib.colors
 import matplotlib.ticker
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from jaxcam._checks import check_class_indices, in_unit_range, layout_hint  # noqa: E402
+from jaxcam._checks import check_class_indices, in_unit_range, layout_hint
 
 CMAP = "inferno"
 PathLike = str | os.PathLike
@@ -60,17 +59,27 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5, cmap: str = 
         raise ValueError(f"overlay takes a CAM normalized to [0, 1], got {found}; normalize it first "
                          "(jaxcam.cam.minmax, as cam.compute does).")
     try:
-        colormap = plt.get_cmap(cmap)
-    except ValueError:  # matplotlib's own words name its argument ("not a valid value for name")
+        colormap = cmap if isinstance(cmap, matplotlib.colors.Colormap) else matplotlib.colormaps[cmap]
+    except KeyError:  # matplotlib's own words name its registry ("'nope' is not a known colormap name")
         raise ValueError(f"Unknown colour map {cmap!r}; give a matplotlib colormap name such as {CMAP!r} "
                          "or 'jet'.") from None
     heat = colormap(np.clip(cam, 0, 1))[..., :3]
     return np.clip((1 - alpha) * image.astype(np.float32) / 255 + alpha * heat, 0, 1)
 
 
-def _save(fig, path: str | os.PathLike) -> None:
+def subplots(*args, figsize: tuple[float, float], dpi: float, layout: str | None = None, **kwargs):
+    """`pyplot.subplots` without pyplot: (figure, axes) of a figure that belongs to no backend.
+
+    Pyplot would need a backend, and choosing one here (matplotlib.use("Agg")) would switch that
+    of the caller: a notebook that imported jaxcam lost its inline plots. A bare Figure saves
+    PNGs by itself and is freed with its last reference, so nothing is left open either.
+    """
+    fig = Figure(figsize=figsize, dpi=dpi, layout=layout)
+    return fig, fig.subplots(*args, **kwargs)
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> None:
     fig.savefig(path, dpi=fig.dpi, bbox_inches="tight", facecolor="white")
-    plt.close(fig)
 
 
 def _show(ax, picture, title: str | None = None, color: str = "black", fontsize: int = 8) -> None:
@@ -84,7 +93,7 @@ def _show(ax, picture, title: str | None = None, color: str = "black", fontsize:
 def plot_curves(history: Sequence[dict], path: PathLike) -> None:
     """Train and test loss and accuracy per epoch."""
     epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110, layout="constrained")
+    fig, (ax_loss, ax_acc) = subplots(1, 2, figsize=(10, 3.8), dpi=110, layout="constrained")
     ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train", color="#1f77b4")
     ax_loss.plot(epochs, [r["test_loss"] for r in history], "s-", label="test", color="#d62728")
     ax_loss.set_title("Loss")
@@ -117,7 +126,7 @@ def plot_misclassified(images: np.ndarray, labels: np.ndarray, predictions: np.n
     n = len(images)
     cols = min(5, n)
     rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), dpi=110, layout="constrained", squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), dpi=110, layout="constrained", squeeze=False)
     for ax in axes.ravel()[n:]:
         ax.axis("off")
     for ax, image, t, p, c in zip(axes.ravel(), images, labels, predictions, confidences):
@@ -134,7 +143,7 @@ def _plot_panel_rows(rows, path, title: str, panel_width: float = 2.2) -> None:
     # super-linearly with the panel count (a 200-row gallery took 63 s to lay out, 400 rows
     # more than 5 min); this takes 6 s for 200 rows and looks the same.
     height = 2.2 * n + 0.45
-    fig, axes = plt.subplots(n, cols, figsize=(panel_width * cols, height), dpi=110, squeeze=False,
+    fig, axes = subplots(n, cols, figsize=(panel_width * cols, height), dpi=110, squeeze=False,
                              gridspec_kw=dict(left=0.02, right=0.98, top=1 - 0.45 / height, bottom=0.05 / height,
                                               hspace=0.22, wspace=0.08))
     for ax_row, row in zip(axes, rows):
@@ -192,7 +201,7 @@ def plot_all_targets(image: np.ndarray, cams: np.ndarray, probabilities: np.ndar
     k = len(cams)
     cols = 6 if k > 5 else k + 1
     rows = int(np.ceil((k + 1) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.4 * rows), dpi=110, layout="constrained", squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(2.1 * cols, 2.4 * rows), dpi=110, layout="constrained", squeeze=False)
     for ax in axes.ravel()[k + 1 :]:
         ax.axis("off")
     best = int(np.argmax(probabilities))
@@ -213,7 +222,7 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
 def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: PathLike) -> None:
     """The counts (K, K) of `confusion_matrix` as a Blues heat map, true rows against predicted columns."""
     k = len(class_names)
-    fig, ax = plt.subplots(figsize=(7.2, 6.2), dpi=110, layout="constrained")
+    fig, ax = subplots(figsize=(7.2, 6.2), dpi=110, layout="constrained")
     image = ax.imshow(matrix, cmap="Blues")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     ax.set_xticks(range(k), class_names, rotation=45, ha="right")
@@ -231,7 +240,7 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: 
 
 def plot_per_class_accuracy(accuracies: np.ndarray, class_names: Sequence[str], path: PathLike) -> None:
     """Bars of the per-class accuracies (K,) in [0, 1]; NaN (a class without test images) draws as 0."""
-    fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=110, layout="constrained")
+    fig, ax = subplots(figsize=(7.5, 3.6), dpi=110, layout="constrained")
     bars = ax.bar(range(len(class_names)), 100 * np.nan_to_num(accuracies), color="#4c72b0")
     ax.bar_label(bars, fmt="%.1f", fontsize=8)
     ax.set_xticks(range(len(class_names)), class_names, rotation=30, ha="right")
@@ -246,7 +255,7 @@ def plot_samples_per_class(images: np.ndarray, labels: np.ndarray, class_names: 
     """A grid with one row per class and its first `per_class` images (uint8 RGB (N, H, W, 3), labels (N,))."""
     images = check_uint8_rgb(images, "plot_samples_per_class")
     k = len(class_names)
-    fig, axes = plt.subplots(k, per_class, figsize=(1.1 * per_class + 1.2, 1.15 * k), dpi=110, layout="constrained", squeeze=False)
+    fig, axes = subplots(k, per_class, figsize=(1.1 * per_class + 1.2, 1.15 * k), dpi=110, layout="constrained", squeeze=False)
     for row, name in enumerate(class_names):
         picks = np.flatnonzero(labels == row)[:per_class]
         for col in range(per_class):
