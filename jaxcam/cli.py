@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from jaxcam.checkpoint import CheckpointError, write_json
+from jaxcam.checkpoint import CheckpointError
 from jaxcam.configuration import DATA_KEYS, ConfigError, apply_overrides, config_from_json, load_config_file
 from jaxcam.data import DataError
 
@@ -70,10 +70,8 @@ def run_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
             run_dir = train_lib.check_run_dir(
                 train_lib.latest_run_dir(args.workdir) if args.resume == "latest" else args.resume)
             config = apply_overrides(config_from_json(run_dir / "config.json"), moved)
-            dataset = train_lib.load_dataset(config)
-            if moved:  # recorded, so that explain.py and the next --resume find the data there too
-                write_json(run_dir / "config.json", train_lib.config_record(config))
-            train_lib.train_and_evaluate(config, run_dir, resume=True, dataset=dataset)
+            # A moved data location is recorded in config.json once the data is found to be the run's.
+            train_lib.train_and_evaluate(config, run_dir, resume=True)
             return 0
 
         config = apply_overrides(load_config_file(args.config), overrides)

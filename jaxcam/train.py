@@ -362,6 +362,34 @@ def check_trained_classes(run_dir: str | os.PathLike, meta: dict, dataset: data_
                                  f"has {', '.join(dataset.class_names)}; {remedy}.")
 
 
+def check_trained_split(run_dir: str | os.PathLike, meta: dict, dataset: data_lib.Cifar10) -> None:
+    """DataError unless `dataset`'s training split has the channel mean and std that a checkpoint's
+    `meta` records (checkpoints written before they were recorded pass). They are exact sums of
+    integers, so the same images in any order (tensorflow-datasets' or the official archive's)
+    give them bitwise; other images, resumed on, would change the normalization and the steps per
+    epoch, so the one-cycle schedule, half-way through a run."""
+    if "mean" not in meta or "std" not in meta:
+        return
+    recorded = [float(v) for v in (*meta["mean"], *meta["std"])]
+    given = [float(v) for v in (*dataset.mean, *dataset.std)]
+    if recorded != given:
+        raise data_lib.DataError(
+            f"{str(run_dir)!r} was trained on other training images than those of the data given (the channel mean "
+            "and std recorded in its checkpoint differ from theirs); resume it on its own data.")
+
+
+def record_data_location(config: ml_collections.ConfigDict, run_dir: str | os.PathLike) -> None:
+    """Write where `config` finds the data (DATA_KEYS) into the run's config.json if it moved, so
+    that explain.py and a later resume find it there too; the rest of the file stays as it is."""
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        return
+    saved, given = json.loads(path.read_text()), config_record(config)
+    moved = {key: given.get(key) for key in DATA_KEYS if saved.get(key) != given.get(key)}
+    if moved:
+        write_json(path, {**saved, **moved})
+
+
 # What may differ from a run's config.json when it is resumed: where the data lies, and settings
 # that do not change what is trained.
 RESUME_FREE_KEYS = (*DATA_KEYS, "name", "lr_finder", "prefetch", "tensorboard", "print_summary")
@@ -603,14 +631,17 @@ def train_and_evaluate(
     history_path = run_dir / "history.json"
     if resume and checkpointer.latest_epoch() is None and not history_path.exists():
         # Stopped during the first epoch: starting over is what an uninterrupted run does.
+        record_data_location(config, run_dir)
         log(f"{run_dir} stopped before its first epoch ended, so it starts again from epoch 1.")
     elif resume:
         state, meta = checkpointer.restore(state, "latest")
-        try:  # with as many classes, training would go on silently with other labels
+        try:  # with as many classes, training would go on silently with other labels, or other images
             check_trained_classes(run_dir, meta, dataset, "the data given", "resume it on its own data")
+            check_trained_split(run_dir, meta, dataset)
         except data_lib.DataError:
             checkpointer.close()
             raise
+        record_data_location(config, run_dir)  # only now: data refused above leaves config.json as it was
         start_epoch = int(meta["epoch"]) + 1
         history = [r for r in read_history(run_dir) if r["epoch"] < start_epoch]
         if start_epoch > config.epochs:

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import train as train_cli
-from conftest import ROOT
+from conftest import ROOT, synthetic_arrays, write_official_batches
 from jaxcam import data as data_lib
 from jaxcam import models
 from jaxcam import train as train_lib
@@ -362,23 +362,24 @@ def test_training_again_into_a_run_directory_is_refused_and_changes_nothing(smok
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
-def test_resuming_with_other_settings_is_refused(smoke_run, tiny_dataset, tmp_path):
+def test_resuming_with_other_settings_is_refused(smoke_run, official_folder, tmp_path):
     # The library's resume=True trained on with whatever config it was given: a 2-epoch run
     # "resumed" with epochs=3 trained a third epoch on another schedule while config.json said 2.
     run_dir = shutil.copytree(smoke_run, tmp_path / "run")
+    own_data = data_lib.load_cifar10(official_folder)  # what the smoke run was trained on
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     config = config_from_json(run_dir / "config.json")
     config.epochs, config.max_lr = 3, 0.5
     with pytest.raises(ConfigError, match=r"differs from the run's .*config.json' in epochs \(2 there, 3 here\), "
                                           r"max_lr \(0.2 there, 0.5 here\); a resumed run keeps its own settings"):
-        train_lib.train_and_evaluate(config, run_dir, resume=True, dataset=tiny_dataset, progress=False,
+        train_lib.train_and_evaluate(config, run_dir, resume=True, dataset=own_data, progress=False,
                                      log=lambda s: None)
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
     # Where the data lies, and settings that change nothing trained, may differ.
     config = config_from_json(run_dir / "config.json")
     config.update(dict(data_dir="/elsewhere", prefetch=1, tensorboard=False, print_summary=False))
     logged = []
-    train_lib.train_and_evaluate(config, run_dir, resume=True, dataset=tiny_dataset, progress=False, log=logged.append)
+    train_lib.train_and_evaluate(config, run_dir, resume=True, dataset=own_data, progress=False, log=logged.append)
     assert logged == [f"{run_dir} already finished its 2 epochs; there is nothing to resume."]
 
 
@@ -546,6 +547,31 @@ def test_cli_resume_finds_data_that_moved(official_folder, tmp_path, capsys):
     assert code == 0 and "already finished its 1 epoch; there is nothing to resume." in out, err
     # Recorded, so that explain.py and a later --resume find it too; nothing else changes.
     assert json.loads((run_dir / "config.json").read_text()) == {**before, "data_dir": str(tmp_path / "there")}
+
+
+def test_cli_resume_on_other_images_is_refused_and_changes_nothing(official_folder, tmp_path, capsys):
+    code, _, err = run_cli(["--workdir", tmp_path / "runs", *TINY, f"--config.data_dir={str(official_folder)!r}"],
+                           capsys)
+    assert code == 0, err
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    before = (run_dir / "config.json").read_bytes()
+    # Other images of the same classes: resumed on, they would change the normalization and the
+    # steps per epoch (so the one-cycle schedule) half-way through the run, without a word.
+    other = write_official_batches(tmp_path / "other" / "cifar-10-batches-py", *synthetic_arrays(160, 30, seed=5))
+    code, _, err = run_cli(["--workdir", tmp_path / "runs", "--resume", f"--config.data_dir={str(other)!r}"], capsys)
+    assert code == 1 and err == (f"error: {str(run_dir)!r} was trained on other training images than those of the "
+                                 "data given (the channel mean and std recorded in its checkpoint differ from "
+                                 "theirs); resume it on its own data.\n")
+    assert (run_dir / "config.json").read_bytes() == before  # it had recorded the refused data as the run's
+    # The same images in another order (tensorflow-datasets' order, say) are the run's data.
+    train_images, train_labels, test_images, test_labels = synthetic_arrays(100, 30)
+    order = np.random.default_rng(3).permutation(100)
+    shuffled = write_official_batches(tmp_path / "shuffled" / "cifar-10-batches-py", train_images[order],
+                                      train_labels[order], test_images, test_labels)
+    code, out, err = run_cli(["--workdir", tmp_path / "runs", "--resume", f"--config.data_dir={str(shuffled)!r}"],
+                             capsys)
+    assert code == 0 and "already finished its 1 epoch; there is nothing to resume." in out, err
+    assert json.loads((run_dir / "config.json").read_text()) == {**json.loads(before), "data_dir": str(shuffled)}
 
 
 def test_cli_config_must_be_a_python_file(tmp_path, capsys):
