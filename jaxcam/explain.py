@@ -261,6 +261,12 @@ def explain_run(
                                  "data, add --images-only.") from None
     names = run.class_names
     custom = load_image_files(image_files) if image_files else None  # read before writing anything
+    if method == "scorecam" and jax.default_backend() == "cpu":
+        # Its passes run inside one jitted program, so no progress bar can show them: say why it waits.
+        channels = run.config.width << STAGES.index(layers[0])
+        skip = " (--faithfulness 0 skips its largest part)" if faithfulness_images else ""
+        log(f"Score-CAM runs a forward pass for each of the {channels} channels of {layers[0]} for every map, so "
+            f"on a CPU this report can take minutes{skip}.")
     final = make_writable_folder(out_dir if out_dir is not None else run.run_dir / "report", "the output folder")
     # Every file is drawn in a hidden folder and moved in at the end: a failure part-way leaves
     # the previous report whole rather than half replaced. Galleries of an earlier report that this

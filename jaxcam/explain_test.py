@@ -166,6 +166,17 @@ def test_bad_arguments_give_one_clear_error(smoke_run, tmp_path, capsys, extra, 
     assert not (tmp_path / "r").exists()
 
 
+def test_score_cam_on_a_cpu_says_why_the_report_takes_long(smoke_run, tmp_path, capsys):
+    # Its passes run inside one jitted program, with no progress to show: a full-width report had
+    # sat silent for minutes on a laptop.
+    code, out, err = run(["--workdir", smoke_run, "--out", tmp_path / "r", "--method", "scorecam", "--num", "2",
+                          "--faithfulness", "2"], capsys)
+    assert code == 0, err
+    assert out.splitlines()[0] == ("Score-CAM runs a forward pass for each of the 16 channels of layer3 for every map, "
+                                   "so on a CPU this report can take minutes (--faithfulness 0 skips its largest part).")
+    assert "## scorecam at layer3 (8x8) for the predicted and the true class" in (tmp_path / "r" / "report.md").read_text()
+
+
 def test_not_an_image_file(smoke_run, tmp_path, capsys):
     bogus = tmp_path / "notes.png"
     bogus.write_text("hello")
