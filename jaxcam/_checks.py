@@ -24,9 +24,16 @@ def in_unit_range(maps: np.ndarray, tolerance: float = 0.0) -> bool:
     return bool(np.isfinite(maps).all() and maps.min() >= -tolerance and maps.max() <= 1 + tolerance)
 
 
-def layout_hint(shape: tuple[int, ...]) -> str:
+def layout_hint(shape: tuple[int, ...], batch: bool = True) -> str:
     """An error-message tail for RGB images in a layout other than a batch (N, H, W, 3): a
-    batch in PyTorch's NCHW order, or one image without its batch axis; else ""."""
+    batch in PyTorch's NCHW order, or one image without its batch axis; with `batch=False`,
+    for anything but one image (H, W, 3): a batch, or one image in PyTorch's CHW order; else ""."""
+    if not batch:
+        if len(shape) == 4:
+            return "; pass one image of the batch, such as images[0]"
+        if len(shape) == 3 and shape[0] == 3 and shape[-1] != 3:
+            return " (PyTorch's CHW order? transpose with image.transpose(1, 2, 0))"
+        return ""
     if len(shape) == 4 and shape[1] == 3 and shape[-1] != 3:
         return " (PyTorch's NCHW order? transpose with images.transpose(0, 2, 3, 1))"
     if len(shape) == 3 and shape[-1] == 3:

@@ -23,7 +23,7 @@ from jaxcam import metrics as metrics_lib
 from jaxcam import models
 from jaxcam import train as train_lib
 from jaxcam import viz
-from jaxcam._checks import is_integer, is_number
+from jaxcam._checks import is_integer
 from jaxcam.checkpoint import CheckpointError, load_variables, make_writable_folder
 from jaxcam.configuration import config_from_json
 from jaxcam.models import STAGES
@@ -91,12 +91,11 @@ def load_run(run_dir: str | os.PathLike, which: str = "best", data_dir: str | No
     variables, meta = load_variables(run_dir, which)
     # Explanations run in float32 whatever the training compute dtype was.
     config.dtype = "float32"
-    recorded = {"class_names", "mean", "std"} <= meta.keys()
-    if with_data or dataset is not None or data_dir is not None or not recorded:
+    recorded = train_lib.recorded_normalization(run_dir, which, meta)
+    if with_data or dataset is not None or data_dir is not None or recorded is None:
         dataset = _load_trained_data(run_dir, config, meta, data_dir, dataset)
     # The model takes its inputs as training normalized them, whatever split or copy the data now is.
-    class_names, mean, std = (_recorded_normalization(run_dir, which, meta) if recorded
-                              else (dataset.class_names, dataset.mean, dataset.std))
+    class_names, mean, std = recorded or (dataset.class_names, dataset.mean, dataset.std)
     model = train_lib.build(config, len(class_names))
     try:
         models.check_variables(model, variables, what=f"The weights of the {which} checkpoint in {str(run_dir)!r}")
@@ -104,21 +103,6 @@ def load_run(run_dir: str | os.PathLike, which: str = "best", data_dir: str | No
         raise CheckpointError(str(e)) from None
     return LoadedRun(run_dir, config, history, model, variables, meta, dataset, class_names,
                      np.asarray(mean, np.float32), np.asarray(std, np.float32))
-
-
-def _recorded_normalization(run_dir: Path, which: str, meta: dict) -> tuple[tuple[str, ...], list, list]:
-    """The class names, mean and std that training recorded in a checkpoint's meta, checked."""
-    names, mean, std = meta["class_names"], meta["mean"], meta["std"]
-
-    def three_numbers(values) -> bool:
-        return isinstance(values, list) and len(values) == 3 and all(map(is_number, values))
-
-    if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(name, str) for name in names)
-            and three_numbers(mean) and three_numbers(std) and min(std) > 0):
-        raise CheckpointError(f"The classes and normalization recorded in the {which} checkpoint in {str(run_dir)!r} "
-                              "are malformed (expected class names, 3 channel means and 3 positive standard "
-                              "deviations); it was edited or damaged.")
-    return tuple(names), mean, std
 
 
 def _load_trained_data(run_dir: Path, config, meta: dict, data_dir: str | None,
@@ -263,7 +247,7 @@ def explain_run(
     custom = load_image_files(image_files) if image_files else None  # read before writing anything
     if method == "scorecam" and jax.default_backend() == "cpu":
         # Its passes run inside one jitted program, so no progress bar can show them: say why it waits.
-        channels = run.config.width << STAGES.index(layers[0])
+        channels = models.stage_features(run.config.width, layers[0])
         skip = " (--faithfulness 0 skips its largest part)" if faithfulness_images else ""
         log(f"Score-CAM runs a forward pass for each of the {channels} channels of {layers[0]} for every map, so "
             f"on a CPU this report can take minutes{skip}.")

@@ -260,8 +260,7 @@ def test_a_perfect_model_shows_and_says_correct_images_instead(smoke_run, tmp_pa
 
 def test_a_run_without_its_history_says_so_under_its_curves(smoke_run, tmp_path, capsys):
     # Empty axes had been drawn with made-up ticks around 0, under the plain "per epoch" caption.
-    copied = tmp_path / "run"
-    shutil.copytree(smoke_run, copied, ignore=shutil.ignore_patterns("report", "images"))
+    copied = copy_run(smoke_run, tmp_path / "run")
     (copied / "history.json").unlink()
     code, _, err = run(["--workdir", copied, "--num", "3", "--faithfulness", "0"], capsys)
     assert code == 0, err
@@ -272,9 +271,15 @@ def test_a_run_without_its_history_says_so_under_its_curves(smoke_run, tmp_path,
         assert img.format == "PNG" and np.asarray(img.convert("RGB")).std() > 10
 
 
+def copy_run(run_dir, copied):
+    """A copy of `run_dir` without the reports that explain.py wrote into it."""
+    shutil.copytree(run_dir, copied, ignore=shutil.ignore_patterns("report", "images"))
+    return copied
+
+
 def copy_run_with_data_elsewhere(run_dir, copied):
     """A copy of `run_dir` whose config.json names data of another machine (Colab's /content)."""
-    shutil.copytree(run_dir, copied, ignore=shutil.ignore_patterns("report", "images"))
+    copy_run(run_dir, copied)
     config = json.loads((copied / "config.json").read_text())
     (copied / "config.json").write_text(json.dumps({**config, "data_dir": "/content/cifar-10-python.tar.gz"}))
     return copied

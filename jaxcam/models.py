@@ -27,6 +27,11 @@ STAGE_OUTPUT = "output"
 DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
 
+def stage_features(width: int, stage: str) -> int:
+    """Channels of a stage's output: `width` for layer1, doubling at each stage after it."""
+    return width * 2 ** STAGES.index(stage)
+
+
 class BatchNorm(nn.Module):
     """PyTorch's BatchNorm2d(momentum=0.1, eps=1e-5) over the last axis of (N, H, W, C).
 
@@ -192,9 +197,8 @@ class ResNet(nn.Module):
         )(x)
         x = nn.relu(x)
         for i, (name, blocks) in enumerate(zip(STAGES, self.stage_sizes)):
-            x = Stage(self.width * 2**i, blocks, 1 if i == 0 else 2, self.dtype, self.bn_axis_name, name=name)(
-                x, train
-            )
+            x = Stage(stage_features(self.width, name), blocks, 1 if i == 0 else 2, self.dtype, self.bn_axis_name,
+                      name=name)(x, train)
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dense(self.num_classes, dtype=self.dtype, name="linear")(x)
         return x.astype(jnp.float32)

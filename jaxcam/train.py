@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from jaxcam import data as data_lib
 from jaxcam._checks import check_class_indices, is_integer, is_number
 from jaxcam import models
-from jaxcam.checkpoint import Checkpointer, interrupts_deferred, make_writable_folder, write_json
+from jaxcam.checkpoint import Checkpointer, CheckpointError, interrupts_deferred, make_writable_folder, write_json
 from jaxcam.configuration import CONFIG_KEYS, DATA_KEYS, ConfigError, check_keys, config_from_json
 from jaxcam.schedules import onecycle
 
@@ -362,17 +362,37 @@ def check_trained_classes(run_dir: str | os.PathLike, meta: dict, dataset: data_
                                  f"has {', '.join(dataset.class_names)}; {remedy}.")
 
 
+def recorded_normalization(run_dir: str | os.PathLike, which: str,
+                           meta: dict) -> tuple[tuple[str, ...], list, list] | None:
+    """The class names, channel means and stds that training recorded in the meta of the `which`
+    checkpoint of `run_dir`, checked (CheckpointError if malformed); None for a checkpoint
+    written before they were recorded."""
+    if not {"class_names", "mean", "std"} <= meta.keys():
+        return None
+    names, mean, std = meta["class_names"], meta["mean"], meta["std"]
+
+    def three_numbers(values) -> bool:
+        return isinstance(values, list) and len(values) == 3 and all(map(is_number, values))
+
+    if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(name, str) for name in names)
+            and three_numbers(mean) and three_numbers(std) and min(std) > 0):
+        raise CheckpointError(f"The classes and normalization recorded in the {which} checkpoint in {str(run_dir)!r} "
+                              "are malformed (expected class names, 3 channel means and 3 positive standard "
+                              "deviations); it was edited or damaged.")
+    return tuple(names), mean, std
+
+
 def check_trained_split(run_dir: str | os.PathLike, meta: dict, dataset: data_lib.Cifar10) -> None:
-    """DataError unless `dataset`'s training split has the channel mean and std that a checkpoint's
-    `meta` records (checkpoints written before they were recorded pass). They are exact sums of
-    integers, so the same images in any order (tensorflow-datasets' or the official archive's)
-    give them bitwise; other images, resumed on, would change the normalization and the steps per
-    epoch, so the one-cycle schedule, half-way through a run."""
-    if "mean" not in meta or "std" not in meta:
+    """DataError unless `dataset`'s training split has the channel mean and std that the latest
+    checkpoint's `meta` records (checkpoints written before they were recorded pass). They are
+    exact sums of integers, so the same images in any order (tensorflow-datasets' or the official
+    archive's) give them bitwise; other images, resumed on, would change the normalization and the
+    steps per epoch, so the one-cycle schedule, half-way through a run."""
+    recorded = recorded_normalization(run_dir, "latest", meta)
+    if recorded is None:
         return
-    recorded = [float(v) for v in (*meta["mean"], *meta["std"])]
-    given = [float(v) for v in (*dataset.mean, *dataset.std)]
-    if recorded != given:
+    _, mean, std = recorded
+    if [float(v) for v in (*mean, *std)] != [float(v) for v in (*dataset.mean, *dataset.std)]:
         raise data_lib.DataError(
             f"{str(run_dir)!r} was trained on other training images than those of the data given (the channel mean "
             "and std recorded in its checkpoint differ from theirs); resume it on its own data.")

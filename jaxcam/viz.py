@@ -30,14 +30,8 @@ def check_uint8_rgb(images: np.ndarray, who: str, batch: bool = True) -> np.ndar
         # Float or normalized images would be divided by 255 again, or clipped by imshow, and
         # drawn wrong without a word.
         expected = "uint8 RGB images (N, H, W, 3)" if batch else "a uint8 RGB image (H, W, 3)"
-        if images.dtype != np.uint8:
-            advice = "; pass the images before normalization"
-        elif not batch and images.ndim == 4:
-            advice = "; pass one image of the batch, such as images[0]"
-        elif not batch and images.ndim == 3 and images.shape[0] == 3:
-            advice = " (PyTorch's CHW order? transpose with image.transpose(1, 2, 0))"
-        else:
-            advice = layout_hint(images.shape)
+        advice = ("; pass the images before normalization" if images.dtype != np.uint8
+                  else layout_hint(images.shape, batch))
         raise ValueError(f"{who} takes {expected}, got {images.dtype} with shape {images.shape}{advice}.")
     return images
 
