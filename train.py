@@ -1,7 +1,8 @@
 """Train a CIFAR ResNet with jaxcam.
 
     python train.py --workdir runs [--config configs/default.py] [--config.KEY=VALUE ...]
-    python train.py --workdir runs --resume [RUN_DIR] [--config.data_dir=PATH]
+    python train.py --workdir runs --resume [--config.data_dir=PATH]   # the newest run in runs/
+    python train.py --resume RUN_DIR [--config.data_dir=PATH]
     python train.py --workdir runs --find-lr [--config.max_lr=auto]
 """
 
@@ -17,7 +18,9 @@ from jaxcam import cli
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and train; returns the exit status (0, or 1 after a one-sentence error)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", required=True, help="folder that receives the run directory")
+    # Not required with --resume RUN_DIR, which names the run itself.
+    parser.add_argument("--workdir", default=None, help="folder that receives the run directory (not needed with "
+                                                        "--resume RUN_DIR)")
     parser.add_argument("--config", default=None, help="Python config file with get_config() (default: configs/default.py)")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_DIR",
                         help="continue a run from its latest checkpoint (default: the newest run in --workdir); only "
@@ -26,6 +29,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the LR range test first; with --config.max_lr=auto train with its suggestion")
     parser.add_argument("--find-lr-only", action="store_true", help="run the LR range test and stop")
     args, overrides = parser.parse_known_args(argv)
+    if args.workdir is None:
+        if args.resume is None:
+            parser.error("the following arguments are required: --workdir")
+        if args.resume == "latest":
+            parser.error("--resume without a RUN_DIR continues the newest run in --workdir, so give --workdir "
+                         "or the run directory")
     if args.config is None and not args.resume:
         # Beside this script, so that train.py also runs from another working directory.
         args.config = str(Path(__file__).resolve().parent / "configs" / "default.py")

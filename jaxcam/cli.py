@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -51,12 +52,20 @@ def use_compilation_cache() -> str | None:
     return str(folder)
 
 
+def after_interrupt(run_dir: Path | None) -> str:
+    """What train.py says after a Ctrl-C: the command that continues the run, once training has begun."""
+    if run_dir is None or not (run_dir / "config.json").exists():  # an LR range test may have run, not training
+        return "interrupted before training began."
+    return f"interrupted; python train.py --resume {shlex.quote(str(run_dir))} continues from the last epoch that ended."
+
+
 def run_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     """train.py: check the config and data, make the run directory, optionally run the LR range
     test, train (or resume); 0, or 1 after one sentence on stderr."""
     from jaxcam import train as train_lib
 
     use_compilation_cache()
+    run_dir = None  # named in the advice after a Ctrl-C, once it is known
     try:
         if args.resume:
             # Where the data lies may change (a run copied to another machine); the recipe may not.
@@ -101,7 +110,7 @@ def run_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         train_lib.train_and_evaluate(config, run_dir, dataset=dataset)
         return 0
     except KeyboardInterrupt:
-        return fail("interrupted; --resume continues from the last epoch that ended.")
+        return fail(after_interrupt(run_dir))
     except EXPECTED_ERRORS as e:
         return fail(str(e))
 

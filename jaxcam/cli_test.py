@@ -35,3 +35,16 @@ def test_an_unwritable_cache_home_leaves_the_cache_off(cache_setting, monkeypatc
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
     assert cli.use_compilation_cache() is None
     assert jax.config.jax_compilation_cache_dir is None
+
+
+def test_the_advice_after_ctrl_c_fits_how_far_train_py_got(tmp_path):
+    # Stopped while the data loaded or the LR range test ran, no run can be resumed: it had said
+    # "--resume continues from the last epoch that ended" all the same.
+    assert cli.after_interrupt(None) == "interrupted before training began."
+    run_dir = tmp_path / "my runs" / "resnet18_20261130_101500"
+    run_dir.mkdir(parents=True)
+    (run_dir / "lr_finder.json").write_text("{}")
+    assert cli.after_interrupt(run_dir) == "interrupted before training began."
+    (run_dir / "config.json").write_text("{}")
+    assert cli.after_interrupt(run_dir) == (f"interrupted; python train.py --resume '{run_dir}' continues from the "
+                                            "last epoch that ended.")

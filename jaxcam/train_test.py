@@ -1,8 +1,11 @@
+import _thread
 import dataclasses
 import json
 import os
 import re
+import shlex
 import shutil
+import threading
 import time
 
 import jax
@@ -615,6 +618,46 @@ def test_cli_resume_without_runs(tmp_path, capsys):
     code, _, err = run_cli(["--workdir", tmp_path, "--resume", tmp_path / "typo"], capsys)
     assert code == 1 and err == f"error: The run directory {str(tmp_path / 'typo')!r} does not exist.\n"
     assert not (tmp_path / "typo").exists()
+
+
+def test_cli_ctrl_c_names_the_command_that_resumes_the_run(official_folder, tmp_path, capsys):
+    # The advice had been "--resume continues ...": typed as given, --resume alone looks in the
+    # working directory, and --resume RUN_DIR had also wanted a --workdir it does not use.
+    returned = threading.Event()  # never interrupt the test itself, should training end first
+
+    def ctrl_c_once_an_epoch_has_ended():
+        while not returned.is_set():
+            if list(tmp_path.glob("runs/*/history.json")):
+                _thread.interrupt_main()  # what Ctrl-C does: SIGINT's handler runs in the main thread
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=ctrl_c_once_an_epoch_has_ended, daemon=True)
+    watcher.start()
+    try:
+        code, _, err = run_cli(["--workdir", tmp_path / "runs", *TINY, "--config.epochs=12",
+                                f"--config.data_dir={str(official_folder)!r}"], capsys)
+    finally:
+        returned.set()
+        watcher.join()
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert code == 1 and err == (f"error: interrupted; python train.py --resume {shlex.quote(str(run_dir))} continues "
+                                 "from the last epoch that ended.\n")
+    ended = len(train_lib.read_history(run_dir))
+    assert 1 <= ended < 12
+    code, out, err = run_cli(["--resume", run_dir], capsys)  # the command as the advice gives it
+    assert code == 0, err
+    assert [r["epoch"] for r in train_lib.read_history(run_dir)] == list(range(1, 13))
+
+
+def test_cli_resume_without_a_run_dir_needs_the_workdir(capsys):
+    for args in (["--resume"], []):
+        with pytest.raises(SystemExit) as exited:
+            run_cli(args, capsys)
+        assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "--resume without a RUN_DIR continues the newest run in --workdir, so give --workdir or the run directory" \
+        in err and "the following arguments are required: --workdir" in err
 
 
 def test_overrides_parse_types():
