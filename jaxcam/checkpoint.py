@@ -94,26 +94,36 @@ class Checkpointer:
         return state, dict(restored["meta"])
 
 
+# The signals that stop a run: Ctrl-C, and the SIGTERM of `kill`, `timeout`, a batch scheduler's
+# time limit or a preempted cloud VM (train.py turns it into a KeyboardInterrupt too).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def interrupts_deferred() -> Iterator[None]:
-    """Run the block whole: a Ctrl-C (SIGINT) that arrives inside it takes effect when it ends.
+    """Run the block whole: a SIGINT (Ctrl-C) or SIGTERM that arrives inside it takes effect when it ends.
 
     Around an epoch's checkpoint and history, so that both are written or neither: a
     KeyboardInterrupt inside orbax's save left its asyncio loop half-made (a traceback after
     the one-sentence error, and no checkpoint), or a checkpoint without its history record.
-    Signals can only be handled in the main thread; elsewhere the block runs as it is.
+    After the block each signal received is raised again under the handler it had before, so
+    it does what it would have done: raise KeyboardInterrupt, stop the process, or nothing
+    when ignored. Signals can only be handled in the main thread; elsewhere the block runs as it is.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    received: list[Any] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+    received: list[int] = []
+    # A handler installed from C reads as None and could not be put back: such a signal is left alone.
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
+                for signum in STOP_SIGNALS if signal.getsignal(signum) is not None}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if received and callable(previous):  # SIG_IGN and SIG_DFL are not callable
-            previous(signal.SIGINT, received[0])  # Python's default handler raises KeyboardInterrupt
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(received):
+            signal.raise_signal(signum)  # runs a Python handler before it returns
 
 
 def load_variables(run_dir: str | os.PathLike, which: str = "best") -> tuple[dict, dict]:

@@ -23,17 +23,46 @@ def python_sigint_handler():
     signal.signal(signal.SIGINT, inherited)
 
 
-def test_a_ctrl_c_inside_the_block_takes_effect_when_it_ends(python_sigint_handler):
-    before = signal.getsignal(signal.SIGINT)
+@pytest.fixture
+def sigterm_as_ctrl_c():
+    """SIGTERM raising KeyboardInterrupt, as train.py sets it (cli.sigterm_as_ctrl_c)."""
+    inherited = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGTERM, inherited)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_inside_the_block_takes_effect_when_it_ends(signum, python_sigint_handler, sigterm_as_ctrl_c):
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     finished = []
     with pytest.raises(KeyboardInterrupt):
         with interrupts_deferred():
-            os.kill(os.getpid(), signal.SIGINT)  # a real signal, handled between bytecodes
+            os.kill(os.getpid(), signum)  # a real signal, handled between bytecodes
             finished.append("checkpoint")
             finished.append("history")
         finished.append("after the block")  # not reached: the interrupt takes effect first
     assert finished == ["checkpoint", "history"]
-    assert signal.getsignal(signal.SIGINT) is before  # the handler is restored
+    assert {s: signal.getsignal(s) for s in before} == before  # the handlers are restored
+
+
+def test_a_sigterm_with_its_default_action_ends_the_process_after_the_block(tmp_path):
+    # Outside train.py (a notebook's own training, say) SIGTERM keeps its default: the process
+    # ends, but only once the checkpoint block has finished.
+    log = tmp_path / "log.txt"
+    script = (
+        "import os, signal, sys\n"
+        "from jaxcam.checkpoint import interrupts_deferred\n"
+        "assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL\n"
+        "with open(sys.argv[1], 'w') as log:\n"
+        "    with interrupts_deferred():\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        log.write('checkpoint history '); log.flush()\n"
+        "    log.write('after the block'); log.flush()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(log)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == -signal.SIGTERM, done.stderr[-2000:]
+    assert log.read_text() == "checkpoint history "
 
 
 def test_without_a_ctrl_c_nothing_changes_and_errors_pass_through(python_sigint_handler):

@@ -7,11 +7,14 @@ to stderr and returns exit status 1; nothing already written is removed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from jaxcam.checkpoint import CheckpointError
 from jaxcam.configuration import DATA_KEYS, ConfigError, apply_overrides, config_from_json, load_config_file
@@ -59,9 +62,33 @@ def after_interrupt(run_dir: Path | None) -> str:
     return f"interrupted; python train.py --resume {shlex.quote(str(run_dir))} continues from the last epoch that ended."
 
 
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """Within the block SIGTERM stops as Ctrl-C does, with a KeyboardInterrupt.
+
+    `kill`, `timeout`, a batch scheduler's time limit and a preempted cloud VM send SIGTERM,
+    which had ended train.py at once, without a word; now the epoch's checkpoint is written whole
+    (`checkpoint.interrupts_deferred`) and the --resume advice is printed. Only the main thread
+    can set a handler, and one installed from C (None to Python) is left as it is.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is None:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     """train.py: check the config and data, make the run directory, optionally run the LR range
-    test, train (or resume); 0, or 1 after one sentence on stderr."""
+    test, train (or resume); 0, or 1 after one sentence on stderr (also after Ctrl-C or SIGTERM)."""
+    with sigterm_as_ctrl_c():
+        return _train(args, overrides)
+
+
+def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from jaxcam import train as train_lib
 
     use_compilation_cache()

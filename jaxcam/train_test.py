@@ -5,6 +5,9 @@ import os
 import re
 import shlex
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -648,6 +651,28 @@ def test_cli_ctrl_c_names_the_command_that_resumes_the_run(official_folder, tmp_
     code, out, err = run_cli(["--resume", run_dir], capsys)  # the command as the advice gives it
     assert code == 0, err
     assert [r["epoch"] for r in train_lib.read_history(run_dir)] == list(range(1, 13))
+
+
+def test_sigterm_stops_train_py_as_ctrl_c_does(official_folder, tmp_path):
+    # kill, timeout, a scheduler's time limit or a preempted VM: SIGTERM had ended the process
+    # at once, silently, possibly between an epoch's checkpoint and its history record.
+    command = [sys.executable, str(ROOT / "train.py"), "--workdir", str(tmp_path), *map(str, TINY),
+               "--config.epochs=12", f"--config.data_dir={str(official_folder)!r}"]
+    training = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(tmp_path.glob("*/history.json")) and training.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        training.send_signal(signal.SIGTERM)
+        _, err = training.communicate(timeout=300)
+    finally:
+        training.kill()
+    (run_dir,) = tmp_path.iterdir()
+    assert training.returncode == 1, err[-2000:]
+    assert err.splitlines()[-1] == (f"error: interrupted; python train.py --resume {shlex.quote(str(run_dir))} "
+                                    "continues from the last epoch that ended.")
+    ended = len(train_lib.read_history(run_dir))
+    assert 1 <= ended < 12 and Checkpointer(run_dir, create=False).latest_epoch() == ended  # whole epochs only
 
 
 def test_cli_resume_without_a_run_dir_needs_the_workdir(capsys):
