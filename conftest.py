@@ -4,6 +4,7 @@ small real/synthetic datasets."""
 
 import os
 import pickle
+import signal
 import tarfile
 from pathlib import Path
 
@@ -108,3 +109,12 @@ def smoke_run(official_folder, tmp_path_factory) -> Path:
     assert code == 0
     (run_dir,) = workdir.iterdir()
     return run_dir
+
+
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own Ctrl-C handler for the test: a process started in the background by a
+    non-interactive shell (as CI may start the suite) inherits SIGINT ignored instead."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited)

@@ -15,15 +15,6 @@ from jaxcam.checkpoint import CheckpointError, interrupts_deferred, load_variabl
 
 
 @pytest.fixture
-def python_sigint_handler():
-    """Python's own Ctrl-C handler for the test: a process started in the background by a
-    non-interactive shell (as CI may start the suite) inherits SIGINT ignored instead."""
-    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, inherited)
-
-
-@pytest.fixture
 def sigterm_as_ctrl_c():
     """SIGTERM raising KeyboardInterrupt, as train.py sets it (cli.sigterm_as_ctrl_c)."""
     inherited = signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -623,7 +623,8 @@ def test_cli_resume_without_runs(tmp_path, capsys):
     assert not (tmp_path / "typo").exists()
 
 
-def test_cli_ctrl_c_names_the_command_that_resumes_the_run(official_folder, tmp_path, capsys):
+def test_cli_ctrl_c_names_the_command_that_resumes_the_run(official_folder, tmp_path, capsys,
+                                                         python_sigint_handler):
     # The advice had been "--resume continues ...": typed as given, --resume alone looks in the
     # working directory, and --resume RUN_DIR had also wanted a --workdir it does not use.
     returned = threading.Event()  # never interrupt the test itself, should training end first
