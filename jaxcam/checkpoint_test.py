@@ -16,7 +16,7 @@ from jaxcam.checkpoint import CheckpointError, interrupts_deferred, load_variabl
 
 @pytest.fixture
 def sigterm_as_ctrl_c():
-    """SIGTERM raising KeyboardInterrupt, as train.py sets it (cli.sigterm_as_ctrl_c)."""
+    """SIGTERM raising KeyboardInterrupt, as train.py sets it (cli.stop_signals_as_keyboard_interrupt)."""
     inherited = signal.signal(signal.SIGTERM, signal.default_int_handler)
     yield
     signal.signal(signal.SIGTERM, inherited)

@@ -1,3 +1,8 @@
+import gc
+import signal
+import sys
+import time
+
 import jax
 import pytest
 
@@ -48,3 +53,31 @@ def test_the_advice_after_ctrl_c_fits_how_far_train_py_got(tmp_path):
     (run_dir / "config.json").write_text("{}")
     assert cli.after_interrupt(run_dir) == (f"interrupted; python train.py --resume '{run_dir}' continues from the "
                                             "last epoch that ended.")
+
+
+def test_an_interrupt_dropped_in_a_gc_callback_is_raised_again(capsys):
+    # JAX runs a callback at every garbage collection; a KeyboardInterrupt raised inside one is
+    # printed as "Exception ignored in: <function _xla_gc_callback ...>" and dropped, and explain.py
+    # then ran on to the end after a SIGTERM.
+    def interrupted_during_collection(phase, info):
+        raise KeyboardInterrupt
+
+    handler, hook = signal.getsignal(signal.SIGTERM), sys.unraisablehook
+    reached = []
+    gc.callbacks.append(interrupted_during_collection)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with cli.stop_signals_as_keyboard_interrupt():
+                gc.collect()
+                gc.callbacks.remove(interrupted_during_collection)
+                reached.append("after the collection")
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:  # the interrupt is raised again between bytecodes
+                    pass
+                reached.append("ran on")
+    finally:
+        if interrupted_during_collection in gc.callbacks:
+            gc.callbacks.remove(interrupted_during_collection)
+    assert reached == ["after the collection"]
+    assert capsys.readouterr().err == ""  # nothing of the dropped one is printed
+    assert (signal.getsignal(signal.SIGTERM), sys.unraisablehook) == (handler, hook)  # restored

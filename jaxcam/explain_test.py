@@ -2,6 +2,10 @@ import dataclasses
 import json
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -520,3 +524,22 @@ def test_the_readmes_library_example_runs(smoke_run, official_folder):
     exec(compile(code, "README.md", "exec"), namespace)
     maps = namespace["maps"]
     assert maps.shape == (8, 32, 32) and maps.dtype == np.float32 and 0 <= maps.min() and maps.max() <= 1
+
+
+def test_sigterm_stops_explain_py_and_leaves_the_output_folder_as_it_was(smoke_run, tmp_path):
+    # SIGTERM had ended explain.py at once, leaving its half-made hidden staging folder behind.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    command = [sys.executable, str(ROOT / "explain.py"), "--workdir", str(smoke_run), "--out", str(out)]
+    explaining = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(out.glob(".report-*")) and explaining.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        explaining.send_signal(signal.SIGTERM)
+        _, err = explaining.communicate(timeout=300)
+    finally:
+        explaining.kill()
+    assert explaining.returncode == 1 and err.splitlines()[-1] == "error: interrupted.", err[-2000:]
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
