@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from jaxcam import cli
 
@@ -33,4 +32,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_process(main())
