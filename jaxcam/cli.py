@@ -81,7 +81,7 @@ def use_compilation_cache() -> str | None:
 
 
 def after_interrupt(run_dir: Path | None) -> str:
-    """What train.py says after a Ctrl-C: the command that continues the run, once training has begun."""
+    """What train.py says after a Ctrl-C or SIGTERM: the command that continues the run, once it has begun."""
     if run_dir is None or not (run_dir / "config.json").exists():  # an LR range test may have run, not training
         return "interrupted before training began."
     return f"interrupted; python train.py --resume {shlex.quote(str(run_dir))} continues from the last epoch that ended."
