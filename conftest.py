@@ -5,7 +5,10 @@ small real/synthetic datasets."""
 import os
 import pickle
 import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 # Must happen before JAX initializes its backends.
@@ -118,3 +121,31 @@ def python_sigint_handler():
     inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, inherited)
+
+
+def sigterm_once(command: list[str], ready, env: dict | None = None) -> tuple[int, str]:
+    """Run `command` from the repository root, send it SIGTERM once `ready(process)` returns (it
+    waits for the moment), and return the exit status and stderr."""
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready(process)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    return process.returncode, err
+
+
+def once_present(folder: Path, pattern: str):
+    """A `ready` for sigterm_once: wait until `folder` holds a match of `pattern`, or the process ended."""
+    def ready(process: subprocess.Popen) -> None:
+        deadline = time.monotonic() + 300
+        while not list(folder.glob(pattern)) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    return ready
+
+
+def cli_command(script: str, *args) -> list[str]:
+    """`python <repository>/<script> args...` as a subprocess command."""
+    return [sys.executable, str(ROOT / script), *map(str, args)]

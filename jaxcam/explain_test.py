@@ -2,10 +2,6 @@ import dataclasses
 import json
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -13,7 +9,7 @@ import pytest
 from PIL import Image
 
 import explain as explain_cli
-from conftest import ROOT, write_official_batches
+from conftest import ROOT, cli_command, once_present, sigterm_once, write_official_batches
 from jaxcam import cam
 from jaxcam.checkpoint import Checkpointer, load_variables
 from jaxcam.configuration import load_config_file
@@ -531,15 +527,7 @@ def test_sigterm_stops_explain_py_and_leaves_the_output_folder_as_it_was(smoke_r
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    command = [sys.executable, str(ROOT / "explain.py"), "--workdir", str(smoke_run), "--out", str(out)]
-    explaining = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not list(out.glob(".report-*")) and explaining.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        explaining.send_signal(signal.SIGTERM)
-        _, err = explaining.communicate(timeout=300)
-    finally:
-        explaining.kill()
-    assert explaining.returncode == 1 and err.splitlines()[-1] == "error: interrupted.", err[-2000:]
+    status, err = sigterm_once(cli_command("explain.py", "--workdir", smoke_run, "--out", out),
+                               once_present(out, ".report-*"))
+    assert status == 1 and err.splitlines()[-1] == "error: interrupted.", err[-2000:]
     assert [p.name for p in out.iterdir()] == ["notes.txt"]

@@ -5,9 +5,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -18,7 +15,7 @@ import optax
 import pytest
 
 import train as train_cli
-from conftest import ROOT, synthetic_arrays, write_official_batches
+from conftest import ROOT, cli_command, once_present, sigterm_once, synthetic_arrays, write_official_batches
 from jaxcam import data as data_lib
 from jaxcam import models
 from jaxcam import train as train_lib
@@ -623,6 +620,12 @@ def test_cli_resume_without_runs(tmp_path, capsys):
     assert not (tmp_path / "typo").exists()
 
 
+def resume_advice(run_dir):
+    """What train.py says on stderr after a stop once training has begun."""
+    return (f"error: interrupted; python train.py --resume {shlex.quote(str(run_dir))} continues from the last epoch "
+            "that ended.")
+
+
 def test_cli_ctrl_c_names_the_command_that_resumes_the_run(official_folder, tmp_path, capsys,
                                                          python_sigint_handler):
     # The advice had been "--resume continues ...": typed as given, --resume alone looks in the
@@ -645,8 +648,7 @@ def test_cli_ctrl_c_names_the_command_that_resumes_the_run(official_folder, tmp_
         returned.set()
         watcher.join()
     (run_dir,) = (tmp_path / "runs").iterdir()
-    assert code == 1 and err == (f"error: interrupted; python train.py --resume {shlex.quote(str(run_dir))} continues "
-                                 "from the last epoch that ended.\n")
+    assert code == 1 and err == resume_advice(run_dir) + "\n"
     ended = len(train_lib.read_history(run_dir))
     assert 1 <= ended < 12
     code, out, err = run_cli(["--resume", run_dir], capsys)  # the command as the advice gives it
@@ -657,21 +659,12 @@ def test_cli_ctrl_c_names_the_command_that_resumes_the_run(official_folder, tmp_
 def test_sigterm_stops_train_py_as_ctrl_c_does(official_folder, tmp_path):
     # kill, timeout, a scheduler's time limit or a preempted VM: SIGTERM had ended the process
     # at once, silently, possibly between an epoch's checkpoint and its history record.
-    command = [sys.executable, str(ROOT / "train.py"), "--workdir", str(tmp_path), *map(str, TINY),
-               "--config.epochs=12", f"--config.data_dir={str(official_folder)!r}"]
-    training = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not list(tmp_path.glob("*/history.json")) and training.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        training.send_signal(signal.SIGTERM)
-        _, err = training.communicate(timeout=300)
-    finally:
-        training.kill()
+    status, err = sigterm_once(cli_command("train.py", "--workdir", tmp_path, *TINY, "--config.epochs=12",
+                                           f"--config.data_dir={str(official_folder)!r}"),
+                               once_present(tmp_path, "*/history.json"))
     (run_dir,) = tmp_path.iterdir()
-    assert training.returncode == 1, err[-2000:]
-    assert err.splitlines()[-1] == (f"error: interrupted; python train.py --resume {shlex.quote(str(run_dir))} "
-                                    "continues from the last epoch that ended.")
+    assert status == 1, err[-2000:]
+    assert err.splitlines()[-1] == resume_advice(run_dir)
     ended = len(train_lib.read_history(run_dir))
     assert 1 <= ended < 12 and Checkpointer(run_dir, create=False).latest_epoch() == ended  # whole epochs only
 
@@ -681,23 +674,19 @@ def test_sigterm_during_the_first_compilation_ends_in_one_sentence_not_a_crash(o
     # finalization then destroyed JAX's client under that thread: a segmentation fault (exit 139)
     # after the sentence. Without the cache the train step here traces in about 1 s, then compiles
     # for about 4 s: the signal lands in the compilation (the old code crashed in 4 of 4 tries).
-    command = [sys.executable, str(ROOT / "train.py"), "--workdir", str(tmp_path), *map(str, TINY),
-               f"--config.data_dir={str(official_folder)!r}"]
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": "", "PYTHONUNBUFFERED": "1"}
-    training = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in training.stdout:
+    def into_the_compilation(process):
+        for line in process.stdout:
             if line.startswith("Compute dtype:"):  # printed just before the train step is built and compiled
                 time.sleep(2.5)
-                training.send_signal(signal.SIGTERM)
-                break
-        _, err = training.communicate(timeout=300)
-    finally:
-        training.kill()
+                return
+
+    status, err = sigterm_once(cli_command("train.py", "--workdir", tmp_path, *TINY,
+                                           f"--config.data_dir={str(official_folder)!r}"),
+                               into_the_compilation,
+                               env={**os.environ, "JAX_COMPILATION_CACHE_DIR": "", "PYTHONUNBUFFERED": "1"})
     (run_dir,) = tmp_path.iterdir()
-    assert training.returncode == 1, err[-2000:]
-    assert err.splitlines()[-1] == (f"error: interrupted; python train.py --resume {shlex.quote(str(run_dir))} "
-                                    "continues from the last epoch that ended.")
+    assert status == 1, err[-2000:]
+    assert err.splitlines()[-1] == resume_advice(run_dir)
 
 
 def test_cli_resume_without_a_run_dir_needs_the_workdir(capsys):

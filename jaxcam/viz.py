@@ -138,8 +138,8 @@ def _plot_panel_rows(rows, path, title: str, panel_width: float = 2.2) -> None:
     # more than 5 min); this takes 6 s for 200 rows and looks the same.
     height = 2.2 * n + 0.45
     fig, axes = subplots(n, cols, figsize=(panel_width * cols, height), dpi=110, squeeze=False,
-                             gridspec_kw=dict(left=0.02, right=0.98, top=1 - 0.45 / height, bottom=0.05 / height,
-                                              hspace=0.22, wspace=0.08))
+                         gridspec_kw=dict(left=0.02, right=0.98, top=1 - 0.45 / height, bottom=0.05 / height,
+                                          hspace=0.22, wspace=0.08))
     for ax_row, row in zip(axes, rows):
         for ax in ax_row[len(row) :]:
             ax.axis("off")
