@@ -142,6 +142,7 @@ def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
     use_compilation_cache()
     run_dir = None  # named in the advice after a Ctrl-C, once it is known
+    created = None  # the run directory this command made
     try:
         if args.resume:
             # Where the data lies may change (a run copied to another machine); the recipe may not.
@@ -169,7 +170,7 @@ def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         # Load the data before creating the run directory: bad data leaves nothing behind.
         dataset = train_lib.load_dataset(config)
         train_lib.check_batch_sizes(config, dataset)
-        run_dir = train_lib.create_run_dir(args.workdir, config.name)
+        run_dir = created = train_lib.create_run_dir(args.workdir, config.name)
         print(f"Run directory: {run_dir}")
         if find_lr:
             suggestion = lr_finder.run_for_config(config, dataset, run_dir)
@@ -186,9 +187,19 @@ def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         train_lib.train_and_evaluate(config, run_dir, dataset=dataset)
         return 0
     except KeyboardInterrupt:
+        _remove_if_empty(created)
         return stopped(after_interrupt(run_dir))
     except EXPECTED_ERRORS as e:
+        _remove_if_empty(created)
         return fail(str(e))
+
+
+def _remove_if_empty(run_dir: Path | None) -> None:
+    """Remove the run directory this command made if nothing was written in it: a stop or an error
+    during the LR range test, before its plot, had left an empty folder beside the real runs."""
+    if run_dir is not None:
+        with contextlib.suppress(OSError):  # not empty: what is written stays
+            run_dir.rmdir()
 
 
 def run_explain(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ import optax
 import pytest
 
 import train as train_cli
-from conftest import ROOT
+from conftest import ROOT, cli_command, once_present, sigterm_once
 from jaxcam import data as data_lib, lr_finder, models, train as train_lib
 
 
@@ -198,6 +198,19 @@ def test_cli_bad_range_test_settings_stop_before_the_run_directory(override, mes
                            "--find-lr-only", f"--config.lr_finder.{override}"])
     err = capsys.readouterr().err
     assert code == 1 and err == f"error: {message}\n"
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_range_test_stopped_before_its_plot_leaves_no_run_directory(official_folder, tmp_path):
+    # The run directory is made before the range test; a stop (or an error) before its plot and
+    # record were written had left it empty beside the real runs.
+    status, err = sigterm_once(cli_command("train.py", "--workdir", tmp_path, "--config", ROOT / "configs" / "smoke.py",
+                                           "--find-lr-only", "--config.width=4", "--config.batch_size=16",
+                                           "--config.lr_finder.num_iter=500",
+                                           f"--config.data_dir={str(official_folder)!r}"),
+                               once_present(tmp_path, "*"))
+    assert status == 1, err[-2000:]
+    assert err.splitlines()[-1] == "error: interrupted before training began."
     assert not list(tmp_path.iterdir())
 
 
