@@ -26,6 +26,8 @@ EXPECTED_ERRORS = (DataError, ConfigError, CheckpointError, ValueError, OSError,
 RESUME_DATA_KEYS = tuple(f"config.{key}" for key in DATA_KEYS)
 # Set once a Ctrl-C or SIGTERM has stopped the command (see exit_process).
 _STOPPED = threading.Event()
+# Set when a Ctrl-C or SIGTERM arrives while a CLI runs (see stop_signals_as_keyboard_interrupt).
+_STOP_RECEIVED = threading.Event()
 
 
 def fail(message: str) -> int:
@@ -96,13 +98,21 @@ def stop_signals_as_keyboard_interrupt() -> Iterator[None]:
     whole (`checkpoint.interrupts_deferred`) and prints the --resume advice, and explain.py
     removes its half-made staging folder. A KeyboardInterrupt raised while a garbage-collector
     callback runs (JAX has one) or a finalizer is printed and dropped by Python, so the stop was
-    lost in about one try in three of explain.py: it is raised again, silently. Only the main
-    thread can set a handler, and one installed from C (None to Python) is left as it is.
+    lost in about one try in three of explain.py: it is raised again, silently. Each stop is
+    also noted (`_ended_by`). Only the main thread can set a handler, and one installed from C
+    (None to Python) is left as it is, as is an ignored SIGINT or one with another handler.
     """
+    _STOP_RECEIVED.clear()
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is None:
         yield
         return
-    previous_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+    def stop(signum: int, frame) -> None:
+        _STOP_RECEIVED.set()
+        raise KeyboardInterrupt
+
+    previous_handlers = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)
+                         if signum == signal.SIGTERM or signal.getsignal(signum) is signal.default_int_handler}
     previous_hook = sys.unraisablehook
     retries: list[threading.Timer] = []
 
@@ -127,7 +137,23 @@ def stop_signals_as_keyboard_interrupt() -> Iterator[None]:
         for retry in retries:
             retry.cancel()
         sys.unraisablehook = previous_hook
-        signal.signal(signal.SIGTERM, previous_handler)
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+
+
+def _ended_by(error: Exception, stop_message: str) -> int:
+    """The exit status after `error`: a stop's, with `stop_message`, when a Ctrl-C or SIGTERM came
+    first; else 1 after one sentence for an expected error; any other error propagates.
+
+    C code that calls back into Python can catch the KeyboardInterrupt raised there and raise an
+    error of its own: explain.py stopped while matplotlib drew said "error: Invalid affine
+    transformation matrix" instead of "error: interrupted.".
+    """
+    if _STOP_RECEIVED.is_set():
+        return stopped(stop_message)
+    if isinstance(error, EXPECTED_ERRORS):
+        return fail(str(error))
+    raise error
 
 
 def run_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
@@ -189,9 +215,9 @@ def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     except KeyboardInterrupt:
         _remove_if_empty(created)
         return stopped(after_interrupt(run_dir))
-    except EXPECTED_ERRORS as e:
+    except Exception as e:
         _remove_if_empty(created)
-        return fail(str(e))
+        return _ended_by(e, after_interrupt(run_dir))
 
 
 def _remove_if_empty(run_dir: Path | None) -> None:
@@ -235,5 +261,5 @@ def _explain(args: argparse.Namespace) -> int:
         return 0
     except KeyboardInterrupt:
         return stopped("interrupted.")
-    except EXPECTED_ERRORS as e:
-        return fail(str(e))
+    except Exception as e:
+        return _ended_by(e, "interrupted.")

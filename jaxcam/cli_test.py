@@ -81,3 +81,21 @@ def test_an_interrupt_dropped_in_a_gc_callback_is_raised_again(capsys):
     assert reached == ["after the collection"]
     assert capsys.readouterr().err == ""  # nothing of the dropped one is printed
     assert (signal.getsignal(signal.SIGTERM), sys.unraisablehook) == (handler, hook)  # restored
+
+
+def test_an_error_after_a_stop_ends_as_the_stop(python_sigint_handler, capsys):
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with cli.stop_signals_as_keyboard_interrupt():
+            assert cli._ended_by(ValueError("A bad value."), "interrupted.") == 1
+            with pytest.raises(TypeError):  # an unexpected error is not hidden
+                cli._ended_by(TypeError("a bug"), "interrupted.")
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signum)
+            # What C code that caught the KeyboardInterrupt may raise instead of it.
+            assert cli._ended_by(TypeError("caught and replaced"), "interrupted.") == 1
+        assert capsys.readouterr().err == "error: A bad value.\nerror: interrupted.\n"
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    with cli.stop_signals_as_keyboard_interrupt():  # each run starts with no stop received
+        assert cli._ended_by(ValueError("Another."), "interrupted.") == 1
+    assert capsys.readouterr().err == "error: Another.\n"

@@ -2,6 +2,7 @@ import dataclasses
 import json
 import re
 import shutil
+import signal
 
 import jax
 import numpy as np
@@ -397,6 +398,31 @@ def test_a_failure_part_way_leaves_the_previous_report_whole(smoke_run, report, 
     code, _, err = run(["--workdir", smoke_run, "--out", out, "--num", "3", "--faithfulness", "0"], capsys)
     assert code == 1 and "No space left on device" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing replaced, no staging folder left
+
+
+def test_a_stop_that_matplotlib_turns_into_an_error_still_reads_as_a_stop(smoke_run, tmp_path, monkeypatch, capsys):
+    # matplotlib's C code catches the KeyboardInterrupt that a SIGTERM raises inside it and raises an
+    # error of its own: explain.py stopped while it drew had said "error: Invalid affine
+    # transformation matrix". Here the SIGTERM comes while matplotlib reads a transform.
+    from matplotlib import _path
+
+    from jaxcam import viz
+
+    class SigtermWhileRead:
+        def __array__(self, dtype=None, copy=None):
+            signal.raise_signal(signal.SIGTERM)  # its handler runs before this returns
+            return np.eye(3)
+
+    def drawing_when_the_stop_comes(*args, **kwargs):
+        _path.affine_transform(np.zeros((1, 2)), SigtermWhileRead())
+
+    monkeypatch.setattr(viz, "plot_samples_per_class", drawing_when_the_stop_comes)
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, _, err = run(["--workdir", smoke_run, "--out", out, "--num", "3", "--faithfulness", "0"], capsys)
+    assert code == 1 and err == "error: interrupted.\n"
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
 def test_not_a_run_directory(tmp_path, capsys):
