@@ -251,7 +251,7 @@ def explain_run(
         skip = " (--faithfulness 0 skips its largest part)" if faithfulness_images else ""
         log(f"Score-CAM runs a forward pass for each of the {channels} channels of {layers[0]} for every map, so "
             f"on a CPU this report can take minutes{skip}.")
-    final = make_writable_folder(out_dir if out_dir is not None else run.run_dir / "report", "the output folder")
+    final = Path(out_dir if out_dir is not None else run.run_dir / "report")
     # Every file is drawn in a hidden folder and moved in at the end: a failure part-way leaves
     # the previous report whole rather than half replaced. Galleries of an earlier report that this
     # one does not draw (other layers, images no longer given) go, so the folder matches report.md.
@@ -359,7 +359,7 @@ def explain_image_files(
     _check_image_count(image_files)
     run = load_run(run_dir, data_dir=data_dir, dataset=dataset, with_data=False)
     custom = load_image_files(image_files)
-    final = make_writable_folder(out_dir if out_dir is not None else run.run_dir / "images", "the output folder")
+    final = Path(out_dir if out_dir is not None else run.run_dir / "images")
     with _staged(final) as out:
         _plot_own_images(run, custom, image_files, layer, method, out, log)
     log(f"Wrote {final / 'custom_images.png'}")
@@ -392,11 +392,16 @@ def _plot_own_images(run: LoadedRun, images: np.ndarray, image_files: Sequence, 
 
 @contextlib.contextmanager
 def _staged(folder: Path, replaces: Sequence[str] = ()) -> Iterator[Path]:
-    """A fresh hidden folder inside `folder`; on success its files replace those in `folder`, and
-    the files named in `replaces` that it did not write are removed; on an error it is removed
-    and `folder` keeps what it had."""
-    staging = Path(tempfile.mkdtemp(prefix=".report-", dir=folder))
+    """A fresh hidden folder inside the output folder `folder`, which is made (with its parents)
+    if missing; on success its files replace those in `folder`, and the files named in `replaces`
+    that it did not write are removed. On an error or a stop it is removed and `folder` keeps what
+    it had: the folders made for it go again if nothing else was put in them (a stopped first
+    report had left an empty `report/`)."""
+    made = [path for path in (folder, *folder.parents) if not path.exists()]  # the deepest first
+    staging, finished = None, False
     try:
+        make_writable_folder(folder, "the output folder")
+        staging = Path(tempfile.mkdtemp(prefix=".report-", dir=folder))
         yield staging
         written = {path.name for path in staging.iterdir()}
         for name in sorted(written):
@@ -404,8 +409,13 @@ def _staged(folder: Path, replaces: Sequence[str] = ()) -> Iterator[Path]:
         for name in set(replaces) - written:
             if (folder / name).is_file():
                 (folder / name).unlink()
+        finished = True
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        for path in made if not finished else ():
+            with contextlib.suppress(OSError):  # not empty: what is in it stays
+                path.rmdir()
 
 
 def _write_report(out: Path, run: LoadedRun, summary, report, written, faithfulness_rows, faithfulness_count,

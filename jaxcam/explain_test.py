@@ -425,6 +425,23 @@ def test_a_stop_that_matplotlib_turns_into_an_error_still_reads_as_a_stop(smoke_
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
+def test_a_failed_first_report_leaves_no_empty_output_folder(smoke_run, tmp_path, monkeypatch, capsys):
+    # The output folder (and its missing parents) had been made before the report was drawn, and a
+    # failure or a stop part-way left them empty, as if a report had been written.
+    from jaxcam import viz
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(viz, "plot_samples_per_class", disk_full)
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    for out in (tmp_path / "new" / "deeper" / "r", tmp_path / "kept" / "r"):
+        code, _, err = run(["--workdir", smoke_run, "--out", out, "--num", "3", "--faithfulness", "0"], capsys)
+        assert code == 1 and "No space left on device" in err
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["kept", "kept/notes.txt"]
+
+
 def test_not_a_run_directory(tmp_path, capsys):
     code, _, err = run(["--workdir", tmp_path], capsys)
     assert code == 1 and err == f"error: {str(tmp_path)!r} is not a jaxcam run directory (no config.json).\n"
