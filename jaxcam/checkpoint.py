@@ -260,6 +260,21 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def missing_folders(path: str | os.PathLike) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, the deepest first: what
+    `make_writable_folder(path)` would make, for `remove_if_empty` to take back."""
+    path = Path(path)
+    return [folder for folder in (path, *path.parents) if not folder.exists()]
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove each of `folders` (the deepest first) that is empty: a command stopped or failed
+    before it wrote anything leaves no empty folder behind, and whatever a folder holds stays."""
+    for folder in folders:
+        with contextlib.suppress(OSError):  # missing, or not empty
+            folder.rmdir()
+
+
 def make_writable_folder(path: str | os.PathLike, what: str) -> Path:
     """Create `path` if needed and check that files can be written in it, before any work is
     done; OSError naming `what` (e.g. "workdir") and the reason if not."""

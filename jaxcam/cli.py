@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Iterator, NoReturn, Sequence
 
-from jaxcam.checkpoint import CheckpointError
+from jaxcam.checkpoint import CheckpointError, missing_folders, remove_if_empty
 from jaxcam.configuration import DATA_KEYS, ConfigError, apply_overrides, config_from_json, load_config_file
 from jaxcam.data import DataError
 
@@ -168,7 +168,7 @@ def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
     use_compilation_cache()
     run_dir = None  # named in the advice after a Ctrl-C, once it is known
-    created = None  # the run directory this command made
+    made: list[Path] = []  # the folders this command made, the deepest first
     try:
         if args.resume:
             # Where the data lies may change (a run copied to another machine); the recipe may not.
@@ -196,7 +196,9 @@ def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         # Load the data before creating the run directory: bad data leaves nothing behind.
         dataset = train_lib.load_dataset(config)
         train_lib.check_batch_sizes(config, dataset)
-        run_dir = created = train_lib.create_run_dir(args.workdir, config.name)
+        made = missing_folders(args.workdir)
+        run_dir = train_lib.create_run_dir(args.workdir, config.name)
+        made.insert(0, run_dir)
         print(f"Run directory: {run_dir}")
         if find_lr:
             suggestion = lr_finder.run_for_config(config, dataset, run_dir)
@@ -213,19 +215,13 @@ def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         train_lib.train_and_evaluate(config, run_dir, dataset=dataset)
         return 0
     except KeyboardInterrupt:
-        _remove_if_empty(created)
+        # Stopped, or failed, during the LR range test, before its plot: the run directory (and a
+        # new --workdir) had been left empty beside the real runs.
+        remove_if_empty(made)
         return stopped(after_interrupt(run_dir))
     except Exception as e:
-        _remove_if_empty(created)
+        remove_if_empty(made)
         return _ended_by(e, after_interrupt(run_dir))
-
-
-def _remove_if_empty(run_dir: Path | None) -> None:
-    """Remove the run directory this command made if nothing was written in it: a stop or an error
-    during the LR range test, before its plot, had left an empty folder beside the real runs."""
-    if run_dir is not None:
-        with contextlib.suppress(OSError):  # not empty: what is written stays
-            run_dir.rmdir()
 
 
 def run_explain(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ from jaxcam import models
 from jaxcam import train as train_lib
 from jaxcam import viz
 from jaxcam._checks import is_integer
-from jaxcam.checkpoint import CheckpointError, load_variables, make_writable_folder
+from jaxcam.checkpoint import CheckpointError, load_variables, make_writable_folder, missing_folders, remove_if_empty
 from jaxcam.configuration import config_from_json
 from jaxcam.models import STAGES
 
@@ -397,7 +397,7 @@ def _staged(folder: Path, replaces: Sequence[str] = ()) -> Iterator[Path]:
     that it did not write are removed. On an error or a stop it is removed and `folder` keeps what
     it had: the folders made for it go again if nothing else was put in them (a stopped first
     report had left an empty `report/`)."""
-    made = [path for path in (folder, *folder.parents) if not path.exists()]  # the deepest first
+    made = missing_folders(folder)
     staging, finished = None, False
     try:
         make_writable_folder(folder, "the output folder")
@@ -413,9 +413,8 @@ def _staged(folder: Path, replaces: Sequence[str] = ()) -> Iterator[Path]:
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-        for path in made if not finished else ():
-            with contextlib.suppress(OSError):  # not empty: what is in it stays
-                path.rmdir()
+        if not finished:
+            remove_if_empty(made)
 
 
 def _write_report(out: Path, run: LoadedRun, summary, report, written, faithfulness_rows, faithfulness_count,

@@ -202,13 +202,14 @@ def test_cli_bad_range_test_settings_stop_before_the_run_directory(override, mes
 
 
 def test_a_range_test_stopped_before_its_plot_leaves_no_run_directory(official_folder, tmp_path):
-    # The run directory is made before the range test; a stop (or an error) before its plot and
-    # record were written had left it empty beside the real runs.
-    status, err = sigterm_once(cli_command("train.py", "--workdir", tmp_path, "--config", ROOT / "configs" / "smoke.py",
+    # The run directory (and here its --workdir) is made before the range test; a stop (or an
+    # error) before its plot and record were written had left it empty beside the real runs.
+    status, err = sigterm_once(cli_command("train.py", "--workdir", tmp_path / "new" / "runs",
+                                           "--config", ROOT / "configs" / "smoke.py",
                                            "--find-lr-only", "--config.width=4", "--config.batch_size=16",
                                            "--config.lr_finder.num_iter=500",
                                            f"--config.data_dir={str(official_folder)!r}"),
-                               once_present(tmp_path, "*"))
+                               once_present(tmp_path, "new/runs/*"))
     assert status == 1, err[-2000:]
     assert err.splitlines()[-1] == "error: interrupted before training began."
     assert not list(tmp_path.iterdir())
