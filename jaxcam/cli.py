@@ -17,29 +17,21 @@ import threading
 from pathlib import Path
 from typing import Iterator, NoReturn, Sequence
 
-from jaxcam.checkpoint import CheckpointError, missing_folders, remove_if_empty
+from jaxcam.checkpoint import STOP_SIGNALS, CheckpointError, missing_folders, remove_if_empty
 from jaxcam.configuration import DATA_KEYS, ConfigError, apply_overrides, config_from_json, load_config_file
 from jaxcam.data import DataError
 
 EXPECTED_ERRORS = (DataError, ConfigError, CheckpointError, ValueError, OSError, RuntimeError)
 # The overrides --resume takes: `config.KEY` of where the data lies, not of how to train.
 RESUME_DATA_KEYS = tuple(f"config.{key}" for key in DATA_KEYS)
-# Set once a Ctrl-C or SIGTERM has stopped the command (see exit_process).
+# Set when a Ctrl-C or SIGTERM stops the command (see _ended_by and exit_process).
 _STOPPED = threading.Event()
-# Set when a Ctrl-C or SIGTERM arrives while a CLI runs (see stop_signals_as_keyboard_interrupt).
-_STOP_RECEIVED = threading.Event()
 
 
 def fail(message: str) -> int:
     """Print `error: message` to stderr; the exit status 1 to return."""
     print(f"error: {message}", file=sys.stderr)
     return 1
-
-
-def stopped(message: str) -> int:
-    """`fail(message)` after a Ctrl-C or SIGTERM; the process then ends without finalization (exit_process)."""
-    _STOPPED.set()
-    return fail(message)
 
 
 def exit_process(status: int) -> NoReturn:
@@ -99,19 +91,20 @@ def stop_signals_as_keyboard_interrupt() -> Iterator[None]:
     removes its half-made staging folder. A KeyboardInterrupt raised while a garbage-collector
     callback runs (JAX has one) or a finalizer is printed and dropped by Python, so the stop was
     lost in about one try in three of explain.py: it is raised again, silently. Each stop is
-    also noted (`_ended_by`). Only the main thread can set a handler, and one installed from C
-    (None to Python) is left as it is, as is an ignored SIGINT or one with another handler.
+    also noted in `_STOPPED` (`_ended_by`, `exit_process`). Only the main thread can set a
+    handler, and one installed from C (None to Python) is left as it is, as is an ignored SIGINT
+    or one with another handler.
     """
-    _STOP_RECEIVED.clear()
+    _STOPPED.clear()
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is None:
         yield
         return
 
     def stop(signum: int, frame) -> None:
-        _STOP_RECEIVED.set()
+        _STOPPED.set()
         raise KeyboardInterrupt
 
-    previous_handlers = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)
+    previous_handlers = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS
                          if signum == signal.SIGTERM or signal.getsignal(signum) is signal.default_int_handler}
     previous_hook = sys.unraisablehook
     retries: list[threading.Timer] = []
@@ -141,16 +134,18 @@ def stop_signals_as_keyboard_interrupt() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def _ended_by(error: Exception, stop_message: str) -> int:
-    """The exit status after `error`: a stop's, with `stop_message`, when a Ctrl-C or SIGTERM came
-    first; else 1 after one sentence for an expected error; any other error propagates.
+def _ended_by(error: BaseException, stop_message: str) -> int:
+    """The exit status after `error`, 1 after one sentence: `stop_message` for a KeyboardInterrupt
+    or any error after a Ctrl-C or SIGTERM (the process then ends unfinalized, `exit_process`),
+    the error's own for an expected one; any other error propagates.
 
     C code that calls back into Python can catch the KeyboardInterrupt raised there and raise an
     error of its own: explain.py stopped while matplotlib drew said "error: Invalid affine
     transformation matrix" instead of "error: interrupted.".
     """
-    if _STOP_RECEIVED.is_set():
-        return stopped(stop_message)
+    if isinstance(error, KeyboardInterrupt) or _STOPPED.is_set():
+        _STOPPED.set()
+        return fail(stop_message)
     if isinstance(error, EXPECTED_ERRORS):
         return fail(str(error))
     raise error
@@ -214,12 +209,9 @@ def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
                       "with the suggestion.")
         train_lib.train_and_evaluate(config, run_dir, dataset=dataset)
         return 0
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Exception) as e:
         # Stopped, or failed, during the LR range test, before its plot: the run directory (and a
         # new --workdir) had been left empty beside the real runs.
-        remove_if_empty(made)
-        return stopped(after_interrupt(run_dir))
-    except Exception as e:
         remove_if_empty(made)
         return _ended_by(e, after_interrupt(run_dir))
 
@@ -255,7 +247,5 @@ def _explain(args: argparse.Namespace) -> int:
             explain.explain_run(args.workdir, args.out, layers=args.layer, method=args.method, image_files=args.images,
                                 data_dir=args.data_dir, **dict(report_settings.values()))
         return 0
-    except KeyboardInterrupt:
-        return stopped("interrupted.")
-    except Exception as e:
+    except (KeyboardInterrupt, Exception) as e:
         return _ended_by(e, "interrupted.")

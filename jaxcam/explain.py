@@ -395,10 +395,10 @@ def _staged(folder: Path, replaces: Sequence[str] = ()) -> Iterator[Path]:
     """A fresh hidden folder inside the output folder `folder`, which is made (with its parents)
     if missing; on success its files replace those in `folder`, and the files named in `replaces`
     that it did not write are removed. On an error or a stop it is removed and `folder` keeps what
-    it had: the folders made for it go again if nothing else was put in them (a stopped first
-    report had left an empty `report/`)."""
+    it had: the folders made for it go again, being empty (a stopped first report had left an
+    empty `report/`); after a success they hold the report."""
     made = missing_folders(folder)
-    staging, finished = None, False
+    staging = None
     try:
         make_writable_folder(folder, "the output folder")
         staging = Path(tempfile.mkdtemp(prefix=".report-", dir=folder))
@@ -409,12 +409,10 @@ def _staged(folder: Path, replaces: Sequence[str] = ()) -> Iterator[Path]:
         for name in set(replaces) - written:
             if (folder / name).is_file():
                 (folder / name).unlink()
-        finished = True
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-        if not finished:
-            remove_if_empty(made)
+        remove_if_empty(made)
 
 
 def _write_report(out: Path, run: LoadedRun, summary, report, written, faithfulness_rows, faithfulness_count,

@@ -384,17 +384,29 @@ def test_unwritable_output_folder(smoke_run, tmp_path, capsys):
     assert blocker.read_text() == "not a folder"
 
 
-def test_a_failure_part_way_leaves_the_previous_report_whole(smoke_run, report, tmp_path, monkeypatch, capsys):
+def disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def fault_late_in_the_report(monkeypatch, fault) -> None:
+    """Run `fault` where the report draws its samples gallery, after several files are drawn."""
     from jaxcam import viz
 
+    monkeypatch.setattr(viz, "plot_samples_per_class", fault)
+
+
+def folder_with_a_users_file(folder):
+    """`folder`, made, holding the user's own `notes.txt`, which explain.py must leave alone."""
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    return folder
+
+
+def test_a_failure_part_way_leaves_the_previous_report_whole(smoke_run, report, tmp_path, monkeypatch, capsys):
     out = tmp_path / "r"
     shutil.copytree(report, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-
-    def disk_full(*args, **kwargs):  # a fault after several files are drawn (this one comes late)
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(viz, "plot_samples_per_class", disk_full)
+    fault_late_in_the_report(monkeypatch, disk_full)
     code, _, err = run(["--workdir", smoke_run, "--out", out, "--num", "3", "--faithfulness", "0"], capsys)
     assert code == 1 and "No space left on device" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing replaced, no staging folder left
@@ -406,8 +418,6 @@ def test_a_stop_that_matplotlib_turns_into_an_error_still_reads_as_a_stop(smoke_
     # transformation matrix". Here the SIGTERM comes while matplotlib reads a transform.
     from matplotlib import _path
 
-    from jaxcam import viz
-
     class SigtermWhileRead:
         def __array__(self, dtype=None, copy=None):
             signal.raise_signal(signal.SIGTERM)  # its handler runs before this returns
@@ -416,10 +426,8 @@ def test_a_stop_that_matplotlib_turns_into_an_error_still_reads_as_a_stop(smoke_
     def drawing_when_the_stop_comes(*args, **kwargs):
         _path.affine_transform(np.zeros((1, 2)), SigtermWhileRead())
 
-    monkeypatch.setattr(viz, "plot_samples_per_class", drawing_when_the_stop_comes)
-    out = tmp_path / "r"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
+    fault_late_in_the_report(monkeypatch, drawing_when_the_stop_comes)
+    out = folder_with_a_users_file(tmp_path / "r")
     code, _, err = run(["--workdir", smoke_run, "--out", out, "--num", "3", "--faithfulness", "0"], capsys)
     assert code == 1 and err == "error: interrupted.\n"
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
@@ -428,14 +436,8 @@ def test_a_stop_that_matplotlib_turns_into_an_error_still_reads_as_a_stop(smoke_
 def test_a_failed_first_report_leaves_no_empty_output_folder(smoke_run, tmp_path, monkeypatch, capsys):
     # The output folder (and its missing parents) had been made before the report was drawn, and a
     # failure or a stop part-way left them empty, as if a report had been written.
-    from jaxcam import viz
-
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(viz, "plot_samples_per_class", disk_full)
-    (tmp_path / "kept").mkdir()
-    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    fault_late_in_the_report(monkeypatch, disk_full)
+    folder_with_a_users_file(tmp_path / "kept")
     for out in (tmp_path / "new" / "deeper" / "r", tmp_path / "kept" / "r"):
         code, _, err = run(["--workdir", smoke_run, "--out", out, "--num", "3", "--faithfulness", "0"], capsys)
         assert code == 1 and "No space left on device" in err
@@ -567,9 +569,7 @@ def test_the_readmes_library_example_runs(smoke_run, official_folder):
 
 def test_sigterm_stops_explain_py_and_leaves_the_output_folder_as_it_was(smoke_run, tmp_path):
     # SIGTERM had ended explain.py at once, leaving its half-made hidden staging folder behind.
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
+    out = folder_with_a_users_file(tmp_path / "out")
     status, err = sigterm_once(cli_command("explain.py", "--workdir", smoke_run, "--out", out),
                                once_present(out, ".report-*"))
     assert status == 1 and err.splitlines()[-1] == "error: interrupted.", err[-2000:]
