@@ -26,6 +26,8 @@ EXPECTED_ERRORS = (DataError, ConfigError, CheckpointError, ValueError, OSError,
 RESUME_DATA_KEYS = tuple(f"config.{key}" for key in DATA_KEYS)
 # Set when a Ctrl-C or SIGTERM stops the command (see _ended_by and exit_process).
 _STOPPED = threading.Event()
+# Set when _ended_by has reported the stop: the command ends next, and is not stopped again.
+_STOP_REPORTED = threading.Event()
 
 
 def fail(message: str) -> int:
@@ -88,50 +90,73 @@ def stop_signals_as_keyboard_interrupt() -> Iterator[None]:
     `kill`, `timeout`, a batch scheduler's time limit and a preempted cloud VM send SIGTERM,
     which had ended the CLIs at once, without a word: train.py now writes the epoch's checkpoint
     whole (`checkpoint.interrupts_deferred`) and prints the --resume advice, and explain.py
-    removes its half-made staging folder. A KeyboardInterrupt raised while a garbage-collector
-    callback runs (JAX has one) or a finalizer is printed and dropped by Python, so the stop was
-    lost in about one try in three of explain.py: it is raised again, silently. Each stop is
-    also noted in `_STOPPED` (`_ended_by`, `exit_process`). Only the main thread can set a
-    handler, and one installed from C (None to Python) is left as it is, as is an ignored SIGINT
-    or one with another handler.
+    removes its half-made staging folder. Each stop is noted in `_STOPPED` (`_ended_by`,
+    `exit_process`). Only the main thread can set a handler, and one installed from C (None to
+    Python) is left as it is, as is an ignored SIGINT or one with another handler.
+
+    The KeyboardInterrupt can be lost where it is raised: Python prints and drops one raised in a
+    garbage-collector callback (JAX has one) or a finalizer, and C code that runs the handler
+    may clear it (JAX's MLIR bindings, imported at the first compilation, do). The command then
+    ran on to the end. So after a stop a watcher thread raises it again, silently, each time it
+    finds the main thread handling no exception, until `_ended_by` reports the stop.
     """
     _STOPPED.clear()
+    _STOP_REPORTED.clear()
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is None:
         yield
         return
+    main_thread = threading.get_ident()
+    handled_before = sys.exc_info()[1]  # the block may run inside an except clause
+    closing = threading.Event()
+    raising_again = threading.Lock()  # no stop raised again once the block is left
+    watchers: list[threading.Thread] = []
+
+    def raise_again_until_it_takes() -> None:
+        while not closing.wait(0.1):
+            with raising_again:
+                # Handling the KeyboardInterrupt (or an error C code made of it) is the stop taking effect.
+                if closing.is_set() or _STOP_REPORTED.is_set():
+                    return
+                if _exception_handled_by(main_thread) in (None, handled_before):
+                    # Through SIGTERM, whose handler is ours: SIGINT may be ignored (a background job).
+                    _thread.interrupt_main(signal.SIGTERM)
+
+    def note_stop() -> None:
+        _STOPPED.set()
+        if not watchers:
+            watchers.append(threading.Thread(target=raise_again_until_it_takes, daemon=True))
+            watchers[0].start()
 
     def stop(signum: int, frame) -> None:
-        _STOPPED.set()
+        if _STOP_REPORTED.is_set():
+            return  # a second Ctrl-C while the first one's sentence is printed
+        note_stop()
         raise KeyboardInterrupt
+
+    def silence_dropped_interrupts(unraisable) -> None:
+        if unraisable.exc_type is None or not issubclass(unraisable.exc_type, KeyboardInterrupt):
+            previous_hook(unraisable)
+            return
+        note_stop()  # the watcher raises it again once the main thread is back in ordinary code
 
     previous_handlers = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS
                          if signum == signal.SIGTERM or signal.getsignal(signum) is signal.default_int_handler}
     previous_hook = sys.unraisablehook
-    retries: list[threading.Timer] = []
-
-    def raise_dropped_interrupts_again(unraisable) -> None:
-        if unraisable.exc_type is None or not issubclass(unraisable.exc_type, KeyboardInterrupt):
-            previous_hook(unraisable)
-            return
-        if retries and retries[-1].is_alive():
-            return  # one stop, raised once (the callback can drop it at both ends of a collection)
-        # Not from here: raised at once, it would land in this hook and be dropped again. A moment
-        # later the main thread is back in ordinary code. Through SIGTERM, whose handler is ours:
-        # SIGINT may be ignored (a background job); once the handler is restored it does nothing.
-        retry = threading.Timer(0.05, _thread.interrupt_main, args=(signal.SIGTERM,))
-        retry.daemon = True
-        retries.append(retry)
-        retry.start()
-
-    sys.unraisablehook = raise_dropped_interrupts_again
+    sys.unraisablehook = silence_dropped_interrupts
     try:
         yield
     finally:
-        for retry in retries:
-            retry.cancel()
+        with raising_again:
+            closing.set()
         sys.unraisablehook = previous_hook
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
+
+
+def _exception_handled_by(thread_id: int) -> BaseException | None:
+    """The exception that thread is handling (in an except, finally or __exit__), or None."""
+    handled = sys._current_exceptions().get(thread_id)
+    return handled[1] if isinstance(handled, tuple) else handled  # Python 3.11 gives (type, value, traceback)
 
 
 def _ended_by(error: BaseException, stop_message: str) -> int:
@@ -145,6 +170,7 @@ def _ended_by(error: BaseException, stop_message: str) -> int:
     """
     if isinstance(error, KeyboardInterrupt) or _STOPPED.is_set():
         _STOPPED.set()
+        _STOP_REPORTED.set()
         return fail(stop_message)
     if isinstance(error, EXPECTED_ERRORS):
         return fail(str(error))

@@ -83,6 +83,56 @@ def test_an_interrupt_dropped_in_a_gc_callback_is_raised_again(capsys):
     assert (signal.getsignal(signal.SIGTERM), sys.unraisablehook) == (handler, hook)  # restored
 
 
+def test_a_stop_that_c_code_swallows_is_raised_again():
+    # C code can run a stop's handler and then clear the error it raised: JAX's MLIR bindings,
+    # imported at the first compilation, did so, and train.py stopped at that moment ran on to
+    # the end (2 of 100 tries of the LR range test's SIGTERM test, and once in CI).
+    def clears_the_error():  # what such C code does
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except KeyboardInterrupt:
+            pass
+
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with cli.stop_signals_as_keyboard_interrupt():
+            clears_the_error()
+            reached.append("after the stop")
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                pass
+            reached.append("ran on")
+    assert reached == ["after the stop"]
+
+
+def test_a_stop_is_raised_once_while_it_is_handled_and_not_after_it_is_reported(capsys):
+    # Raised again during the cleanup it started (a checkpoint being written), or while its
+    # sentence is printed, a stop would break both.
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with cli.stop_signals_as_keyboard_interrupt():
+            try:
+                signal.raise_signal(signal.SIGTERM)
+            finally:
+                deadline = time.monotonic() + 1
+                while time.monotonic() < deadline:
+                    pass
+                reached.append("cleaned up")
+    assert reached == ["cleaned up"]
+    with cli.stop_signals_as_keyboard_interrupt():
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except KeyboardInterrupt as e:
+            assert cli._ended_by(e, "interrupted.") == 1
+        signal.raise_signal(signal.SIGTERM)  # a second Ctrl-C while the process ends
+        deadline = time.monotonic() + 1
+        while time.monotonic() < deadline:
+            pass
+        reached.append("ended as reported")
+    assert reached == ["cleaned up", "ended as reported"]
+    assert capsys.readouterr().err == "error: interrupted.\n"
+
+
 def test_an_error_after_a_stop_ends_as_the_stop(python_sigint_handler, capsys):
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -90,10 +140,13 @@ def test_an_error_after_a_stop_ends_as_the_stop(python_sigint_handler, capsys):
             assert cli._ended_by(ValueError("A bad value."), "interrupted.") == 1
             with pytest.raises(TypeError):  # an unexpected error is not hidden
                 cli._ended_by(TypeError("a bug"), "interrupted.")
-            with pytest.raises(KeyboardInterrupt):
-                signal.raise_signal(signum)
-            # What C code that caught the KeyboardInterrupt may raise instead of it.
-            assert cli._ended_by(TypeError("caught and replaced"), "interrupted.") == 1
+            try:
+                try:
+                    signal.raise_signal(signum)
+                except KeyboardInterrupt:
+                    raise TypeError("caught and replaced")  # what C code that caught it may raise instead
+            except TypeError as e:
+                assert cli._ended_by(e, "interrupted.") == 1
         assert capsys.readouterr().err == "error: A bad value.\nerror: interrupted.\n"
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
     with cli.stop_signals_as_keyboard_interrupt():  # each run starts with no stop received
