@@ -94,6 +94,12 @@ class Checkpointer:
         return state, dict(restored["meta"])
 
 
+def has_finished_epoch(run_dir: str | os.PathLike, epoch: int, which: str = "latest") -> bool:
+    """Whether the `which` checkpoint of `epoch` is complete on disk, without opening a manager
+    (orbax gives a save's folder the epoch as its name once the save is complete)."""
+    return (Path(run_dir) / "checkpoints" / which / str(epoch)).is_dir()
+
+
 # The signals that stop a run: Ctrl-C, and the SIGTERM of `kill`, `timeout`, a batch scheduler's
 # time limit or a preempted cloud VM (train.py turns it into a KeyboardInterrupt too).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

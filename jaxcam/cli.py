@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Iterator, NoReturn, Sequence
 
-from jaxcam.checkpoint import STOP_SIGNALS, CheckpointError, missing_folders, remove_if_empty
+from jaxcam.checkpoint import STOP_SIGNALS, CheckpointError, has_finished_epoch, missing_folders, remove_if_empty
 from jaxcam.configuration import DATA_KEYS, ConfigError, apply_overrides, config_from_json, load_config_file
 from jaxcam.data import DataError
 
@@ -77,9 +77,18 @@ def use_compilation_cache() -> str | None:
 
 
 def after_interrupt(run_dir: Path | None) -> str:
-    """What train.py says after a Ctrl-C or SIGTERM: the command that continues the run, once it has begun."""
+    """What train.py says after a Ctrl-C or SIGTERM: the command that continues the run, once it
+    has begun and until its last epoch is saved."""
     if run_dir is None or not (run_dir / "config.json").exists():  # an LR range test may have run, not training
         return "interrupted before training began."
+    try:
+        epochs = config_from_json(run_dir / "config.json").epochs
+    except ConfigError:
+        epochs = None  # --resume names what is wrong with it
+    if isinstance(epochs, int) and has_finished_epoch(run_dir, epochs):
+        # Stopped while the TensorBoard gallery or the per-class accuracy was made: --resume said
+        # "nothing to resume" right after the advice to run it.
+        return "interrupted after the last epoch was saved: the run is complete, and explain.py reports on it."
     return f"interrupted; python train.py --resume {shlex.quote(str(run_dir))} continues from the last epoch that ended."
 
 

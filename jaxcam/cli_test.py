@@ -6,7 +6,9 @@ import time
 import jax
 import pytest
 
+from conftest import ROOT
 from jaxcam import cli
+from jaxcam.configuration import load_config_file
 
 
 @pytest.fixture
@@ -51,8 +53,18 @@ def test_the_advice_after_ctrl_c_fits_how_far_train_py_got(tmp_path):
     (run_dir / "lr_finder.json").write_text("{}")
     assert cli.after_interrupt(run_dir) == "interrupted before training began."
     (run_dir / "config.json").write_text("{}")
-    assert cli.after_interrupt(run_dir) == (f"interrupted; python train.py --resume '{run_dir}' continues from the "
-                                            "last epoch that ended.")
+    resume_advice = (f"interrupted; python train.py --resume '{run_dir}' continues from the last epoch that "
+                     "ended.")
+    assert cli.after_interrupt(run_dir) == resume_advice
+    # Stopped after the last epoch was saved, the run is complete: --resume had said "nothing to resume".
+    config = load_config_file(ROOT / "configs" / "smoke.py")  # 2 epochs
+    (run_dir / "config.json").write_text(config.to_json())
+    (run_dir / "checkpoints" / "latest" / "1").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest" / "2.orbax-checkpoint-tmp-1764500000").mkdir()  # a save not finished
+    assert cli.after_interrupt(run_dir) == resume_advice
+    (run_dir / "checkpoints" / "latest" / "2").mkdir()
+    assert cli.after_interrupt(run_dir) == ("interrupted after the last epoch was saved: the run is complete, and "
+                                            "explain.py reports on it.")
 
 
 def test_an_interrupt_dropped_in_a_gc_callback_is_raised_again(capsys):
