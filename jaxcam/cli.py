@@ -76,16 +76,12 @@ def use_compilation_cache() -> str | None:
     return str(folder)
 
 
-def after_interrupt(run_dir: Path | None) -> str:
+def after_interrupt(run_dir: Path | None, epochs: int | None) -> str:
     """What train.py says after a Ctrl-C or SIGTERM: the command that continues the run, once it
-    has begun and until its last epoch is saved."""
+    has begun and until its last epoch (of `epochs`, None while its config is not read) is saved."""
     if run_dir is None or not (run_dir / "config.json").exists():  # an LR range test may have run, not training
         return "interrupted before training began."
-    try:
-        epochs = config_from_json(run_dir / "config.json").epochs
-    except ConfigError:
-        epochs = None  # --resume names what is wrong with it
-    if isinstance(epochs, int) and has_finished_epoch(run_dir, epochs):
+    if epochs is not None and has_finished_epoch(run_dir, epochs):
         # Stopped while the TensorBoard gallery or the per-class accuracy was made: --resume said
         # "nothing to resume" right after the advice to run it.
         return "interrupted after the last epoch was saved: the run is complete, and explain.py reports on it."
@@ -118,7 +114,6 @@ def stop_signals_as_keyboard_interrupt() -> Iterator[None]:
     handled_before = sys.exc_info()[1]  # the block may run inside an except clause
     closing = threading.Event()
     raising_again = threading.Lock()  # no stop raised again once the block is left
-    watchers: list[threading.Thread] = []
 
     def raise_again_until_it_takes() -> None:
         while not closing.wait(0.1):
@@ -131,10 +126,9 @@ def stop_signals_as_keyboard_interrupt() -> Iterator[None]:
                     _thread.interrupt_main(signal.SIGTERM)
 
     def note_stop() -> None:
-        _STOPPED.set()
-        if not watchers:
-            watchers.append(threading.Thread(target=raise_again_until_it_takes, daemon=True))
-            watchers[0].start()
+        if not _STOPPED.is_set():  # the first stop starts the watcher (one _ended_by notes is reported)
+            _STOPPED.set()
+            threading.Thread(target=raise_again_until_it_takes, daemon=True).start()
 
     def stop(signum: int, frame) -> None:
         if _STOP_REPORTED.is_set():
@@ -197,7 +191,7 @@ def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from jaxcam import train as train_lib
 
     use_compilation_cache()
-    run_dir = None  # named in the advice after a Ctrl-C, once it is known
+    run_dir = config = None  # named in the advice after a Ctrl-C, once they are known
     made: list[Path] = []  # the folders this command made, the deepest first
     try:
         if args.resume:
@@ -248,7 +242,7 @@ def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         # Stopped, or failed, during the LR range test, before its plot: the run directory (and a
         # new --workdir) had been left empty beside the real runs.
         remove_if_empty(made)
-        return _ended_by(e, after_interrupt(run_dir))
+        return _ended_by(e, after_interrupt(run_dir, None if config is None else config.epochs))
 
 
 def run_explain(args: argparse.Namespace) -> int:

@@ -6,9 +6,7 @@ import time
 import jax
 import pytest
 
-from conftest import ROOT
 from jaxcam import cli
-from jaxcam.configuration import load_config_file
 
 
 @pytest.fixture
@@ -44,27 +42,32 @@ def test_an_unwritable_cache_home_leaves_the_cache_off(cache_setting, monkeypatc
     assert jax.config.jax_compilation_cache_dir is None
 
 
+def run_python_for(seconds: float) -> None:
+    """Run Python bytecode for `seconds`, where a stop raised again would land (not a sleep in C)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pass
+
+
 def test_the_advice_after_ctrl_c_fits_how_far_train_py_got(tmp_path):
     # Stopped while the data loaded or the LR range test ran, no run can be resumed: it had said
     # "--resume continues from the last epoch that ended" all the same.
-    assert cli.after_interrupt(None) == "interrupted before training began."
+    assert cli.after_interrupt(None, None) == "interrupted before training began."
     run_dir = tmp_path / "my runs" / "resnet18_20261130_101500"
     run_dir.mkdir(parents=True)
     (run_dir / "lr_finder.json").write_text("{}")
-    assert cli.after_interrupt(run_dir) == "interrupted before training began."
+    assert cli.after_interrupt(run_dir, 2) == "interrupted before training began."
     (run_dir / "config.json").write_text("{}")
     resume_advice = (f"interrupted; python train.py --resume '{run_dir}' continues from the last epoch that "
                      "ended.")
-    assert cli.after_interrupt(run_dir) == resume_advice
+    assert cli.after_interrupt(run_dir, 2) == resume_advice
     # Stopped after the last epoch was saved, the run is complete: --resume had said "nothing to resume".
-    config = load_config_file(ROOT / "configs" / "smoke.py")  # 2 epochs
-    (run_dir / "config.json").write_text(config.to_json())
     (run_dir / "checkpoints" / "latest" / "1").mkdir(parents=True)
     (run_dir / "checkpoints" / "latest" / "2.orbax-checkpoint-tmp-1764500000").mkdir()  # a save not finished
-    assert cli.after_interrupt(run_dir) == resume_advice
+    assert cli.after_interrupt(run_dir, 2) == resume_advice
     (run_dir / "checkpoints" / "latest" / "2").mkdir()
-    assert cli.after_interrupt(run_dir) == ("interrupted after the last epoch was saved: the run is complete, and "
-                                            "explain.py reports on it.")
+    assert cli.after_interrupt(run_dir, 2) == ("interrupted after the last epoch was saved: the run is complete, and "
+                                               "explain.py reports on it.")
 
 
 def test_an_interrupt_dropped_in_a_gc_callback_is_raised_again(capsys):
@@ -83,9 +86,7 @@ def test_an_interrupt_dropped_in_a_gc_callback_is_raised_again(capsys):
                 gc.collect()
                 gc.callbacks.remove(interrupted_during_collection)
                 reached.append("after the collection")
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline:  # the interrupt is raised again between bytecodes
-                    pass
+                run_python_for(10)  # the interrupt is raised again between bytecodes
                 reached.append("ran on")
     finally:
         if interrupted_during_collection in gc.callbacks:
@@ -110,9 +111,7 @@ def test_a_stop_that_c_code_swallows_is_raised_again():
         with cli.stop_signals_as_keyboard_interrupt():
             clears_the_error()
             reached.append("after the stop")
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                pass
+            run_python_for(10)
             reached.append("ran on")
     assert reached == ["after the stop"]
 
@@ -126,9 +125,7 @@ def test_a_stop_is_raised_once_while_it_is_handled_and_not_after_it_is_reported(
             try:
                 signal.raise_signal(signal.SIGTERM)
             finally:
-                deadline = time.monotonic() + 1
-                while time.monotonic() < deadline:
-                    pass
+                run_python_for(1)
                 reached.append("cleaned up")
     assert reached == ["cleaned up"]
     with cli.stop_signals_as_keyboard_interrupt():
@@ -137,9 +134,7 @@ def test_a_stop_is_raised_once_while_it_is_handled_and_not_after_it_is_reported(
         except KeyboardInterrupt as e:
             assert cli._ended_by(e, "interrupted.") == 1
         signal.raise_signal(signal.SIGTERM)  # a second Ctrl-C while the process ends
-        deadline = time.monotonic() + 1
-        while time.monotonic() < deadline:
-            pass
+        run_python_for(1)
         reached.append("ended as reported")
     assert reached == ["cleaned up", "ended as reported"]
     assert capsys.readouterr().err == "error: interrupted.\n"
