@@ -29,6 +29,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or does not fit the model; the message says which."""
 
 
+def checkpoint_folder(run_dir: str | os.PathLike, which: str) -> Path:
+    """`<run_dir>/checkpoints/<which>`, the folder of a run's "latest" or "best" checkpoints."""
+    return Path(run_dir).absolute() / "checkpoints" / which
+
+
 def _manager(directory: Path, create: bool) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=1, create=create)
     # Named handlers, so that a step's metadata (shapes, dtypes) can be read before restoring it.
@@ -44,9 +49,8 @@ class Checkpointer:
     """
 
     def __init__(self, run_dir: str | os.PathLike, create: bool = True):
-        root = Path(run_dir).absolute() / "checkpoints"
-        self.latest = _manager(root / "latest", create)
-        self.best = _manager(root / "best", create)
+        self.latest = _manager(checkpoint_folder(run_dir, "latest"), create)
+        self.best = _manager(checkpoint_folder(run_dir, "best"), create)
 
     def save(self, epoch: int, state: Any, info: dict[str, Any], is_best: bool) -> None:
         """Save `state` (a flax struct, e.g. TrainState) after `epoch` (1-based), with `info`
@@ -94,10 +98,10 @@ class Checkpointer:
         return state, dict(restored["meta"])
 
 
-def has_finished_epoch(run_dir: str | os.PathLike, epoch: int, which: str = "latest") -> bool:
-    """Whether the `which` checkpoint of `epoch` is complete on disk, without opening a manager
+def has_finished_epoch(run_dir: str | os.PathLike, epoch: int) -> bool:
+    """Whether the latest checkpoint of `epoch` is complete on disk, without opening a manager
     (orbax gives a save's folder the epoch as its name once the save is complete)."""
-    return (Path(run_dir) / "checkpoints" / which / str(epoch)).is_dir()
+    return (checkpoint_folder(run_dir, "latest") / str(epoch)).is_dir()
 
 
 # The signals that stop a run: Ctrl-C, and the SIGTERM of `kill`, `timeout`, a batch scheduler's
@@ -141,7 +145,7 @@ def load_variables(run_dir: str | os.PathLike, which: str = "best") -> tuple[dic
     if which not in KINDS:
         # Otherwise a misspelt name blamed the run directory for lacking that folder.
         raise ValueError(f"A run keeps the checkpoints {' and '.join(map(repr, KINDS))}, so which={which!r} names none.")
-    directory = Path(run_dir).absolute() / "checkpoints" / which
+    directory = checkpoint_folder(run_dir, which)
     if not directory.is_dir():
         raise CheckpointError(f"No {which} checkpoint folder in {str(Path(run_dir))!r}; is it a jaxcam run directory?")
     manager = _manager(directory, create=False)
