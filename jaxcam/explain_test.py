@@ -371,6 +371,15 @@ def test_the_workdir_instead_of_a_run_names_the_newest_run(smoke_run, tmp_path, 
     assert not (tmp_path / "r").exists()
 
 
+def test_a_folder_inside_a_run_names_the_run(smoke_run, tmp_path, capsys):
+    # Tab completion easily goes one step too far, into the checkpoint folders or the report.
+    for inside in (smoke_run / "checkpoints", smoke_run / "checkpoints" / "best"):
+        code, _, err = run(["--workdir", inside, "--out", tmp_path / "r"], capsys)
+        assert code == 1 and err == (f"error: {str(inside)!r} is not a jaxcam run directory (no config.json); it lies "
+                                     f"inside the run directory {str(smoke_run)!r}, so pass that.\n")
+    assert not (tmp_path / "r").exists()
+
+
 def test_unwritable_output_folder(smoke_run, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

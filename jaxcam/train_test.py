@@ -610,6 +610,8 @@ def test_cli_resume_of_the_workdir_names_the_newest_run(official_folder, tmp_pat
     (run_dir,) = tmp_path.iterdir()
     code, _, err = run_cli(["--workdir", tmp_path, "--resume", tmp_path], capsys)
     assert code == 1 and err.endswith(f"it holds run directories, so pass one, such as the newest {str(run_dir)!r}.\n")
+    code, _, err = run_cli(["--resume", run_dir / "checkpoints" / "latest"], capsys)
+    assert code == 1 and err.endswith(f"it lies inside the run directory {str(run_dir)!r}, so pass that.\n")
 
 
 def test_cli_resume_without_runs(tmp_path, capsys):
