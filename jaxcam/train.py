@@ -331,15 +331,18 @@ def check_run_dir(run_dir: str | os.PathLike) -> Path:
     """`run_dir` as a Path if it is a run directory (it has a config.json); else ConfigError, naming
     the newest run inside it when the user passed the workdir that holds the runs, or the run around
     it when the user passed a folder inside one (its checkpoints or its report)."""
+    def is_run(folder: Path) -> bool:
+        return (folder / "config.json").is_file()
+
     run_dir = Path(run_dir)
-    if (run_dir / "config.json").is_file():
+    if is_run(run_dir):
         return run_dir
     if not run_dir.exists():  # most often a mistyped path: "no config.json" would send the user looking for one
         raise ConfigError(f"The run directory {str(run_dir)!r} does not exist.")
     hint = ""
     # The deepest folders of a run are checkpoints/<which>/<step>/<item>; looking no higher keeps a
     # stray config.json far above (a home folder's) from being named.
-    around = next((p for p in list(run_dir.parents)[:4] if (p / "config.json").is_file()), None)
+    around = next(filter(is_run, run_dir.parents[:4]), None)
     if around is not None:
         hint = f"; it lies inside the run directory {str(around)!r}, so pass that"
     elif run_dir.is_dir():
