@@ -341,8 +341,9 @@ def check_run_dir(run_dir: str | os.PathLike) -> Path:
         raise ConfigError(f"The run directory {str(run_dir)!r} does not exist.")
     hint = ""
     # The deepest folders of a run are checkpoints/<which>/<step>/<item>; looking no higher keeps a
-    # stray config.json far above (a home folder's) from being named.
-    around = next(filter(is_run, run_dir.parents[:4]), None)
+    # stray config.json far above (a home folder's) from being named. The parents are those of the
+    # absolute path because "." and ".." have none of their own; abspath folds ".." by name.
+    around = next(filter(is_run, Path(os.path.abspath(run_dir)).parents[:4]), None)
     if around is not None:
         hint = f"; it lies inside the run directory {str(around)!r}, so pass that"
     elif run_dir.is_dir():

@@ -7,6 +7,7 @@ import shlex
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -589,6 +590,19 @@ def test_cli_finds_the_default_config_from_another_directory(tmp_path, monkeypat
     # The default config loads (its own error, not "does not exist"); epochs=0 stops before any data is read.
     code, _, err = run_cli(["--workdir", tmp_path / "runs", "--config.epochs=0"], capsys)
     assert code == 1 and err == "error: config.epochs must be a positive integer, got 0.\n"
+
+
+def test_dot_inside_a_run_names_the_run(tmp_path, monkeypatch):
+    # "." and ".." have no parents of their own; a user standing in a run's checkpoints folder
+    # still hears which run to pass.
+    run_dir = tmp_path / "resnet18_20261130_120000"
+    (run_dir / "checkpoints" / "latest").mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}")
+    monkeypatch.chdir(run_dir / "checkpoints" / "latest")
+    for given in [".", "..", "../latest"]:
+        with pytest.raises(ConfigError, match=f"inside the run directory {re.escape(repr(str(run_dir)))}"):
+            train_lib.check_run_dir(given)
+    assert train_lib.check_run_dir("../..") == Path("../..")
 
 
 def test_the_newest_run_is_found_by_the_time_in_its_name(tmp_path):
