@@ -93,7 +93,7 @@ class Checkpointer:
         except Exception as e:
             raise CheckpointError(
                 f"The {which} checkpoint of epoch {epoch} in {str(manager.directory)!r} is corrupt or does "
-                f"not match this model ({type(e).__name__}: {_first_line(e)})."
+                f"not match this model ({_reason(e)})."
             ) from None
         return state, dict(restored["meta"])
 
@@ -162,7 +162,7 @@ def load_variables(run_dir: str | os.PathLike, which: str = "best") -> tuple[dic
     except Exception as e:
         raise CheckpointError(
             f"The {which} checkpoint of epoch {epoch} in {str(directory)!r} is corrupt or unreadable "
-            f"({type(e).__name__}: {_first_line(e)})."
+            f"({_reason(e)})."
         ) from None
     finally:
         manager.close()
@@ -255,10 +255,16 @@ def _host_device() -> jax.Device:
         return jax.local_devices()[0]
 
 
-def _first_line(e: BaseException) -> str:
+def _reason(e: BaseException) -> str:
+    """'Type: first line' of the error at the root of `e`'s chain of causes, at most 300 characters."""
+    # Orbax wraps tensorstore's error in "Encountered error while reading array index: (slices).
+    # See full TensorStore details: <its spec>", which names neither the file nor what is wrong
+    # with it; the error it was raised from does ("Requested byte range ... is not valid").
+    while e.__cause__ is not None:
+        e = e.__cause__
     # tensorstore appends its whole JSON spec to a message, which says nothing to the user.
     text = str(e).split(" [tensorstore_spec=")[0].strip()
-    first = text.splitlines()[0] if text else "no details"
+    first = f"{type(e).__name__}: {text.splitlines()[0] if text else 'no details'}"
     return first if len(first) <= 300 else first[:299] + "…"
 
 

@@ -172,6 +172,10 @@ def test_a_damaged_checkpoint_fails_in_one_sentence(damage, smoke_run, tmp_path)
     errors = done.stdout.splitlines()
     assert len(errors) == 6 and all("is corrupt or" in line for line in errors), done.stdout
     assert not any("tensorstore_spec" in line for line in errors)  # its JSON spec says nothing to the user
+    # Each names the damaged store: tensorstore's own error, not orbax's wrapper of it ("Encountered
+    # error while reading array index: (slices). See full TensorStore details: <bound method ...").
+    assert all(f"{run}/checkpoints/" in line and "/state/" in line for line in errors), done.stdout
+    assert not any("TensorStore details" in line for line in errors), done.stdout
 
 
 def test_a_folder_without_checkpoints_is_named(smoke_run, tmp_path):
