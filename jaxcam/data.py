@@ -246,6 +246,9 @@ def _read_batch(raw: bytes, name: str, source: str) -> tuple[np.ndarray, np.ndar
         )
     if labels.shape != (len(data),):
         raise DataError(f"{name} in {source!r} has {len(data)} images but {labels.size} labels.")
+    if len(labels) and not np.issubdtype(labels.dtype, np.integer):
+        # Strings made min() raise numpy's UFuncTypeError; floats were truncated to classes unseen.
+        raise DataError(f"{name} in {source!r} has labels of dtype {labels.dtype}; CIFAR-10 labels are integers 0..9.")
     if len(labels) and (labels.min() < 0 or labels.max() > 9):
         raise DataError(f"{name} in {source!r} has labels outside 0..9.")
     # Channel-planar rows (3 x 32 x 32) to NHWC.

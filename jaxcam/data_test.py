@@ -130,6 +130,10 @@ def test_malformed_batch_contents(tmp_path):
         ({b"data": np.zeros((5, 3072), np.uint8)}, "test_batch in .* lacks the 'data' or 'labels' entry of a CIFAR-10 "
                                                    "batch."),
         ({b"data": np.zeros((5, 3072), np.uint8), b"labels": [0, 1, 2]}, "test_batch in .* has 5 images but 3 labels."),
+        ({b"data": np.zeros((5, 3072), np.uint8), b"labels": list("01234")},
+         "test_batch in .* has labels of dtype <U1; CIFAR-10 labels are integers 0..9."),
+        ({b"data": np.zeros((5, 3072), np.uint8), b"labels": [0, 1.5, 2, 3, 4]},
+         "test_batch in .* has labels of dtype float64; CIFAR-10 labels are integers 0..9."),
     ]:
         with open(folder / "test_batch", "wb") as f:
             pickle.dump(contents, f)
