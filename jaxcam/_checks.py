@@ -19,6 +19,12 @@ def is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def is_flag(value: Any) -> bool:
+    """A bool (Python or numpy). A string such as "no" or "False" is truthy, so a switch given
+    one would silently be on."""
+    return isinstance(value, (bool, np.bool_))
+
+
 def in_unit_range(maps: np.ndarray, tolerance: float = 0.0) -> bool:
     """All values finite and within [0, 1], give or take `tolerance`."""
     return bool(np.isfinite(maps).all() and maps.min() >= -tolerance and maps.max() <= 1 + tolerance)

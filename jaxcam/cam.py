@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcam._checks import is_flag, is_integer
 from jaxcam.models import STAGE_OUTPUT, STAGES, check_image_batch, check_variables
 
 EPS = 1e-7
@@ -293,6 +294,10 @@ def compute_with_outputs(
     """Like `compute`, also returning the logits (N, K) and the target classes used (N,)."""
     layers = check_layers(layer)
     check_method(method)
+    if not is_flag(resize):
+        raise ValueError(f"resize must be True or False, got {resize!r}.")
+    if not is_integer(batch_size, 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     images = check_float_images(images)
     check_variables(model, variables)  # a ResNet's; other modules that sow the same stages are taken as they are
     if getattr(model, "dtype", jnp.float32) != jnp.float32:

@@ -234,6 +234,8 @@ def test_multi_layer_combination_is_mean_of_normalized_maps(setup):
         (dict(targets=2.7), r"Target classes must be integers, got float64 \(\[2.7\]\)"),
         (dict(targets="cat"), "Target classes must be integers, got <U3"),
         (dict(targets=True), "Target classes must be integers, got bool"),
+        # A non-empty string is truthy: "no" would have resized.
+        (dict(resize="no"), "resize must be True or False, got 'no'."),
     ],
 )
 def test_bad_arguments(setup, kwargs, message):
@@ -326,3 +328,10 @@ print("same maps")
                           env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "same maps"
+
+
+def test_batch_size_must_be_positive(setup):
+    model, variables, images = setup
+    # range(0, n, 0) would have raised Python's "range() arg 3 must not be zero".
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0."):
+        cam.compute_with_outputs(model, variables, images, batch_size=0)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from jaxcam._checks import is_integer, layout_hint
+from jaxcam._checks import is_flag, is_integer, is_number, layout_hint
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -383,8 +383,10 @@ def augment_batch(
     for name, value in (("padding", padding), ("cutout_size", cutout_size)):
         if not is_integer(value, 0):
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
-    if not 0 <= cutout_prob <= 1:
+    if not (is_number(cutout_prob) and 0 <= cutout_prob <= 1):
         raise ValueError(f"cutout_prob must lie in [0, 1], got {cutout_prob!r}.")
+    if not is_flag(flip):
+        raise ValueError(f"flip must be True or False, got {flip!r}.")
     fill_values = np.asarray(fill)
     if fill_values.shape != (c,) or not ((fill_values >= 0) & (fill_values <= 255)).all():
         raise ValueError(f"fill must be {c} channel values in 0..255, got {fill!r}.")

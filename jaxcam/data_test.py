@@ -402,6 +402,9 @@ def test_augment_of_an_empty_batch_is_empty():
         (dict(cutout_size=-3), "cutout_size must be a non-negative integer, got -3"),
         (dict(cutout_prob=2.0), r"cutout_prob must lie in \[0, 1\], got 2.0"),
         (dict(cutout_prob=-0.1), r"cutout_prob must lie in \[0, 1\]"),
+        (dict(cutout_prob="0.5"), r"cutout_prob must lie in \[0, 1\], got '0.5'"),
+        # A non-empty string is truthy: "no" would have flipped.
+        (dict(flip="no"), "flip must be True or False, got 'no'."),
         (dict(fill=(1, 2)), r"fill must be 3 channel values in 0..255, got \(1, 2\)"),
         (dict(fill=(0, 0, 300)), "fill must be 3 channel values in 0..255"),
         (dict(fill=(0.4914, 0.4822, 0.4465)), r"fill takes whole pixel values in 0..255, such as "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
-from jaxcam._checks import is_integer, is_number
+from jaxcam._checks import is_flag, is_integer, is_number
 
 
 def _interpolate(strategy: str):
@@ -50,12 +50,17 @@ def onecycle(
     """
     if not is_integer(total_steps, 1):
         raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}.")
-    if not 0 <= pct_start <= 1:
-        raise ValueError(f"pct_start must lie in [0, 1], got {pct_start}.")
+    if not (is_number(pct_start) and 0 <= pct_start <= 1):
+        raise ValueError(f"pct_start must lie in [0, 1], got {pct_start!r}.")
     # As OneCycleLR: a negative or zero rate would silently train backwards or not at all.
     for name, value in (("max_lr", max_lr), ("div_factor", div_factor), ("final_div_factor", final_div_factor)):
         if not (is_number(value) and value > 0):
             raise ValueError(f"{name} must be a positive number, got {value!r}.")
+    for name, value in (("base_momentum", base_momentum), ("max_momentum", max_momentum)):
+        if not is_number(value):  # OneCycleLR sets no range; a string or NaN would pass into every step
+            raise ValueError(f"{name} must be a number, got {value!r}.")
+    if not is_flag(three_phase):
+        raise ValueError(f"three_phase must be True or False, got {three_phase!r}.")
     interpolate = _interpolate(anneal_strategy)
     initial_lr = max_lr / div_factor
     min_lr = initial_lr / final_div_factor

@@ -94,3 +94,13 @@ def test_onecycle_rejects_bad_arguments():
         onecycle(10, -0.1)  # would have trained with negative learning rates
     with pytest.raises(ValueError, match="final_div_factor must be a positive number, got 0."):
         onecycle(10, 0.1, final_div_factor=0)
+    with pytest.raises(ValueError, match=r"pct_start must lie in \[0, 1\], got '0.3'."):
+        onecycle(10, 0.1, pct_start="0.3")
+    # Strings and NaN momenta went into the schedule unchecked: "0.9" cycled as a number would.
+    with pytest.raises(ValueError, match="max_momentum must be a number, got '0.9'."):
+        onecycle(10, 0.1, max_momentum="0.9")
+    with pytest.raises(ValueError, match="base_momentum must be a number, got nan."):
+        onecycle(10, 0.1, base_momentum=float("nan"))
+    # A non-empty string is truthy: "no" would have given three phases.
+    with pytest.raises(ValueError, match="three_phase must be True or False, got 'no'."):
+        onecycle(10, 0.1, three_phase="no")
