@@ -125,6 +125,9 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, tfds_data_dir: st
     holding either. Raises `DataError` with one clear sentence when the data is missing or
     malformed.
     """
+    for name, value in (("data_dir", data_dir), ("tfds_data_dir", tfds_data_dir)):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise DataError(f"{name} must be a path (a string or os.PathLike) or None, got {value!r}.")
     if data_dir is None:
         return _load_tfds(tfds_data_dir)
     return _load_local(Path(data_dir).expanduser())

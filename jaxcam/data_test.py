@@ -54,6 +54,14 @@ def test_missing_path(tmp_path):
         data_lib.load_cifar10(tmp_path / "nope")
 
 
+def test_a_path_that_is_not_a_path():
+    # Path(3) raised Python's "expected str, bytes or os.PathLike object, not int".
+    with pytest.raises(DataError, match="data_dir must be a path .* or None, got 3."):
+        data_lib.load_cifar10(3)
+    with pytest.raises(DataError, match=r"tfds_data_dir must be a path .* or None, got \['a'\]."):
+        data_lib.load_cifar10(tfds_data_dir=["a"])
+
+
 def test_empty_folder(tmp_path):
     with pytest.raises(DataError, match="No CIFAR-10 found"):
         data_lib.load_cifar10(tmp_path)
