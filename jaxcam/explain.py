@@ -166,14 +166,15 @@ def _to_rgb8(img: "PIL.Image.Image", path: str | os.PathLike) -> "PIL.Image.Imag
     return img.convert("RGB")
 
 
-def load_image_files(paths: Sequence[str | os.PathLike]) -> np.ndarray:
-    """Read PNG/JPEG files as uint8 RGB (N, 32, 32, 3), resized with antialiasing.
+def load_image_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> np.ndarray:
+    """Read PNG/JPEG files (or one file) as uint8 RGB (N, 32, 32, 3), resized with antialiasing.
 
     Photos are turned upright by their EXIF orientation; 16-bit PNGs are scaled to 8 bits;
     transparent pixels are shown on white.
     """
     from PIL import Image, UnidentifiedImageError
 
+    paths = _path_list(paths)
     if not paths:
         raise data_lib.DataError("Give at least one image file to explain.")
     images = []
@@ -220,7 +221,7 @@ def explain_run(
     layers: Sequence[str] = ("layer3", "layer2"),
     method: str = "gradcam",
     num: int = 10,
-    image_files: Sequence[str] = (),
+    image_files: str | os.PathLike | Sequence[str | os.PathLike] = (),
     faithfulness_images: int = 64,
     data_dir: str | None = None,
     dataset: data_lib.Cifar10 | None = None,
@@ -232,7 +233,7 @@ def explain_run(
     cam_lib.check_method(method)
     if not 1 <= num <= MAX_GALLERY_ROWS:
         raise ValueError(f"--num must be between 1 and {MAX_GALLERY_ROWS} (one gallery row each), got {num}.")
-    _check_image_count(image_files)
+    image_files = _image_file_list(image_files)
     if faithfulness_images < 0:
         raise ValueError(f"--faithfulness must be 0 (skip) or a number of test images, got {faithfulness_images}.")
     try:
@@ -340,7 +341,7 @@ def explain_run(
 
 def explain_image_files(
     run_dir: str | os.PathLike,
-    image_files: Sequence[str | os.PathLike],
+    image_files: str | os.PathLike | Sequence[str | os.PathLike],
     out_dir: str | os.PathLike | None = None,
     *,
     layer: str | Sequence[str] = "layer3",
@@ -356,7 +357,7 @@ def explain_image_files(
     trained before they were recorded, the data is read as `load_run` reads it)."""
     layer = cam_lib.check_layers(layer)[0]
     cam_lib.check_method(method)
-    _check_image_count(image_files)
+    image_files = _image_file_list(image_files)
     run = load_run(run_dir, data_dir=data_dir, dataset=dataset, with_data=False)
     custom = load_image_files(image_files)
     final = Path(out_dir if out_dir is not None else run.run_dir / "images")
@@ -366,10 +367,19 @@ def explain_image_files(
     return final
 
 
-def _check_image_count(image_files: Sequence) -> None:
+def _path_list(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list:
+    """The paths as a list, one path given alone as a list of one: iterated, a string would have
+    been read character by character."""
+    return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+
+
+def _image_file_list(image_files: str | os.PathLike | Sequence[str | os.PathLike]) -> list:
+    """The user's own image files as a list (`_path_list`), at most MAX_GALLERY_ROWS of them."""
+    image_files = _path_list(image_files)
     if len(image_files) > MAX_GALLERY_ROWS:
         raise ValueError(f"--images takes at most {MAX_GALLERY_ROWS} files (one gallery row each), got "
                          f"{len(image_files)}; explain more with jaxcam.explain.explain_images.")
+    return image_files
 
 
 def _plot_own_images(run: LoadedRun, images: np.ndarray, image_files: Sequence, layer: str, method: str, out: Path,

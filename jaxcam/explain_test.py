@@ -15,7 +15,8 @@ from jaxcam import cam
 from jaxcam.checkpoint import Checkpointer, load_variables
 from jaxcam.configuration import load_config_file
 from jaxcam.data import DataError, load_cifar10
-from jaxcam.explain import REQUIRED_FILES, explain_images, explain_run, load_image_files, load_run
+from jaxcam.explain import (REQUIRED_FILES, explain_image_files, explain_images, explain_run, load_image_files,
+                            load_run)
 from jaxcam.train import train_and_evaluate
 
 
@@ -90,6 +91,17 @@ def test_own_images_print_top3(smoke_run, tmp_path, capsys):
     assert code == 0, err
     line = next(l for l in out.splitlines() if l.startswith(str(image)))
     assert line.count("%") == 3
+
+
+def test_one_image_file_given_alone_is_explained_as_one(smoke_run, tmp_path):
+    # As a bare string it had been iterated: each character was taken for a file.
+    image = tmp_path / "cat.png"
+    Image.fromarray(np.full((40, 40, 3), 120, np.uint8)).save(image)
+    lines = []
+    out = explain_image_files(smoke_run, str(image), tmp_path / "mine", log=lines.append)
+    assert (out / "custom_images.png").exists()
+    assert [line for line in lines if line.startswith(str(image))] and not [l for l in lines if l.startswith("/:")]
+    assert len([line for line in lines if "%" in line]) == 1
 
 
 def test_a_new_report_removes_the_galleries_of_an_earlier_one_that_it_does_not_draw(smoke_run, tmp_path, capsys):
@@ -204,6 +216,9 @@ def test_image_files_are_read_upright_and_as_8bit_rgb(tmp_path):
     assert expected[0].mean() < 10 and expected[-1].mean() > 245  # dark at the top, light at the bottom
     np.testing.assert_allclose(from_deep, expected, atol=1)
     np.testing.assert_allclose(from_phone, expected, atol=3)  # JPEG's rounding
+    # One path given alone is one file; iterated, its characters were taken for paths ("'/' is a folder").
+    np.testing.assert_array_equal(load_image_files(str(plain)), expected[None])
+    np.testing.assert_array_equal(load_image_files(plain), expected[None])
 
 
 def test_transparent_pixels_are_read_as_white(tmp_path):
