@@ -14,9 +14,14 @@ def is_integer(value: Any, at_least: int) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= at_least
 
 
+def is_real(value: Any) -> bool:
+    """A real number (Python or numpy, not a bool), infinities and NaN included."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def is_number(value: Any) -> bool:
     """A finite real number (Python or numpy, not a bool)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    return is_real(value) and math.isfinite(value)
 
 
 def is_flag(value: Any) -> bool:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from jaxcam import data as data_lib
 from jaxcam import models
-from jaxcam._checks import is_integer
+from jaxcam._checks import is_integer, is_number, is_real
 from jaxcam import train as train_lib
 from jaxcam.checkpoint import write_json
 from jaxcam.configuration import LR_FINDER_KEYS, check_keys
@@ -49,6 +49,16 @@ def _check_sweep(start_lr: float, end_lr: float, num_iter: int, step_mode: str, 
         raise ValueError(f"Unknown {prefix}step_mode {step_mode!r}; choose 'exp' or 'linear'.")
 
 
+def _check_smoothing(smooth_f: float, diverge_th: float, prefix: str = "") -> None:
+    """ValueError unless the loss can be smoothed and judged; `prefix` names config keys."""
+    # As pytorch-lr-finder: smooth_f 1 would ignore every new loss, and diverge_th <= 1 would stop
+    # at the first loss above the best one.
+    if not (is_number(smooth_f) and 0 <= smooth_f < 1):
+        raise ValueError(f"{prefix}smooth_f must lie in [0, 1), got {smooth_f!r}.")
+    if not (is_real(diverge_th) and diverge_th > 1):  # infinity: never stop
+        raise ValueError(f"{prefix}diverge_th must be greater than 1, got {diverge_th!r}.")
+
+
 def lr_sequence(start_lr: float, end_lr: float, num_iter: int, step_mode: str = "exp") -> np.ndarray:
     """Learning rate of step i: exp `start * (end / start) ** (i / (n - 1))`, linear `start + (end - start) * i / (n - 1)`."""
     _check_sweep(start_lr, end_lr, num_iter, step_mode)
@@ -64,6 +74,7 @@ def smooth_and_stop(losses: Iterable[float], smooth_f: float = 0.05, diverge_th:
     s_0 = l_0; s_i = smooth_f * l_i + (1 - smooth_f) * s_{i-1}; stop (keeping s_i) when
     s_i > diverge_th * min(s_0..s_i). Returns (smoothed losses, diverged).
     """
+    _check_smoothing(smooth_f, diverge_th)
     history: list[float] = []
     best = None
     for i, loss in enumerate(losses):
@@ -147,6 +158,7 @@ def range_test(
     pytorch-lr-finder's `val_loader` mode). Runs data-parallel over `mesh` (all local devices).
     """
     models.check_variables(model, variables)  # a ResNet's; other modules are taken as they are
+    _check_smoothing(smooth_f, diverge_th)  # before the step compiles, not after the first step
     lrs = lr_sequence(start_lr, end_lr, num_iter, step_mode)
     schedule = lambda count: jnp.asarray(lrs, jnp.float32)[jnp.minimum(count, num_iter - 1)]
     tx = make_optimizer(schedule)
@@ -233,12 +245,7 @@ def validate_settings(settings: Any) -> None:
     for key in ("skip_start", "skip_end"):
         if not is_integer(settings[key], 0):
             raise ValueError(f"config.lr_finder.{key} must be an integer of at least 0, got {settings[key]!r}.")
-    # As pytorch-lr-finder: smooth_f 1 would ignore every new loss, and diverge_th <= 1 would stop
-    # at the first loss above the best one.
-    if not 0 <= settings.smooth_f < 1:
-        raise ValueError(f"config.lr_finder.smooth_f must lie in [0, 1), got {settings.smooth_f!r}.")
-    if not settings.diverge_th > 1:
-        raise ValueError(f"config.lr_finder.diverge_th must be greater than 1, got {settings.diverge_th!r}.")
+    _check_smoothing(settings.smooth_f, settings.diverge_th, "config.lr_finder.")
 
 
 def run_for_config(config: Any, dataset: data_lib.Cifar10, run_dir: str | Path, *, progress: bool = True) -> float | None:

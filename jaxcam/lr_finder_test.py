@@ -36,6 +36,21 @@ def test_divergence_stops_after_the_first_divergent_point():
     smoothed, diverged = lr_finder.smooth_and_stop(losses, smooth_f=0.0, diverge_th=5.0)
     assert diverged and smoothed == [1.0, 0.8, 0.6, 0.5, 2.6]  # 2.6 > 5 * 0.5 stops, kept as in pytorch-lr-finder
     assert lr_finder.smooth_and_stop([1.0, float("nan")], 0.0)[1]
+    assert not lr_finder.smooth_and_stop([1.0, 0.1, 1e6], 0.0, diverge_th=float("inf"))[1]  # never stop
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(smooth_f=1.5), r"smooth_f must lie in \[0, 1\), got 1.5."),
+        (dict(smooth_f=float("nan")), r"smooth_f must lie in \[0, 1\), got nan."),
+        (dict(diverge_th=1.0), "diverge_th must be greater than 1, got 1.0."),
+        (dict(diverge_th="5"), "diverge_th must be greater than 1, got '5'."),
+    ],
+)
+def test_smoothing_rejects_settings_that_pytorch_lr_finder_rejects(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        lr_finder.smooth_and_stop([1.0, 2.0], **kwargs)
 
 
 def test_suggestion_is_the_steepest_descent():
@@ -130,6 +145,11 @@ def test_range_test_leaves_the_state_untouched(tiny_dataset):
     with pytest.raises(ValueError, match="must be a mapping with 'params' and 'batch_stats'"):
         lr_finder.range_test(model, {"params": state.params}, make_optimizer, batches(), mean=tiny_dataset.mean,
                              std=tiny_dataset.std, num_iter=3, progress=False, mesh=mesh)
+    # Only the config's settings had been checked: smooth_f 1.5 ran and weighted each loss by 1.5.
+    with pytest.raises(ValueError, match=r"^smooth_f must lie in \[0, 1\), got 1.5.$"):
+        lr_finder.range_test(model, {"params": state.params, "batch_stats": state.batch_stats}, make_optimizer,
+                             batches(), mean=tiny_dataset.mean, std=tiny_dataset.std, num_iter=3, smooth_f=1.5,
+                             progress=False, mesh=mesh)
 
 
 def test_with_validation_data_the_recorded_loss_is_the_validation_loss_after_each_step(tiny_dataset):
