@@ -260,6 +260,8 @@ def _jitted_init(model: ResNet, image_size: int, backend: str | None) -> Any:
 
 def init_variables(model: ResNet, rng: jax.Array, image_size: int = 32) -> dict:
     """{'params', 'batch_stats'} for `model`, without the per-call `perturbations`/`intermediates`."""
+    if not is_integer(image_size, 1):  # 0 had given a summary of empty feature maps
+        raise ValueError(f"image_size must be a positive integer, got {image_size!r}.")
     # Under a trace (jax.eval_shape for shapes) the jit is nested, and JAX takes compiler options
     # only at the top level.
     backend = None if isinstance(rng, jax.core.Tracer) else jax.default_backend()

@@ -199,6 +199,9 @@ def test_summary_lists_layers_in_order_with_totals():
     assert lines[2].startswith("conv1 (Conv)") and "[-1, 32, 32, 64]" in lines[2] and "1,728" in lines[2]
     assert any(l.startswith("layer4.1.conv2 (Conv)") and "[-1, 4, 4, 512]" in l for l in lines)
     assert "Total params: 11,173,962" in text
+    # 0 had printed a table of (-1, 0, 0, C) feature maps.
+    with pytest.raises(ValueError, match="image_size must be a positive integer, got 0."):
+        models.summary(models.ResNet18(width=4), image_size=0)
 
 
 def test_unknown_model_name():
