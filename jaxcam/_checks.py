@@ -60,6 +60,8 @@ def check_class_indices(labels: Any, predictions: Any, num_classes: int) -> tupl
     Counting them with bincount over label * K + prediction would file an out-of-range index
     under another class without a word.
     """
+    if not is_integer(num_classes, 1):
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
     labels, predictions = np.asarray(labels), np.asarray(predictions)
     if labels.ndim != 1 or labels.shape != predictions.shape:
         raise ValueError(f"Give one label and one prediction per example, as arrays (N,); "

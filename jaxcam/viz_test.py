@@ -55,6 +55,12 @@ def test_class_counts_refuse_indices_out_of_range(count, labels, predictions, me
             train.per_class_accuracy(predictions, labels, 10)
 
 
+def test_class_counts_need_a_class_count():
+    # A string had reached numpy's comparison: "ufunc 'greater_equal' did not contain a loop".
+    with pytest.raises(ValueError, match="num_classes must be a positive integer, got '10'."):
+        viz.confusion_matrix(np.array([0, 1]), np.array([1, 1]), "10")
+
+
 def test_overlay_blends_rgb_with_the_colormap():
     image = np.zeros((4, 6, 3), np.uint8)
     image[..., 0] = 255  # pure red: the overlay must keep RGB order, not turn it blue
