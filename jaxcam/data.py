@@ -99,6 +99,11 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     Accumulates in float64 chunk by chunk so 50k images need no 600 MB float copy.
     """
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or not len(images):
+        # Float images in [0, 1] would have given a mean 255 times too small; none, NaN.
+        raise ValueError(f"channel_stats takes uint8 NHWC images, at least one, got {images.dtype} with shape "
+                         f"{images.shape}.")
     count = 0
     total = np.zeros(images.shape[-1], np.float64)
     total_sq = np.zeros(images.shape[-1], np.float64)

@@ -190,6 +190,18 @@ def test_tfds_path_under_mock_data(capsys):
     assert d.mean.shape == (3,) and np.all(d.std > 0)
 
 
+def test_channel_stats_are_the_mean_and_std_of_each_channel_in_units_of_255():
+    images = np.random.default_rng(0).integers(0, 256, (5000, 4, 4, 3), dtype=np.uint8)  # two chunks of 4096
+    mean, std = data_lib.channel_stats(images)
+    np.testing.assert_allclose(mean, images.mean((0, 1, 2)) / 255, rtol=1e-6)
+    np.testing.assert_allclose(std, images.std((0, 1, 2)) / 255, rtol=1e-5)
+    # Images already scaled to [0, 1] had given a mean 255 times too small, and no images NaN.
+    with pytest.raises(ValueError, match=r"channel_stats takes uint8 NHWC images, at least one, got float64"):
+        data_lib.channel_stats(images / 255)
+    with pytest.raises(ValueError, match=r"at least one, got uint8 with shape \(0, 4, 4, 3\)."):
+        data_lib.channel_stats(images[:0])
+
+
 @pytest.mark.parametrize("given", ["parent", "folder", "archive"])
 def test_an_official_copy_given_as_tfds_data_dir_is_refused_before_tfds_runs(tmp_path, given):
     # tensorflow-datasets had downloaded CIFAR-10 beside the copy (offline: retrying for minutes).
