@@ -147,6 +147,8 @@ def optimizer_with_schedule(
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
     """Per-example softmax cross-entropy (N,) of float32 logits (N, K) and int labels (N,)."""
+    if not (is_number(label_smoothing) and 0 <= label_smoothing < 1):  # as config.label_smoothing
+        raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}.")
     targets = jax.nn.one_hot(labels, logits.shape[-1])
     if label_smoothing:
         targets = optax.smooth_labels(targets, label_smoothing)

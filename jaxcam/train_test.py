@@ -107,6 +107,9 @@ def test_cross_entropy_with_label_smoothing():
     log_probs = logits - np.log(np.exp(logits).sum())
     expected = -(0.9 * log_probs[0, 0] + 0.1 / 3 * log_probs[0].sum())
     np.testing.assert_allclose(train_lib.cross_entropy(logits, np.array([0]), 0.1), [expected], rtol=1e-6)
+    # Only config.label_smoothing had been checked: 1.5 gave the true class a negative target.
+    with pytest.raises(ValueError, match=r"label_smoothing must lie in \[0, 1\), got 1.5."):
+        train_lib.cross_entropy(logits, np.array([0]), 1.5)
 
 
 def test_resume_equals_uninterrupted(tiny_dataset, tmp_path):
