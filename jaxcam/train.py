@@ -291,8 +291,16 @@ def per_class_accuracy(predictions: np.ndarray, labels: np.ndarray, num_classes:
 # ----------------------------------------------------------------------------- run directory
 
 
+def check_run_name(name: Any, what: str = "name") -> None:
+    """ValueError unless `name` can start a run directory's name: a non-empty name, not a path."""
+    if not isinstance(name, str) or not name.strip() or Path(name).name != name:
+        raise ValueError(f"{what} starts the run directory's name, so it must be a non-empty name without "
+                         f"'/', got {name!r}.")
+
+
 def create_run_dir(workdir: str | os.PathLike, name: str) -> Path:
     """`<workdir>/<name>_<YYYYMMDD>_<HHMMSS>` (with a numeric suffix if that already exists)."""
+    check_run_name(name)
     workdir = make_writable_folder(workdir, "workdir")
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
     run_dir = workdir / f"{name}_{stamp}"
@@ -545,10 +553,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError with one clear sentence for missing or unknown keys, and for names and
     numbers that cannot work."""
     check_keys(config, CONFIG_KEYS, "The config", optional=("lr_finder",))
-    name = config.name
-    if not isinstance(name, str) or not name.strip() or Path(name).name != name:  # a path, not a name
-        raise ValueError(f"config.name starts the run directory's name, so it must be a non-empty name without "
-                         f"'/', got {name!r}.")
+    check_run_name(config.name, "config.name")
     if config.model.lower() not in models.MODELS:
         raise ValueError(f"Unknown model {config.model!r}; choose one of {', '.join(models.MODELS)}.")
     if config.optimizer.lower() not in OPTIMIZERS:

@@ -112,6 +112,14 @@ def test_cross_entropy_with_label_smoothing():
         train_lib.cross_entropy(logits, np.array([0]), 1.5)
 
 
+def test_a_run_name_that_is_a_path_is_refused_before_anything_is_made(tmp_path):
+    # create_run_dir had made the workdir and then failed in mkdir with Python's FileNotFoundError.
+    with pytest.raises(ValueError, match="name starts the run directory's name, so it must be a non-empty name "
+                                         "without '/', got 'a/b'."):
+        train_lib.create_run_dir(tmp_path / "runs", "a/b")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_resume_equals_uninterrupted(tiny_dataset, tmp_path):
     config = tiny_config()
     full = train_lib.train_and_evaluate(config, tmp_path / "full", dataset=tiny_dataset, progress=False, log=lambda s: None)
