@@ -328,6 +328,11 @@ def compute_with_outputs(
         maps.append(np.asarray(cams)[:keep])
         logits.append(np.asarray(batch_logits)[:keep])
         used.append(np.asarray(batch_used)[:keep])
+        finite = np.isfinite(logits[-1]).all(axis=1)
+        if not finite.all():  # the images are finite (checked above): most likely the variables are not
+            raise ValueError(f"The model's logits for image {start + int(np.argmin(finite))} are NaN or infinite, "
+                             f"so it cannot be explained (do the variables hold NaN or infinite values, from a "
+                             f"training that diverged?).")
     return np.concatenate(maps).astype(np.float32), np.concatenate(logits), np.concatenate(used)
 
 

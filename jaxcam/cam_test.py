@@ -286,6 +286,17 @@ def test_variables_that_do_not_fit_the_model(setup):
         cam.compute(models.ResNet18(width=16), variables, images)
 
 
+def test_variables_with_nan_are_refused_not_explained(setup):
+    # A NaN in one weight of the head had given maps of zeros, and NaN everywhere maps of NaN,
+    # both returned as if they were explanations.
+    model, variables, images = setup
+    params = jax.tree_util.tree_map(np.array, variables["params"])
+    params["linear"]["kernel"][0, 3] = np.nan  # feeds class 3's logit of every image
+    with pytest.raises(ValueError, match=r"The model's logits for image 0 are NaN or infinite, so it cannot be "
+                                         r"explained \(do the variables hold NaN or infinite values"):
+        cam.compute(model, {"params": params, "batch_stats": variables["batch_stats"]}, images)
+
+
 def test_a_model_with_its_stage_sizes_as_a_list_is_explained(setup):
     # jit takes the model as a static argument: a list field had made it unhashable (a JAX error).
     model, variables, images = setup
