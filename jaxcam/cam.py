@@ -224,8 +224,12 @@ def activations_and_gradients(
     """
     base = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
     shapes = jax.eval_shape(
-        lambda x: model.apply(base, x, train=False, mutable=["intermediates"])[1]["intermediates"], images
-    )
+        lambda x: model.apply(base, x, train=False, mutable=["intermediates"])[1], images
+    ).get("intermediates", {})
+    missing = [s for s in STAGES if STAGE_OUTPUT not in shapes.get(s, {})]
+    if missing:  # a module other than jaxcam's ResNet
+        raise ValueError(f"{type(model).__name__} sows no {missing[0]!r} output; CAMs need a model that sows its "
+                         f"stages {', '.join(STAGES)} as jaxcam.models.ResNet does.")
     perturbations = {s: {STAGE_OUTPUT: jnp.zeros(shapes[s][STAGE_OUTPUT][0].shape, jnp.float32)} for s in STAGES}
 
     def forward(perturbations):

@@ -297,6 +297,25 @@ def test_variables_with_nan_are_refused_not_explained(setup):
         cam.compute(model, {"params": params, "batch_stats": variables["batch_stats"]}, images)
 
 
+def test_a_module_that_sows_no_stages_is_refused(setup):
+    # Any module with num_classes is taken; one without the stage outputs had been a KeyError ('intermediates').
+    import flax.linen as nn
+
+    class Linear(nn.Module):
+        num_classes: int = 10
+
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.Dense(self.num_classes)(x.mean((1, 2)))
+
+    _, _, images = setup
+    linear = Linear()
+    params = linear.init(jax.random.key(0), images)["params"]
+    with pytest.raises(ValueError, match="Linear sows no 'layer1' output; CAMs need a model that sows its stages "
+                                         "layer1, layer2, layer3, layer4 as jaxcam.models.ResNet does."):
+        cam.compute(linear, {"params": params, "batch_stats": {}}, images)
+
+
 def test_a_model_with_its_stage_sizes_as_a_list_is_explained(setup):
     # jit takes the model as a static argument: a list field had made it unhashable (a JAX error).
     model, variables, images = setup
