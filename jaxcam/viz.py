@@ -36,6 +36,14 @@ def check_uint8_rgb(images: np.ndarray, who: str, batch: bool = True) -> np.ndar
     return images
 
 
+def _check_counts(who: str, count: int, unit: str, **arrays) -> None:
+    """ValueError unless each of `arrays` has `count` entries along its first axis, one per `unit`:
+    zipped, the shortest would have cut the figure short without a word."""
+    for name, values in arrays.items():
+        if len(values) != count:
+            raise ValueError(f"{who} needs {name} for each of the {count} {unit}, got {len(values)}.")
+
+
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5, cmap: str = CMAP) -> np.ndarray:
     """Blend a colormapped CAM (H, W) in [0, 1] over a uint8 RGB image (H, W, 3): float RGB in [0, 1]."""
     image, cam = check_uint8_rgb(image, "overlay", batch=False), np.asarray(cam)
@@ -118,6 +126,8 @@ def plot_misclassified(images: np.ndarray, labels: np.ndarray, predictions: np.n
     """
     images = check_uint8_rgb(images, "plot_misclassified")
     n = len(images)
+    _check_counts("plot_misclassified", n, "images", labels=labels, predictions=predictions, confidences=confidences)
+    labels, predictions = check_class_indices(labels, predictions, len(class_names))
     cols = min(5, n)
     rows = int(np.ceil(n / cols))
     fig, axes = subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), dpi=110, layout="constrained", squeeze=False)
@@ -157,6 +167,9 @@ def plot_cam_grid(images: np.ndarray, cams_predicted: np.ndarray, cams_true: np.
     images: uint8 RGB (N, H, W, 3); cams_predicted, cams_true: (N, H, W) in [0, 1]; labels,
     predictions: (N,) class indices (a wrong prediction's title is red).
     """
+    _check_counts("plot_cam_grid", len(images), "images", cams_predicted=cams_predicted, cams_true=cams_true,
+                  labels=labels, predictions=predictions)
+    labels, predictions = check_class_indices(labels, predictions, len(class_names))
     rows = [
         [(image, f"true: {class_names[t]}", "black"),
          (overlay(image, cp, alpha), f"CAM for pred: {class_names[p]}", WRONG if p != t else "black"),
@@ -175,6 +188,11 @@ def plot_top_classes(images: np.ndarray, cams: np.ndarray, classes: np.ndarray, 
     probabilities: (N, K) over all classes. Each row: the image titled `row_titles[i]`, then one
     overlay per class.
     """
+    _check_counts("plot_top_classes", len(images), "images", cams=cams, classes=classes,
+                  probabilities=probabilities, row_titles=row_titles)
+    classes = np.asarray(classes)
+    check_class_indices(classes.ravel(), classes.ravel(), len(class_names))
+    _check_counts("plot_top_classes", len(class_names), "classes", probabilities=np.asarray(probabilities).T)
     rows = [
         [(image, row_title, "black")]
         + [(overlay(image, cam, alpha), f"#{rank + 1}: {class_names[c]} ({100 * image_probs[c]:.1f}%)", "black")
@@ -192,6 +210,7 @@ def plot_all_targets(image: np.ndarray, cams: np.ndarray, probabilities: np.ndar
     image: uint8 RGB (H, W, 3); cams: (K, H, W) in [0, 1], one per class; probabilities: (K,).
     The most likely class's title is green.
     """
+    _check_counts("plot_all_targets", len(class_names), "classes", cams=cams, probabilities=probabilities)
     k = len(cams)
     cols = 6 if k > 5 else k + 1
     rows = int(np.ceil((k + 1) / cols))
@@ -216,6 +235,10 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
 def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: PathLike) -> None:
     """The counts (K, K) of `confusion_matrix` as a Blues heat map, true rows against predicted columns."""
     k = len(class_names)
+    matrix = np.asarray(matrix)
+    if matrix.shape != (k, k):
+        raise ValueError(f"plot_confusion_matrix takes counts ({k}, {k}) for {k} class names, got shape "
+                         f"{matrix.shape}.")
     fig, ax = subplots(figsize=(7.2, 6.2), dpi=110, layout="constrained")
     image = ax.imshow(matrix, cmap="Blues")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
@@ -234,6 +257,7 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: 
 
 def plot_per_class_accuracy(accuracies: np.ndarray, class_names: Sequence[str], path: PathLike) -> None:
     """Bars of the per-class accuracies (K,) in [0, 1]; NaN (a class without test images) draws as 0."""
+    _check_counts("plot_per_class_accuracy", len(class_names), "classes", accuracies=accuracies)
     fig, ax = subplots(figsize=(7.5, 3.6), dpi=110, layout="constrained")
     bars = ax.bar(range(len(class_names)), 100 * np.nan_to_num(accuracies), color="#4c72b0")
     ax.bar_label(bars, fmt="%.1f", fontsize=8)
@@ -248,6 +272,8 @@ def plot_samples_per_class(images: np.ndarray, labels: np.ndarray, class_names: 
                            per_class: int = 8) -> None:
     """A grid with one row per class and its first `per_class` images (uint8 RGB (N, H, W, 3), labels (N,))."""
     images = check_uint8_rgb(images, "plot_samples_per_class")
+    _check_counts("plot_samples_per_class", len(images), "images", labels=labels)
+    labels, _ = check_class_indices(labels, labels, len(class_names))
     k = len(class_names)
     fig, axes = subplots(k, per_class, figsize=(1.1 * per_class + 1.2, 1.15 * k), dpi=110, layout="constrained", squeeze=False)
     for row, name in enumerate(class_names):

@@ -124,3 +124,41 @@ def test_per_class_accuracy_plot_is_written(tmp_path):
     viz.plot_per_class_accuracy(np.array([0.5, np.nan, 1.0]), ["a", "b", "c"], tmp_path / "bars.png")
     with Image.open(tmp_path / "bars.png") as img:
         assert img.format == "PNG" and np.asarray(img.convert("RGB")).std() > 10
+
+
+_NAMES = [f"c{k}" for k in range(4)]
+_IMAGES = np.zeros((3, 8, 8, 3), np.uint8)
+_MAPS = np.zeros((3, 8, 8), np.float32)
+_LABELS, _PREDICTIONS = np.array([0, 1, 2]), np.array([1, 1, 3])
+
+
+@pytest.mark.parametrize("plot, arguments, message", [
+    ("plot_misclassified", (_IMAGES, _LABELS[:2], _PREDICTIONS[:2], np.ones(2), _NAMES),
+     "plot_misclassified needs labels for each of the 3 images, got 2."),
+    ("plot_misclassified", (_IMAGES, np.array([0, 1, -1]), _PREDICTIONS, np.ones(3), _NAMES),
+     "Class label -1 is out of range for 4 classes."),
+    ("plot_cam_grid", (_IMAGES, _MAPS[:1], _MAPS, _LABELS, _PREDICTIONS, _NAMES),
+     "plot_cam_grid needs cams_predicted for each of the 3 images, got 1."),
+    ("plot_cam_grid", (_IMAGES, _MAPS, _MAPS, _LABELS, np.array([0, 1, 4]), _NAMES),
+     "Class prediction 4 is out of range for 4 classes."),
+    ("plot_top_classes", (_IMAGES, _MAPS[:, None], np.zeros((3, 1), int), np.ones((3, 4)) / 4, ["a", "b"], _NAMES),
+     "plot_top_classes needs row_titles for each of the 3 images, got 2."),
+    ("plot_top_classes", (_IMAGES, _MAPS[:, None], np.full((3, 1), 7), np.ones((3, 4)) / 4, ["a", "b", "c"], _NAMES),
+     "Class label 7 is out of range for 4 classes."),
+    ("plot_all_targets", (_IMAGES[0], _MAPS, np.ones(3) / 3, _NAMES),
+     "plot_all_targets needs cams for each of the 4 classes, got 3."),
+    ("plot_samples_per_class", (_IMAGES, np.array([0, 5, 1]), _NAMES),
+     "Class label 5 is out of range for 4 classes."),
+    ("plot_per_class_accuracy", (np.ones(3), _NAMES),
+     "plot_per_class_accuracy needs accuracies for each of the 4 classes, got 3."),
+    ("plot_confusion_matrix", (np.eye(3, dtype=int), _NAMES),
+     r"plot_confusion_matrix takes counts \(4, 4\) for 4 class names, got shape \(3, 3\)."),
+])
+def test_figures_refuse_arrays_that_do_not_match(plot, arguments, message, tmp_path):
+    # Zipped, the shortest array had cut a gallery short; a negative class index had titled an
+    # image with the last class's name; too few class names had labelled a matrix's rows wrongly.
+    # All without a word.
+    titled = ("plot_cam_grid", "plot_top_classes", "plot_all_targets")
+    with pytest.raises(ValueError, match=message):
+        getattr(viz, plot)(*arguments, tmp_path / "figure.png", *(["title"] if plot in titled else []))
+    assert not (tmp_path / "figure.png").exists()
