@@ -486,7 +486,13 @@ class Batch:
 
 
 def _check_batching(images: np.ndarray, labels: np.ndarray, batch_size: int) -> None:
-    """ValueError unless `batch_size` is a positive integer and there is one label per image."""
+    """ValueError unless the images are uint8, `batch_size` is a positive integer and there is one
+    label per image."""
+    dtype = getattr(images, "dtype", None)
+    if dtype != np.uint8:
+        # Normalization runs on the device after batching; float images in [0, 1] would be
+        # normalized as if they were pixel values, without a word.
+        raise ValueError(f"Batches take uint8 images (0..255, normalized later on the device), got {dtype}.")
     if not is_integer(batch_size, 1):
         # A negative one gave no batches at all: an "every example once" evaluation of nothing.
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
@@ -509,6 +515,9 @@ def train_batches(
     epoch is the same whether or not the run was resumed before it.
     """
     _check_batching(images, labels, batch_size)
+    for name, value in (("seed", seed), ("epoch", epoch)):
+        if not is_integer(value, 0):  # numpy's own words: "expected non-negative integer"
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
     if batch_size > len(images):
         # The remainder is dropped, so the epoch would end without a single batch.
         raise ValueError(f"batch_size {batch_size} exceeds the {len(images)} training images, so an epoch would "
@@ -519,7 +528,13 @@ def train_batches(
         idx = np.sort(order[start : start + batch_size])  # sorted reads are faster; order inside a batch is irrelevant
         batch_images = images[idx]
         if augment is not None:
-            batch_images = augment(batch_images, rng)
+            augmented = augment(batch_images, rng)
+            if getattr(augmented, "shape", None) != batch_images.shape or augmented.dtype != np.uint8:
+                # A batch of another size would have been paired with the wrong labels.
+                raise ValueError(f"augment must return the uint8 batch it is given, shape {batch_images.shape}, "
+                                 f"augmented; it returned {getattr(augmented, 'dtype', type(augmented).__name__)} "
+                                 f"with shape {getattr(augmented, 'shape', None)}.")
+            batch_images = augmented
         yield Batch(batch_images, labels[idx], np.ones(batch_size, np.float32))
 
 

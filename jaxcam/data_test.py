@@ -491,6 +491,32 @@ def test_train_batches_refuse_a_batch_larger_than_the_images():
         next(data_lib.train_batches(np.zeros((10, 32, 32, 3), np.uint8), np.arange(10), 20, seed=0, epoch=1))
 
 
+@pytest.mark.parametrize("batches", ["train_batches", "eval_batches"])
+def test_batching_refuses_float_images(batches):
+    # They went on to the device's normalization, which takes pixel values: images in [0, 1]
+    # were normalized to about -2 everywhere, without a word.
+    arguments = dict(seed=0, epoch=1) if batches == "train_batches" else {}
+    with pytest.raises(ValueError, match=r"Batches take uint8 images \(0..255, normalized later on the device\), "
+                                         r"got float32."):
+        next(getattr(data_lib, batches)(np.zeros((10, 32, 32, 3), np.float32), np.arange(10), 4, **arguments))
+
+
+@pytest.mark.parametrize("arguments, message", [
+    # numpy's own words had been "expected non-negative integer", naming neither.
+    (dict(seed=-1, epoch=0), "seed must be a non-negative integer, got -1."),
+    (dict(seed=0, epoch=-2), "epoch must be a non-negative integer, got -2."),
+    # A batch of another size had been paired with the labels of the batch drawn.
+    (dict(seed=0, epoch=0, augment=lambda images, rng: images[:1]),
+     r"augment must return the uint8 batch it is given, shape \(4, 32, 32, 3\), augmented; it returned uint8 "
+     r"with shape \(1, 32, 32, 3\)."),
+    (dict(seed=0, epoch=0, augment=lambda images, rng: images / 255),
+     "augment must return the uint8 batch it is given.*; it returned float64"),
+])
+def test_train_batches_refuse_bad_seeds_and_augmentations(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        next(data_lib.train_batches(np.zeros((10, 32, 32, 3), np.uint8), np.arange(10), 4, **arguments))
+
+
 def test_prefetch_preserves_order_and_reraises():
     assert list(data_lib.prefetch(iter(range(10)), transfer=lambda x: x * 2)) == list(range(0, 20, 2))
 
