@@ -54,22 +54,35 @@ def layout_hint(shape: tuple[int, ...], batch: bool = True) -> str:
     return ""
 
 
+def _check_num_classes(num_classes: Any) -> None:
+    if not is_integer(num_classes, 1):
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
+
+
+def check_classes(values: Any, num_classes: int, name: str = "label") -> np.ndarray:
+    """Class indices (N,) as an int64 array of classes in 0..num_classes-1, else ValueError naming
+    the first outside (a negative index would pick a class name from the end without a word)."""
+    _check_num_classes(num_classes)
+    values = np.asarray(values)
+    if values.ndim != 1:
+        raise ValueError(f"Give one class {name} per example, as an array (N,); got shape {values.shape}.")
+    if values.size and not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"Class {name}s must be integers, got {values.dtype}.")
+    outside = values[(values < 0) | (values >= num_classes)]
+    if outside.size:
+        raise ValueError(f"Class {name} {int(outside[0])} is out of range for {num_classes} classes.")
+    return values.astype(np.int64)
+
+
 def check_class_indices(labels: Any, predictions: Any, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Labels and predictions as int64 arrays (N,) of classes in 0..num_classes-1, else ValueError.
 
     Counting them with bincount over label * K + prediction would file an out-of-range index
     under another class without a word.
     """
-    if not is_integer(num_classes, 1):
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
+    _check_num_classes(num_classes)
     labels, predictions = np.asarray(labels), np.asarray(predictions)
     if labels.ndim != 1 or labels.shape != predictions.shape:
         raise ValueError(f"Give one label and one prediction per example, as arrays (N,); "
                          f"got shapes {labels.shape} and {predictions.shape}.")
-    for name, values in (("label", labels), ("prediction", predictions)):
-        if values.size and not np.issubdtype(values.dtype, np.integer):
-            raise ValueError(f"Class {name}s must be integers, got {values.dtype}.")
-        outside = values[(values < 0) | (values >= num_classes)]
-        if outside.size:
-            raise ValueError(f"Class {name} {int(outside[0])} is out of range for {num_classes} classes.")
-    return labels.astype(np.int64), predictions.astype(np.int64)
+    return check_classes(labels, num_classes, "label"), check_classes(predictions, num_classes, "prediction")

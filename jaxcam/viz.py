@@ -15,7 +15,7 @@ import matplotlib.ticker
 import numpy as np
 from matplotlib.figure import Figure
 
-from jaxcam._checks import check_class_indices, in_unit_range, layout_hint
+from jaxcam._checks import check_class_indices, check_classes, in_unit_range, layout_hint
 
 CMAP = "inferno"
 PathLike = str | os.PathLike
@@ -190,8 +190,7 @@ def plot_top_classes(images: np.ndarray, cams: np.ndarray, classes: np.ndarray, 
     """
     _check_counts("plot_top_classes", len(images), "images", cams=cams, classes=classes,
                   probabilities=probabilities, row_titles=row_titles)
-    classes = np.asarray(classes)
-    check_class_indices(classes.ravel(), classes.ravel(), len(class_names))
+    check_classes(np.ravel(classes), len(class_names))
     _check_counts("plot_top_classes", len(class_names), "classes", probabilities=np.asarray(probabilities).T)
     rows = [
         [(image, row_title, "black")]
@@ -273,7 +272,7 @@ def plot_samples_per_class(images: np.ndarray, labels: np.ndarray, class_names: 
     """A grid with one row per class and its first `per_class` images (uint8 RGB (N, H, W, 3), labels (N,))."""
     images = check_uint8_rgb(images, "plot_samples_per_class")
     _check_counts("plot_samples_per_class", len(images), "images", labels=labels)
-    labels, _ = check_class_indices(labels, labels, len(class_names))
+    labels = check_classes(labels, len(class_names))
     k = len(class_names)
     fig, axes = subplots(k, per_class, figsize=(1.1 * per_class + 1.2, 1.15 * k), dpi=110, layout="constrained", squeeze=False)
     for row, name in enumerate(class_names):
