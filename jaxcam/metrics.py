@@ -28,6 +28,9 @@ def _check_inputs(images: np.ndarray, saliency: np.ndarray, targets: np.ndarray)
     n, h, w, _ = images.shape
     if n == 0:
         raise ValueError("No images to score (the batch is empty).")
+    if not np.isfinite(images).all():
+        # They would reach predict and come back as NaN logits, blamed on the model.
+        raise ValueError("The images contain NaN or infinite values.")
     saliency, targets = np.asarray(saliency), np.asarray(targets)
     if saliency.shape != (n, h, w):
         raise ValueError(f"Saliency maps must have shape {(n, h, w)}, got {saliency.shape}.")
@@ -141,6 +144,8 @@ def auc(curves: np.ndarray) -> np.ndarray:
     curves = np.asarray(curves, np.float64)
     if curves.ndim != 2 or curves.shape[1] < 2:
         raise ValueError(f"auc takes curves (N, steps + 1) of at least two points each, got shape {curves.shape}.")
+    if not np.isfinite(curves).all():
+        raise ValueError("The curves contain NaN or infinite values, so they have no area.")
     return (curves[:, 1:] + curves[:, :-1]).sum(1) / (2 * (curves.shape[1] - 1))
 
 
@@ -189,4 +194,8 @@ def faithfulness(
 
 def random_saliency(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
     """The random-map baseline: uniform noise maps (N, H, W)."""
+    if not (isinstance(shape, (tuple, list)) and len(shape) == 3 and all(is_integer(d, 0) for d in shape)):
+        raise ValueError(f"shape must be (N, H, W), three sizes of at least 0, got {shape!r}.")
+    if not is_integer(seed, 0):
+        raise ValueError(f"seed must be an integer of at least 0, got {seed!r}.")
     return np.random.default_rng(seed).random(shape, dtype=np.float32)

@@ -187,3 +187,33 @@ def test_auc_needs_curves_of_two_points(shape):
     with pytest.raises(ValueError, match=rf"auc takes curves \(N, steps \+ 1\) of at least two points each, "
                                          rf"got shape \({shape[0]},"):
         metrics.auc(np.ones(shape))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("metric", ["deletion_insertion_curves", "confidence_change"])
+def test_images_must_be_finite(metric, bad):
+    # They had reached predict and come back as NaN logits, blamed on predict.
+    images = np.ones((2, H, W, 3))
+    images[1, 2, 3, 0] = bad
+    with pytest.raises(ValueError, match="The images contain NaN or infinite values."):
+        getattr(metrics, metric)(predict, images, np.ones((2, H, W)), np.zeros(2, int))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_auc_needs_finite_curves(bad):
+    with pytest.raises(ValueError, match="The curves contain NaN or infinite values, so they have no area."):
+        metrics.auc(np.array([[1.0, 0.5], [bad, 0.0]]))
+
+
+@pytest.mark.parametrize("shape", [(2, 8), (2, 8, 8, 1), (2, -1, 8), (2, 8.0, 8), 5])
+def test_random_saliency_needs_a_shape_of_maps(shape):
+    # (2, 8) had given maps of one row each, and (2, 8, 8, 1) 4-d maps.
+    with pytest.raises(ValueError, match=r"shape must be \(N, H, W\), three sizes of at least 0, got "):
+        metrics.random_saliency(shape)
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, "0"])
+def test_random_saliency_needs_a_non_negative_integer_seed(seed):
+    # -1 had given numpy's "expected non-negative integer".
+    with pytest.raises(ValueError, match="seed must be an integer of at least 0, got "):
+        metrics.random_saliency((1, H, W), seed=seed)
