@@ -168,7 +168,8 @@ def confidence_change(
         )
     full = _softmax_target(_predict_in_chunks(predict, images, batch_size), targets)
     masked = _softmax_target(_predict_in_chunks(predict, images * saliency[..., None], batch_size), targets)
-    drop = np.maximum(0.0, full - masked) / full
+    # A target probability that underflows to 0 cannot drop: its term is 0, not 0 / 0 = NaN.
+    drop = np.divide(np.maximum(0.0, full - masked), full, out=np.zeros_like(full), where=full > 0)
     return float(100 * drop.mean()), float(100 * np.mean(masked > full))
 
 

@@ -199,6 +199,22 @@ def test_images_must_be_finite(metric, bad):
         getattr(metrics, metric)(predict, images, np.ones((2, H, W)), np.zeros(2, int))
 
 
+@pytest.mark.filterwarnings("error")
+def test_average_drop_of_a_probability_that_underflows_is_zero():
+    # Image 0's target probability underflows to 0 (a logit 1000 below the other): it cannot drop,
+    # and had made the average drop NaN (0 / 0, with a RuntimeWarning).
+    def confident(images):
+        logits = predict(images)
+        logits[0] = [-1000.0, 0.0]
+        return logits
+
+    images = np.ones((2, H, W, 3), np.float32)
+    drop, increase = metrics.confidence_change(confident, images, np.full((2, H, W), 0.5, np.float32),
+                                               np.zeros(2, int))
+    # Image 1 halves from p = 1 to 0.5 (a 50% drop); image 0 adds 0: the mean is 25%.
+    assert drop == pytest.approx(25.0, abs=1e-6) and increase == 0.0
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_auc_needs_finite_curves(bad):
     with pytest.raises(ValueError, match="The curves contain NaN or infinite values, so they have no area."):
