@@ -231,11 +231,11 @@ def explain_run(
     as `load_run` takes it (`dataset`, `data_dir` or the run's config)."""
     layers = cam_lib.check_layers(layers)
     cam_lib.check_method(method)
-    if not 1 <= num <= MAX_GALLERY_ROWS:
-        raise ValueError(f"--num must be between 1 and {MAX_GALLERY_ROWS} (one gallery row each), got {num}.")
+    if not (is_integer(num, 1) and num <= MAX_GALLERY_ROWS):  # 2.5 had passed, to fail in slicing
+        raise ValueError(f"--num must be between 1 and {MAX_GALLERY_ROWS} (one gallery row each), got {num!r}.")
     image_files = _image_file_list(image_files)
-    if faithfulness_images < 0:
-        raise ValueError(f"--faithfulness must be 0 (skip) or a number of test images, got {faithfulness_images}.")
+    if not is_integer(faithfulness_images, 0):  # 2.5 had scored np.arange(2.5), three images
+        raise ValueError(f"--faithfulness must be 0 (skip) or a number of test images, got {faithfulness_images!r}.")
     try:
         run = load_run(run_dir, data_dir=data_dir, dataset=dataset)
     except data_lib.DataError as e:

@@ -179,6 +179,21 @@ def test_bad_arguments_give_one_clear_error(smoke_run, tmp_path, capsys, extra, 
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"num": 2.5}, "--num must be between 1 and 100 (one gallery row each), got 2.5."),
+    ({"num": "4"}, "--num must be between 1 and 100 (one gallery row each), got '4'."),
+    ({"num": True}, "--num must be between 1 and 100 (one gallery row each), got True."),
+    ({"faithfulness_images": 2.5}, "--faithfulness must be 0 (skip) or a number of test images, got 2.5."),
+    ({"faithfulness_images": "64"}, "--faithfulness must be 0 (skip) or a number of test images, got '64'."),
+])
+def test_explain_run_takes_whole_numbers(smoke_run, tmp_path, settings, message):
+    # From the library, num=2.5 had passed its range check and failed in slicing, and
+    # faithfulness_images=2.5 had scored three images; strings had failed in a comparison.
+    with pytest.raises(ValueError, match=re.escape(message)):
+        explain_run(smoke_run, tmp_path / "r", log=lambda s: None, **settings)
+    assert not (tmp_path / "r").exists()
+
+
 def test_score_cam_on_a_cpu_says_why_the_report_takes_long(smoke_run, tmp_path, capsys):
     # Its passes run inside one jitted program, with no progress to show: a full-width report had
     # sat silent for minutes on a laptop.
