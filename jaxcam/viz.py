@@ -15,7 +15,7 @@ import matplotlib.ticker
 import numpy as np
 from matplotlib.figure import Figure
 
-from jaxcam._checks import check_class_indices, check_classes, in_unit_range, layout_hint
+from jaxcam._checks import check_class_indices, check_classes, in_unit_range, is_number, layout_hint
 
 CMAP = "inferno"
 PathLike = str | os.PathLike
@@ -50,7 +50,7 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5, cmap: str = 
     if image.shape[:2] != cam.shape:
         raise ValueError(f"The CAM {cam.shape} and the image {image.shape[:2]} must have the same size "
                          "(cam.compute resizes its maps to the image unless resize=False).")
-    if not 0 <= alpha <= 1:
+    if not (is_number(alpha) and 0 <= alpha <= 1):  # a string had failed in the comparison; True meant 1
         raise ValueError(f"overlay's alpha is the CAM's share of the blend, in [0, 1], got {alpha!r}.")
     # A raw map (before min-max) would be clipped to a flat saturated colour, NaN drawn as black;
     # the small tolerance keeps a map resized after normalization, which can overshoot by rounding.

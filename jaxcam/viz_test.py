@@ -88,6 +88,9 @@ def test_overlay_rejects_what_it_cannot_draw():
         viz.overlay(np.zeros((16, 16, 3), np.uint8), cam)
     with pytest.raises(ValueError, match=r"alpha is the CAM's share of the blend, in \[0, 1\], got 1.5"):
         viz.overlay(np.zeros((32, 32, 3), np.uint8), cam, alpha=1.5)  # would invert the image's share
+    for alpha in ("0.5", True):  # a string had failed in a comparison, and True blended as 1
+        with pytest.raises(ValueError, match=rf"alpha is the CAM's share of the blend, in \[0, 1\], got {alpha!r}"):
+            viz.overlay(np.zeros((32, 32, 3), np.uint8), cam, alpha=alpha)
     # A raw map had been clipped to [0, 1] without a word: mostly one saturated colour.
     with pytest.raises(ValueError, match=r"overlay takes a CAM normalized to \[0, 1\], got values from -2 to 37; "
                                          r"normalize it first \(jaxcam.cam.minmax"):
