@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxcam import data as data_lib
-from jaxcam._checks import check_class_indices, is_integer, is_number
+from jaxcam._checks import check_class_indices, is_flag, is_integer, is_number
 from jaxcam import models
 from jaxcam.checkpoint import Checkpointer, CheckpointError, interrupts_deferred, make_writable_folder, write_json
 from jaxcam.configuration import CONFIG_KEYS, DATA_KEYS, ConfigError, check_keys, config_from_json
@@ -547,6 +547,10 @@ def train_epoch(
 # (label smoothing 1 is a uniform target, momentum 1 never forgets).
 _UNIT_CLOSED = ("cutout_prob", "pct_start")
 _UNIT_HALF_OPEN = ("label_smoothing", "momentum", "base_momentum", "max_momentum", "beta2")
+# Switches: a config file written from scratch can give one a string, and "False" or "no" is truthy.
+_FLAG_KEYS = ("nesterov", "three_phase", "cycle_momentum", "augment", "flip", "tensorboard", "print_summary")
+# Names looked up in a table: anything but a string would fail in .lower() with a traceback.
+_NAME_KEYS = ("model", "optimizer", "dtype", "schedule", "anneal_strategy")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -554,6 +558,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     numbers that cannot work."""
     check_keys(config, CONFIG_KEYS, "The config", optional=("lr_finder",))
     check_run_name(config.name, "config.name")
+    for key in _NAME_KEYS:
+        if not isinstance(config[key], str):
+            raise ValueError(f"config.{key} must be a name (a string), got {config[key]!r}.")
+    for key in DATA_KEYS:
+        if config[key] is not None and not isinstance(config[key], (str, os.PathLike)):
+            raise ValueError(f"config.{key} must be a path or None, got {config[key]!r}.")
+    for key in _FLAG_KEYS:
+        if not is_flag(config[key]):
+            raise ValueError(f"config.{key} must be True or False, got {config[key]!r}.")
     if config.model.lower() not in models.MODELS:
         raise ValueError(f"Unknown model {config.model!r}; choose one of {', '.join(models.MODELS)}.")
     if config.optimizer.lower() not in OPTIMIZERS:

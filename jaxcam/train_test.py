@@ -762,6 +762,14 @@ def test_overrides_parse_types():
                            "'/', got 'runs/a'."),
         ("name", " ", "config.name starts the run directory's name, so it must be a non-empty name without '/', "
                       "got ' '."),
+        # A config file written from scratch: a number had failed in .lower() with a traceback, and
+        # a string for a switch had meant True ("False" trained with augmentation, "no" with Nesterov).
+        ("model", 18, "config.model must be a name (a string), got 18."),
+        ("optimizer", None, "config.optimizer must be a name (a string), got None."),
+        ("augment", "False", "config.augment must be True or False, got 'False'."),
+        ("nesterov", "no", "config.nesterov must be True or False, got 'no'."),
+        ("tensorboard", 0, "config.tensorboard must be True or False, got 0."),
+        ("tfds_data_dir", 5, "config.tfds_data_dir must be a path or None, got 5."),
     ],
 )
 def test_validate_config_rejects_values_that_cannot_work(key, value, message):
