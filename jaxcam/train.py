@@ -367,8 +367,9 @@ def config_record(config: ml_collections.ConfigDict) -> dict:
     explain.py and --resume find the data from any working directory."""
     saved = json.loads(config.to_json_best_effort())
     for key in DATA_KEYS:
-        if saved.get(key) is not None:
-            saved[key] = str(Path(saved[key]).expanduser().absolute())
+        # From the config, not its JSON: a pathlib.Path there is "unserializable object: <path>".
+        if config.get(key) is not None:
+            saved[key] = str(Path(config[key]).expanduser().absolute())
     return saved
 
 

@@ -787,6 +787,15 @@ def test_validate_config_accepts_the_ends_of_each_range():
     train_lib.validate_config(config)
 
 
+def test_a_data_dir_given_as_a_path_object_is_recorded_as_its_path(tmp_path):
+    # to_json_best_effort had written it as "unserializable object: <path>", made absolute against
+    # the working directory: a config.json that explain.py and --resume could not follow.
+    config = load_config_file(ROOT / "configs" / "default.py")
+    config.data_dir = tmp_path / "cifar"
+    train_lib.validate_config(config)
+    assert train_lib.config_record(config)["data_dir"] == str(tmp_path / "cifar")
+
+
 def test_readme_names_every_config_key():
     readme = (ROOT / "README.md").read_text()
     listing = readme[readme.index("Every config key can be overridden"):readme.index("Bad input stops")]
