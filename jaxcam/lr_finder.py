@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from jaxcam import data as data_lib
 from jaxcam import models
-from jaxcam._checks import is_integer, is_number, is_real
+from jaxcam._checks import is_flag, is_integer, is_number, is_real
 from jaxcam import train as train_lib
 from jaxcam.checkpoint import write_json
 from jaxcam.configuration import LR_FINDER_KEYS, check_keys
@@ -42,7 +42,8 @@ def _check_sweep(start_lr: float, end_lr: float, num_iter: int, step_mode: str, 
     """ValueError unless the sweep can run; `prefix` ("config.lr_finder.") names config keys."""
     if not is_integer(num_iter, 2):
         raise ValueError(f"{prefix}num_iter must be an integer of at least 2, got {num_iter!r}.")
-    if not 0 < start_lr < end_lr:
+    # An infinite end_lr had swept through infinite rates, a string had failed in the comparison.
+    if not (is_number(start_lr) and is_number(end_lr) and 0 < start_lr < end_lr):
         raise ValueError(f"{prefix.rstrip('.') or 'The range test'} needs 0 < start_lr < end_lr, "
                          f"got {start_lr!r} and {end_lr!r}.")
     if step_mode not in ("exp", "linear"):
@@ -57,6 +58,15 @@ def _check_smoothing(smooth_f: float, diverge_th: float, prefix: str = "") -> No
         raise ValueError(f"{prefix}smooth_f must lie in [0, 1), got {smooth_f!r}.")
     if not (is_real(diverge_th) and diverge_th > 1):  # infinity: never stop
         raise ValueError(f"{prefix}diverge_th must be greater than 1, got {diverge_th!r}.")
+
+
+def _check_trim(skip_start: int, skip_end: int, up_to_minimum: bool, prefix: str = "") -> None:
+    """ValueError unless the suggestion's trim can be applied; `prefix` names config keys."""
+    for key, value in (("skip_start", skip_start), ("skip_end", skip_end)):
+        if not is_integer(value, 0):  # 2.5 had failed in slicing, True had skipped one point
+            raise ValueError(f"{prefix}{key} must be an integer of at least 0, got {value!r}.")
+    if not is_flag(up_to_minimum):  # "no" is truthy
+        raise ValueError(f"{prefix}up_to_minimum must be True or False, got {up_to_minimum!r}.")
 
 
 def lr_sequence(start_lr: float, end_lr: float, num_iter: int, step_mode: str = "exp") -> np.ndarray:
@@ -100,8 +110,7 @@ def suggest_lr(
     only the points up to the lowest smoothed loss count: the valley before divergence. On a
     curve whose minimum comes last, as when the test stops at divergence, both agree.
     """
-    if skip_start < 0 or skip_end < 0:
-        raise ValueError("skip_start and skip_end must be non-negative.")
+    _check_trim(skip_start, skip_end, up_to_minimum)
     if len(lrs) != len(losses):
         # The trim counts skip_end back from the end of lrs; with fewer losses (a stopped test's
         # losses beside the whole sweep) it would keep the last losses it should skip.
@@ -242,9 +251,7 @@ def validate_settings(settings: Any) -> None:
                          "configs/default.py.")
     check_keys(settings, LR_FINDER_KEYS, "config.lr_finder")
     _check_sweep(settings.start_lr, settings.end_lr, settings.num_iter, settings.step_mode, "config.lr_finder.")
-    for key in ("skip_start", "skip_end"):
-        if not is_integer(settings[key], 0):
-            raise ValueError(f"config.lr_finder.{key} must be an integer of at least 0, got {settings[key]!r}.")
+    _check_trim(settings.skip_start, settings.skip_end, settings.up_to_minimum, "config.lr_finder.")
     _check_smoothing(settings.smooth_f, settings.diverge_th, "config.lr_finder.")
 
 

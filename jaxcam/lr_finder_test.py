@@ -1,4 +1,5 @@
 import json
+import re
 
 import jax
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import train as train_cli
 from conftest import ROOT, cli_command, once_present, sigterm_once
 from jaxcam import data as data_lib, lr_finder, models, train as train_lib
+from jaxcam.configuration import load_config_file
 
 
 def test_lr_sequence_formulas():
@@ -19,6 +21,41 @@ def test_lr_sequence_formulas():
         lr_finder.lr_sequence(1e-5, 1.0, 5, "cos")
     with pytest.raises(ValueError, match="start_lr < end_lr"):
         lr_finder.lr_sequence(1.0, 0.1, 5)
+
+
+@pytest.mark.parametrize("start_lr, end_lr", [(1e-5, float("inf")), ("1e-5", 10.0), (float("nan"), 10.0)])
+def test_lr_sequence_needs_finite_numbers(start_lr, end_lr):
+    # An infinite end_lr had swept through infinite rates; a string had failed in the comparison.
+    with pytest.raises(ValueError, match=re.escape(f"The range test needs 0 < start_lr < end_lr, got {start_lr!r} "
+                                                   f"and {end_lr!r}.")):
+        lr_finder.lr_sequence(start_lr, end_lr, 5)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("up_to_minimum", "no", "config.lr_finder.up_to_minimum must be True or False, got 'no'."),
+    ("skip_end", 1.5, "config.lr_finder.skip_end must be an integer of at least 0, got 1.5."),
+    ("end_lr", float("inf"), "config.lr_finder needs 0 < start_lr < end_lr, got 1e-05 and inf."),
+])
+def test_range_test_settings_of_a_config_file_are_checked(key, value, message):
+    # A config file written from scratch can hold any value; "no" had meant True.
+    config = load_config_file(ROOT / "configs" / "default.py")
+    config.lr_finder[key] = value
+    with pytest.raises(ValueError, match=re.escape(message)):
+        lr_finder.validate_settings(config.lr_finder)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"skip_start": 2.5}, "skip_start must be an integer of at least 0, got 2.5."),
+    ({"skip_end": True}, "skip_end must be an integer of at least 0, got True."),
+    ({"skip_start": "1"}, "skip_start must be an integer of at least 0, got '1'."),
+    ({"skip_end": -1}, "skip_end must be an integer of at least 0, got -1."),
+    ({"up_to_minimum": "no"}, "up_to_minimum must be True or False, got 'no'."),
+])
+def test_suggestion_checks_its_trim(settings, message):
+    # 2.5 had failed in slicing, True had skipped one point and "no" had meant True.
+    lrs, losses = list(np.geomspace(1e-4, 1, 30)), list(np.linspace(3, 1, 30))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        lr_finder.suggest_lr(lrs, losses, **settings)
 
 
 def test_smoothing_matches_the_ema_formula():
@@ -236,8 +273,6 @@ def test_a_range_test_stopped_before_its_plot_leaves_no_run_directory(official_f
 
 
 def test_the_config_files_range_test_settings_are_valid():
-    from jaxcam.configuration import load_config_file
-
     for name in ("default", "smoke", "learning_check"):
         lr_finder.validate_settings(load_config_file(ROOT / "configs" / f"{name}.py").lr_finder)
 
