@@ -231,10 +231,9 @@ MODELS = {"resnet18": ResNet18, "resnet34": ResNet34}
 
 def create_model(name: str, num_classes: int = 10, width: int = 64, **kwargs: Any) -> ResNet:
     """Build a model by name ("resnet18" or "resnet34"); unknown names raise ValueError."""
-    key = name.lower()
-    if key not in MODELS:
+    if not isinstance(name, str) or name.lower() not in MODELS:  # None had failed in .lower()
         raise ValueError(f"Unknown model {name!r}; choose one of {', '.join(MODELS)}.")
-    return MODELS[key](num_classes=num_classes, width=width, **kwargs)
+    return MODELS[name.lower()](num_classes=num_classes, width=width, **kwargs)
 
 
 # XLA:CPU compiles at LLVM -O3 by default, which spends 8-17 s on the unrolled threefry hashes
@@ -258,10 +257,14 @@ def _jitted_init(model: ResNet, image_size: int, backend: str | None) -> Any:
     return jax.jit(init, compiler_options=INIT_COMPILER_OPTIONS.get(backend, {}))
 
 
-def init_variables(model: ResNet, rng: jax.Array, image_size: int = 32) -> dict:
-    """{'params', 'batch_stats'} for `model`, without the per-call `perturbations`/`intermediates`."""
+def _check_image_size(image_size: Any) -> None:
     if not is_integer(image_size, 1):  # 0 had given a summary of empty feature maps
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}.")
+
+
+def init_variables(model: ResNet, rng: jax.Array, image_size: int = 32) -> dict:
+    """{'params', 'batch_stats'} for `model`, without the per-call `perturbations`/`intermediates`."""
+    _check_image_size(image_size)
     # Under a trace (jax.eval_shape for shapes) the jit is nested, and JAX takes compiler options
     # only at the top level.
     backend = None if isinstance(rng, jax.core.Tracer) else jax.default_backend()
@@ -312,6 +315,7 @@ def count_params(params: Any) -> int:
 
 def summary(model: ResNet, image_size: int = 32) -> str:
     """A torchsummary-like table in call order: layer, output shape, own parameters, totals."""
+    _check_image_size(image_size)  # "32" had failed in jnp.zeros with JAX's words
     x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), image_size))
     flat_params = flax_traverse(variables["params"])
@@ -406,8 +410,11 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], width: int = 64, depth:
     `_orig_mod.` prefix of `torch.compile` are removed. Names, shapes (both in PyTorch terms
     in errors) and finiteness are checked against the model.
     """
-    if depth not in DEPTHS:
-        raise ValueError(f"Unknown ResNet depth {depth}; choose one of {sorted(DEPTHS)}.")
+    # Named with !r: the string "18" had been refused as "Unknown ResNet depth 18".
+    if not is_integer(depth, 1) or depth not in DEPTHS:
+        raise ValueError(f"Unknown ResNet depth {depth!r}; choose one of {sorted(DEPTHS)}.")
+    if not is_integer(width, 1):  # "4" had been refused as "not width 4; pass width=4"
+        raise ValueError(f"width must be a positive integer, got {width!r}.")
     if not isinstance(state_dict, Mapping) or not state_dict:
         raise ValueError("from_torch_state_dict takes a PyTorch state dict, a non-empty mapping of names to arrays.")
     state_dict = _without_wrapper_prefixes(state_dict)

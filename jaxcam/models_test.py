@@ -202,11 +202,17 @@ def test_summary_lists_layers_in_order_with_totals():
     # 0 had printed a table of (-1, 0, 0, C) feature maps.
     with pytest.raises(ValueError, match="image_size must be a positive integer, got 0."):
         models.summary(models.ResNet18(width=4), image_size=0)
+    # A string had failed in jnp.zeros with JAX's "Shapes must be 1D sequences of concrete values".
+    with pytest.raises(ValueError, match="image_size must be a positive integer, got '32'."):
+        models.summary(models.ResNet18(width=4), image_size="32")
 
 
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="Unknown model 'resnet50'"):
         models.create_model("resnet50")
+    # None had failed in .lower() with an AttributeError.
+    with pytest.raises(ValueError, match="Unknown model None; choose one of resnet18, resnet34."):
+        models.create_model(None)
 
 
 @pytest.mark.parametrize("width", [0, -3, 2.5, "a"])
@@ -219,6 +225,16 @@ def test_create_model_refuses_a_width_that_is_not_a_positive_integer(width):
 def test_from_torch_state_dict_refuses_an_unknown_depth():
     with pytest.raises(ValueError, match=r"Unknown ResNet depth 50; choose one of \[18, 34\]."):
         models.from_torch_state_dict({"conv1.weight": np.zeros((4, 3, 3, 3))}, width=4, depth=50)
+    # A string had been refused as "Unknown ResNet depth 18", as if 18 were unknown.
+    with pytest.raises(ValueError, match=r"Unknown ResNet depth '18'; choose one of \[18, 34\]."):
+        models.from_torch_state_dict({"conv1.weight": np.zeros((4, 3, 3, 3))}, width=4, depth="18")
+
+
+@pytest.mark.parametrize("width", ["4", 4.0, 0])
+def test_from_torch_state_dict_refuses_a_width_that_is_not_a_positive_integer(width):
+    # "4" had been refused as "not width 4; pass width=4".
+    with pytest.raises(ValueError, match=f"width must be a positive integer, got {width!r}."):
+        models.from_torch_state_dict({"conv1.weight": np.zeros((4, 3, 3, 3))}, width=width)
 
 
 @pytest.mark.parametrize("kwargs, message", [(dict(width=0), "width must be a positive integer, got 0"),
