@@ -18,7 +18,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -654,6 +654,14 @@ def train_and_evaluate(
     (ConfigError) and left as it is. Raises TrainingDiverged if the loss turns NaN (the
     last good checkpoint and history stay as they were).
     """
+    if not isinstance(config, ml_collections.ConfigDict):
+        if not isinstance(config, Mapping):
+            raise ValueError(f"config must be an ml_collections.ConfigDict (as configs/default.py's get_config() "
+                             f"returns) or a dict of its keys, got a {type(config).__name__}.")
+        # A plain dict (get_config().to_dict(), a config.json read with json) had failed at config.name.
+        config = ml_collections.ConfigDict(config, type_safe=False)
+    if not is_flag(resume):  # "no" is truthy, and would have resumed
+        raise ValueError(f"resume must be True or False, got {resume!r}.")
     run_dir = Path(run_dir)
     if not resume and any((run_dir / name).exists() for name in ("config.json", "history.json")):
         # A notebook cell run twice: the second run would overwrite config.json, train, and then

@@ -153,6 +153,30 @@ def test_resume_equals_uninterrupted(tiny_dataset, tmp_path):
                            jax.device_get(again.state.params))
 
 
+def test_a_config_given_as_a_plain_dict_trains(tiny_dataset, tmp_path):
+    # get_config().to_dict() had failed at config.name with an AttributeError.
+    config = tiny_config(epochs=1).to_dict()
+    result = train_lib.train_and_evaluate(config, tmp_path / "run", dataset=tiny_dataset, progress=False,
+                                          log=lambda s: None)
+    assert [r["epoch"] for r in result.history] == [1]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["width"] == 4
+
+
+@pytest.mark.parametrize("config, resume, message", [
+    (["width", 4], False, "config must be an ml_collections.ConfigDict (as configs/default.py's get_config() returns) "
+                          "or a dict of its keys, got a list."),
+    (None, "no", "resume must be True or False, got 'no'."),
+])
+def test_train_and_evaluate_refuses_what_it_cannot_read_before_writing(config, resume, message, tiny_dataset,
+                                                                       tmp_path):
+    # resume="no" is truthy: it had "resumed" an empty folder, training a new run in it.
+    config = tiny_config(epochs=1) if config is None else config
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train_lib.train_and_evaluate(config, tmp_path / "run", resume=resume, dataset=tiny_dataset, progress=False,
+                                     log=lambda s: None)
+    assert not (tmp_path / "run").exists()
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, tmp_path):
     config = tiny_config()
     train_first_epoch_then_interrupt(config, tmp_path, tiny_dataset)
