@@ -559,9 +559,10 @@ def prefetch(iterator: Iterator[Any], transfer: Callable[[Any], Any] = lambda x:
     Up to `size` items are prepared ahead, so the step never waits for augmentation or the
     host-to-device copy. Exceptions in the producer re-raise in the consumer.
     """
-    if size < 1:
+    if not is_integer(size, 1):
         # queue.Queue(0) would be unbounded: a whole epoch of batches could pile up on the device.
-        raise ValueError(f"prefetch size must be at least 1, got {size}.")
+        # 2.5 had been taken as a bound, and "2" had failed in the comparison.
+        raise ValueError(f"prefetch size must be an integer of at least 1, got {size!r}.")
     items: queue.Queue = queue.Queue(maxsize=size)
     done = object()
     stop = threading.Event()

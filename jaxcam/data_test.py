@@ -440,9 +440,10 @@ def test_augment_rejects_bad_arguments(kwargs, message):
         data_lib.augment_batch(np.zeros((64, 32, 32, 3), np.uint8), **arguments)
 
 
-def test_prefetch_needs_a_bounded_queue():
-    with pytest.raises(ValueError, match="prefetch size must be at least 1, got 0"):
-        next(data_lib.prefetch(iter([1, 2]), size=0))
+@pytest.mark.parametrize("size", [0, 2.5, "2"])
+def test_prefetch_needs_a_bounded_queue(size):
+    with pytest.raises(ValueError, match=re.escape(f"prefetch size must be an integer of at least 1, got {size!r}.")):
+        next(data_lib.prefetch(iter([1, 2]), size=size))
 
 
 # ----------------------------------------------------------------------------- pipeline
