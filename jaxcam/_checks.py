@@ -1,9 +1,11 @@
-"""Value predicates shared by the argument checks across jaxcam; each caller words its own error."""
+"""Value predicates shared by the argument checks across jaxcam, where each caller words its own
+error, and the checks whose error is the same wherever they run."""
 
 from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import Any
 
 import numpy as np
@@ -24,10 +26,16 @@ def is_number(value: Any) -> bool:
     return is_real(value) and math.isfinite(value)
 
 
-def is_flag(value: Any) -> bool:
-    """A bool (Python or numpy). A string such as "no" or "False" is truthy, so a switch given
-    one would silently be on."""
-    return isinstance(value, (bool, np.bool_))
+def is_path(value: Any) -> bool:
+    """A path: a string or an os.PathLike such as pathlib.Path."""
+    return isinstance(value, (str, os.PathLike))
+
+
+def check_flag(value: Any, name: str) -> None:
+    """ValueError unless `value` is a bool (Python or numpy): a string such as "no" or "False" is
+    truthy, so a switch given one would silently be on. `name` names it ("config.augment")."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}.")
 
 
 def in_unit_range(maps: np.ndarray, tolerance: float = 0.0) -> bool:
@@ -80,7 +88,6 @@ def check_class_indices(labels: Any, predictions: Any, num_classes: int) -> tupl
     Counting them with bincount over label * K + prediction would file an out-of-range index
     under another class without a word.
     """
-    _check_num_classes(num_classes)
     labels, predictions = np.asarray(labels), np.asarray(predictions)
     if labels.ndim != 1 or labels.shape != predictions.shape:
         raise ValueError(f"Give one label and one prediction per example, as arrays (N,); "

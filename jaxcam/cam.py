@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcam._checks import is_flag, is_integer
+from jaxcam._checks import check_flag, is_integer
 from jaxcam.models import STAGE_OUTPUT, STAGES, check_image_batch, check_variables
 
 EPS = 1e-7
@@ -298,8 +298,7 @@ def compute_with_outputs(
     """Like `compute`, also returning the logits (N, K) and the target classes used (N,)."""
     layers = check_layers(layer)
     check_method(method)
-    if not is_flag(resize):
-        raise ValueError(f"resize must be True or False, got {resize!r}.")
+    check_flag(resize, "resize")
     if not is_integer(batch_size, 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     images = check_float_images(images)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from jaxcam._checks import is_flag, is_integer, is_number, layout_hint
+from jaxcam._checks import check_flag, is_integer, is_number, is_path, layout_hint
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -131,7 +131,7 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, tfds_data_dir: st
     malformed.
     """
     for name, value in (("data_dir", data_dir), ("tfds_data_dir", tfds_data_dir)):
-        if value is not None and not isinstance(value, (str, os.PathLike)):
+        if value is not None and not is_path(value):
             raise DataError(f"{name} must be a path (a string or os.PathLike) or None, got {value!r}.")
     if data_dir is None:
         return _load_tfds(tfds_data_dir)
@@ -393,8 +393,7 @@ def augment_batch(
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
     if not (is_number(cutout_prob) and 0 <= cutout_prob <= 1):
         raise ValueError(f"cutout_prob must lie in [0, 1], got {cutout_prob!r}.")
-    if not is_flag(flip):
-        raise ValueError(f"flip must be True or False, got {flip!r}.")
+    check_flag(flip, "flip")
     fill_values = np.asarray(fill)
     if fill_values.shape != (c,) or not ((fill_values >= 0) & (fill_values <= 255)).all():
         raise ValueError(f"fill must be {c} channel values in 0..255, got {fill!r}.")

@@ -23,7 +23,7 @@ from jaxcam import metrics as metrics_lib
 from jaxcam import models
 from jaxcam import train as train_lib
 from jaxcam import viz
-from jaxcam._checks import is_integer
+from jaxcam._checks import is_integer, is_path
 from jaxcam.checkpoint import CheckpointError, load_variables, make_writable_folder, missing_folders, remove_if_empty
 from jaxcam.configuration import config_from_json
 from jaxcam.models import STAGES
@@ -370,7 +370,7 @@ def explain_image_files(
 def _path_list(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list:
     """The paths as a list, one path given alone as a list of one: iterated, a string would have
     been read character by character."""
-    return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    return [paths] if is_path(paths) else list(paths)
 
 
 def _image_file_list(image_files: str | os.PathLike | Sequence[str | os.PathLike]) -> list:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from jaxcam import data as data_lib
 from jaxcam import models
-from jaxcam._checks import is_flag, is_integer, is_number, is_real
+from jaxcam._checks import check_flag, is_integer, is_number, is_real
 from jaxcam import train as train_lib
 from jaxcam.checkpoint import write_json
 from jaxcam.configuration import LR_FINDER_KEYS, check_keys
@@ -65,8 +65,7 @@ def _check_trim(skip_start: int, skip_end: int, up_to_minimum: bool, prefix: str
     for key, value in (("skip_start", skip_start), ("skip_end", skip_end)):
         if not is_integer(value, 0):  # 2.5 had failed in slicing, True had skipped one point
             raise ValueError(f"{prefix}{key} must be an integer of at least 0, got {value!r}.")
-    if not is_flag(up_to_minimum):  # "no" is truthy
-        raise ValueError(f"{prefix}up_to_minimum must be True or False, got {up_to_minimum!r}.")
+    check_flag(up_to_minimum, f"{prefix}up_to_minimum")
 
 
 def lr_sequence(start_lr: float, end_lr: float, num_iter: int, step_mode: str = "exp") -> np.ndarray:
@@ -85,6 +84,11 @@ def smooth_and_stop(losses: Iterable[float], smooth_f: float = 0.05, diverge_th:
     s_i > diverge_th * min(s_0..s_i). Returns (smoothed losses, diverged).
     """
     _check_smoothing(smooth_f, diverge_th)
+    return _smooth_and_stop(losses, smooth_f, diverge_th)
+
+
+def _smooth_and_stop(losses: Iterable[float], smooth_f: float, diverge_th: float) -> tuple[list[float], bool]:
+    """`smooth_and_stop` for settings already checked (range_test checks them once, not every step)."""
     history: list[float] = []
     best = None
     for i, loss in enumerate(losses):
@@ -200,7 +204,7 @@ def range_test(
             else:
                 loss = float(metrics["loss"])
             raw.append(loss)
-            smoothed, diverged = smooth_and_stop(raw, smooth_f, diverge_th)
+            smoothed, diverged = _smooth_and_stop(raw, smooth_f, diverge_th)
             bar.update(1)
             bar.set_postfix(lr=f"{lrs[i]:.2e}", loss=f"{smoothed[-1]:.4f}", refresh=False)
             if diverged:

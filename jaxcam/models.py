@@ -229,10 +229,15 @@ def ResNet34(num_classes: int = 10, width: int = 64, **kwargs: Any) -> ResNet:
 MODELS = {"resnet18": ResNet18, "resnet34": ResNet34}
 
 
-def create_model(name: str, num_classes: int = 10, width: int = 64, **kwargs: Any) -> ResNet:
-    """Build a model by name ("resnet18" or "resnet34"); unknown names raise ValueError."""
+def check_model_name(name: Any) -> None:
+    """ValueError unless `name` names one of MODELS (in any case)."""
     if not isinstance(name, str) or name.lower() not in MODELS:  # None had failed in .lower()
         raise ValueError(f"Unknown model {name!r}; choose one of {', '.join(MODELS)}.")
+
+
+def create_model(name: str, num_classes: int = 10, width: int = 64, **kwargs: Any) -> ResNet:
+    """Build a model by name ("resnet18" or "resnet34"); unknown names raise ValueError."""
+    check_model_name(name)
     return MODELS[name.lower()](num_classes=num_classes, width=width, **kwargs)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
-from jaxcam._checks import is_flag, is_integer, is_number
+from jaxcam._checks import check_flag, is_integer, is_number
 
 
 def _interpolate(strategy: str):
@@ -59,8 +59,7 @@ def onecycle(
     for name, value in (("base_momentum", base_momentum), ("max_momentum", max_momentum)):
         if not is_number(value):  # OneCycleLR sets no range; a string or NaN would pass into every step
             raise ValueError(f"{name} must be a number, got {value!r}.")
-    if not is_flag(three_phase):
-        raise ValueError(f"three_phase must be True or False, got {three_phase!r}.")
+    check_flag(three_phase, "three_phase")
     interpolate = _interpolate(anneal_strategy)
     initial_lr = max_lr / div_factor
     min_lr = initial_lr / final_div_factor

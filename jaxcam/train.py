@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxcam import data as data_lib
-from jaxcam._checks import check_class_indices, is_flag, is_integer, is_number
+from jaxcam._checks import check_class_indices, check_flag, is_integer, is_number, is_path
 from jaxcam import models
 from jaxcam.checkpoint import Checkpointer, CheckpointError, interrupts_deferred, make_writable_folder, write_json
 from jaxcam.configuration import CONFIG_KEYS, DATA_KEYS, ConfigError, check_keys, config_from_json
@@ -563,13 +563,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         if not isinstance(config[key], str):
             raise ValueError(f"config.{key} must be a name (a string), got {config[key]!r}.")
     for key in DATA_KEYS:
-        if config[key] is not None and not isinstance(config[key], (str, os.PathLike)):
+        if config[key] is not None and not is_path(config[key]):
             raise ValueError(f"config.{key} must be a path or None, got {config[key]!r}.")
     for key in _FLAG_KEYS:
-        if not is_flag(config[key]):
-            raise ValueError(f"config.{key} must be True or False, got {config[key]!r}.")
-    if config.model.lower() not in models.MODELS:
-        raise ValueError(f"Unknown model {config.model!r}; choose one of {', '.join(models.MODELS)}.")
+        check_flag(config[key], f"config.{key}")
+    models.check_model_name(config.model)
     if config.optimizer.lower() not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {config.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
     resolve_dtype(config.dtype)
@@ -660,8 +658,7 @@ def train_and_evaluate(
                              f"returns) or a dict of its keys, got a {type(config).__name__}.")
         # A plain dict (get_config().to_dict(), a config.json read with json) had failed at config.name.
         config = ml_collections.ConfigDict(config, type_safe=False)
-    if not is_flag(resume):  # "no" is truthy, and would have resumed
-        raise ValueError(f"resume must be True or False, got {resume!r}.")
+    check_flag(resume, "resume")  # "no" would have resumed
     run_dir = Path(run_dir)
     if not resume and any((run_dir / name).exists() for name in ("config.json", "history.json")):
         # A notebook cell run twice: the second run would overwrite config.json, train, and then
