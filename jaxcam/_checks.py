@@ -43,6 +43,19 @@ def in_unit_range(maps: np.ndarray, tolerance: float = 0.0) -> bool:
     return bool(np.isfinite(maps).all() and maps.min() >= -tolerance and maps.max() <= 1 + tolerance)
 
 
+def history_problem(history: Any, keys: tuple[str, ...]) -> str | None:
+    """What keeps `history` from being a list of per-epoch records, each a dict with a number for
+    each of `keys` ("record 2 has no number for 'lr'"), or None. NaN is a number here: an epoch's
+    test loss may be NaN and is kept as the record of it."""
+    if not isinstance(history, (list, tuple)):
+        return f"it must be a list of them, got a {type(history).__name__}"
+    for index, record in enumerate(history):
+        missing = [key for key in keys if not isinstance(record, dict) or not is_real(record.get(key))]
+        if missing:
+            return f"record {index} has no number for {', '.join(repr(key) for key in missing)}"
+    return None
+
+
 def layout_hint(shape: tuple[int, ...], batch: bool = True) -> str:
     """An error-message tail for RGB images in a layout other than a batch (N, H, W, 3): a
     batch in PyTorch's NCHW order, or one image without its batch axis; with `batch=False`,

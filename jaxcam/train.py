@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxcam import data as data_lib
-from jaxcam._checks import check_class_indices, check_flag, is_integer, is_number, is_path
+from jaxcam._checks import check_class_indices, check_flag, history_problem, is_integer, is_number, is_path
 from jaxcam import models
 from jaxcam.checkpoint import Checkpointer, CheckpointError, interrupts_deferred, make_writable_folder, write_json
 from jaxcam.configuration import CONFIG_KEYS, DATA_KEYS, ConfigError, check_keys, config_from_json
@@ -467,13 +467,9 @@ def read_history(run_dir: str | os.PathLike) -> list[dict]:
         raise ConfigError(f"{str(path)!r} is not valid JSON ({e}).") from None
     if not isinstance(history, list):
         raise ConfigError(f"{str(path)!r} must hold a list of per-epoch records, got a {type(history).__name__}.")
-    for index, record in enumerate(history):
-        # NaN is a number here: an epoch's test loss may be NaN and is kept as the record of it.
-        missing = [key for key in HISTORY_KEYS if not isinstance(record, dict)
-                   or not isinstance(record.get(key), (int, float)) or isinstance(record.get(key), bool)]
-        if missing:
-            raise ConfigError(f"{str(path)!r} is not a jaxcam history: record {index} has no number for "
-                              f"{', '.join(repr(key) for key in missing)}.")
+    problem = history_problem(history, HISTORY_KEYS)
+    if problem:
+        raise ConfigError(f"{str(path)!r} is not a jaxcam history: {problem}.")
     return history
 
 

@@ -15,12 +15,15 @@ import matplotlib.ticker
 import numpy as np
 from matplotlib.figure import Figure
 
-from jaxcam._checks import check_class_indices, check_classes, in_unit_range, is_number, layout_hint
+from jaxcam._checks import (check_class_indices, check_classes, history_problem, in_unit_range, is_integer, is_number,
+                             layout_hint)
 
 CMAP = "inferno"
 PathLike = str | os.PathLike
 # Title colours: a wrong prediction, and a right (or the most likely) one.
 WRONG, RIGHT = "#b00020", "#006400"
+# What the curves draw of each history.json record (its 'lr' they do not need).
+CURVE_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
 
 
 def check_uint8_rgb(images: np.ndarray, who: str, batch: bool = True) -> np.ndarray:
@@ -37,11 +40,35 @@ def check_uint8_rgb(images: np.ndarray, who: str, batch: bool = True) -> np.ndar
 
 
 def _check_counts(who: str, count: int, unit: str, **arrays) -> None:
-    """ValueError unless each of `arrays` has `count` entries along its first axis, one per `unit`:
-    zipped, the shortest would have cut the figure short without a word."""
+    """ValueError unless there is at least one of `unit` and each of `arrays` has `count` entries
+    along its first axis, one per `unit`: zipped, the shortest would have cut the figure short
+    without a word."""
+    if count == 0:  # an empty grid had failed in a division by zero or in max() of nothing
+        raise ValueError(f"{who} has no {unit} to draw.")
     for name, values in arrays.items():
         if len(values) != count:
             raise ValueError(f"{who} needs {name} for each of the {count} {unit}, got {len(values)}.")
+
+
+def _holds_real_numbers(values: np.ndarray) -> bool:
+    """An integer or float array (not bools, strings, objects or complex numbers)."""
+    return np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)
+
+
+def _check_fractions(who: str, name: str, values: np.ndarray, allow_nan: bool = False) -> np.ndarray:
+    """`values` as an array of numbers in [0, 1] (NaN too with `allow_nan`), else ValueError:
+    percentages (55 for 55%) would be drawn a hundred times too large without a word."""
+    values = np.asarray(values)
+    if _holds_real_numbers(values):
+        nan = np.isnan(values)
+        checked = values[~nan] if allow_nan else values
+        if not checked.size or in_unit_range(checked):
+            return values
+        found = ("only NaN" if nan.all() else
+                 f"values from {np.nanmin(values):.4g} to {np.nanmax(values):.4g}{' and NaN' if nan.any() else ''}")
+    else:
+        found = f"{values.dtype} values"
+    raise ValueError(f"{who} takes {name} as fractions in [0, 1] (0.55 for 55%), got {found}.")
 
 
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5, cmap: str = CMAP) -> np.ndarray:
@@ -93,7 +120,11 @@ def _show(ax, picture, title: str | None = None, color: str = "black", fontsize:
 
 
 def plot_curves(history: Sequence[dict], path: PathLike) -> None:
-    """Train and test loss and accuracy per epoch."""
+    """Train and test loss and accuracy per epoch; `history` is a list of per-epoch records (dicts)
+    with numbers for CURVE_KEYS, as in a run's history.json."""
+    problem = history_problem(history, CURVE_KEYS)
+    if problem:
+        raise ValueError(f"plot_curves takes per-epoch records as in history.json: {problem}.")
     epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_acc) = subplots(1, 2, figsize=(10, 3.8), dpi=110, layout="constrained")
     ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train", color="#1f77b4")
@@ -128,6 +159,7 @@ def plot_misclassified(images: np.ndarray, labels: np.ndarray, predictions: np.n
     n = len(images)
     _check_counts("plot_misclassified", n, "images", labels=labels, predictions=predictions, confidences=confidences)
     labels, predictions = check_class_indices(labels, predictions, len(class_names))
+    confidences = _check_fractions("plot_misclassified", "confidences", confidences)
     cols = min(5, n)
     rows = int(np.ceil(n / cols))
     fig, axes = subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), dpi=110, layout="constrained", squeeze=False)
@@ -192,6 +224,7 @@ def plot_top_classes(images: np.ndarray, cams: np.ndarray, classes: np.ndarray, 
                   probabilities=probabilities, row_titles=row_titles)
     check_classes(np.ravel(classes), len(class_names))
     _check_counts("plot_top_classes", len(class_names), "classes", probabilities=np.asarray(probabilities).T)
+    probabilities = _check_fractions("plot_top_classes", "probabilities", probabilities)
     rows = [
         [(image, row_title, "black")]
         + [(overlay(image, cam, alpha), f"#{rank + 1}: {class_names[c]} ({100 * image_probs[c]:.1f}%)", "black")
@@ -210,6 +243,7 @@ def plot_all_targets(image: np.ndarray, cams: np.ndarray, probabilities: np.ndar
     The most likely class's title is green.
     """
     _check_counts("plot_all_targets", len(class_names), "classes", cams=cams, probabilities=probabilities)
+    probabilities = _check_fractions("plot_all_targets", "probabilities", probabilities)
     k = len(cams)
     cols = 6 if k > 5 else k + 1
     rows = int(np.ceil((k + 1) / cols))
@@ -238,6 +272,12 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: 
     if matrix.shape != (k, k):
         raise ValueError(f"plot_confusion_matrix takes counts ({k}, {k}) for {k} class names, got shape "
                          f"{matrix.shape}.")
+    counts = _holds_real_numbers(matrix)
+    if not counts or not (np.isfinite(matrix).all() and (matrix >= 0).all() and (matrix == np.round(matrix)).all()):
+        # A negative or fractional entry would be shaded and printed as if it were a count.
+        found = (f"{matrix.dtype} values" if not counts else
+                 f"values from {np.nanmin(matrix):.4g} to {np.nanmax(matrix):.4g}")
+        raise ValueError(f"plot_confusion_matrix takes counts (whole numbers of at least 0), got {found}.")
     fig, ax = subplots(figsize=(7.2, 6.2), dpi=110, layout="constrained")
     image = ax.imshow(matrix, cmap="Blues")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
@@ -257,6 +297,7 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: 
 def plot_per_class_accuracy(accuracies: np.ndarray, class_names: Sequence[str], path: PathLike) -> None:
     """Bars of the per-class accuracies (K,) in [0, 1]; NaN (a class without test images) draws as 0."""
     _check_counts("plot_per_class_accuracy", len(class_names), "classes", accuracies=accuracies)
+    accuracies = _check_fractions("plot_per_class_accuracy", "accuracies", accuracies, allow_nan=True)
     fig, ax = subplots(figsize=(7.5, 3.6), dpi=110, layout="constrained")
     bars = ax.bar(range(len(class_names)), 100 * np.nan_to_num(accuracies), color="#4c72b0")
     ax.bar_label(bars, fmt="%.1f", fontsize=8)
@@ -270,6 +311,8 @@ def plot_per_class_accuracy(accuracies: np.ndarray, class_names: Sequence[str], 
 def plot_samples_per_class(images: np.ndarray, labels: np.ndarray, class_names: Sequence[str], path: PathLike,
                            per_class: int = 8) -> None:
     """A grid with one row per class and its first `per_class` images (uint8 RGB (N, H, W, 3), labels (N,))."""
+    if not is_integer(per_class, 1):  # matplotlib's own words: "Number of columns must be a positive integer"
+        raise ValueError(f"plot_samples_per_class's per_class must be a positive integer, got {per_class!r}.")
     images = check_uint8_rgb(images, "plot_samples_per_class")
     _check_counts("plot_samples_per_class", len(images), "images", labels=labels)
     labels = check_classes(labels, len(class_names))

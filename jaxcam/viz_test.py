@@ -165,3 +165,60 @@ def test_figures_refuse_arrays_that_do_not_match(plot, arguments, message, tmp_p
     with pytest.raises(ValueError, match=message):
         getattr(viz, plot)(*arguments, tmp_path / "figure.png", *(["title"] if plot in titled else []))
     assert not (tmp_path / "figure.png").exists()
+
+
+_RECORD = {"epoch": 1, "train_loss": 2.0, "train_acc": 0.2, "test_loss": 2.1, "test_acc": 0.15}
+
+
+@pytest.mark.parametrize("plot, arguments, keywords, message", [
+    # An empty gallery had failed in a ZeroDivisionError or in max() of an empty sequence.
+    ("plot_misclassified", (_IMAGES[:0], _LABELS[:0], _PREDICTIONS[:0], np.ones(0), _NAMES), {},
+     "^plot_misclassified has no images to draw.$"),
+    ("plot_cam_grid", (_IMAGES[:0], _MAPS[:0], _MAPS[:0], _LABELS[:0], _PREDICTIONS[:0], _NAMES), {},
+     "^plot_cam_grid has no images to draw.$"),
+    ("plot_top_classes", (_IMAGES[:0], _MAPS[:0, None], np.zeros((0, 1), int), np.ones((0, 4)) / 4, [], _NAMES), {},
+     "^plot_top_classes has no images to draw.$"),
+    # Percentages had been drawn as fractions: 55 read "5500%", an accuracy bar ran off the chart.
+    ("plot_misclassified", (_IMAGES, _LABELS, _PREDICTIONS, np.array([55.0, 80.0, 90.0]), _NAMES), {},
+     r"^plot_misclassified takes confidences as fractions in \[0, 1\] \(0.55 for 55%\), got values from 55 to 90.$"),
+    ("plot_per_class_accuracy", (np.array([55.0, np.nan, 60.0, 70.0]), _NAMES), {},
+     r"^plot_per_class_accuracy takes accuracies as fractions in \[0, 1\] \(0.55 for 55%\), got values from 55 to 70"
+     r" and NaN.$"),
+    ("plot_top_classes", (_IMAGES, _MAPS[:, None], np.zeros((3, 1), int), np.full((3, 4), 25.0), ["a", "b", "c"],
+                          _NAMES), {},
+     r"^plot_top_classes takes probabilities as fractions in \[0, 1\] \(0.55 for 55%\), got values from 25 to 25.$"),
+    ("plot_all_targets", (_IMAGES[0], np.zeros((4, 8, 8), np.float32), np.array([10.0, 20.0, 30.0, 40.0]), _NAMES),
+     {}, r"^plot_all_targets takes probabilities as fractions in \[0, 1\] \(0.55 for 55%\), got values from 10 to 40.$"),
+    ("plot_misclassified", (_IMAGES, _LABELS, _PREDICTIONS, np.array(["high", "low", "low"]), _NAMES), {},
+     r"^plot_misclassified takes confidences as fractions in \[0, 1\] \(0.55 for 55%\), got <U4 values.$"),
+    # Negative or fractional counts had been drawn and printed as if they were counts.
+    ("plot_confusion_matrix", (-np.eye(4, dtype=int), _NAMES), {},
+     r"^plot_confusion_matrix takes counts \(whole numbers of at least 0\), got values from -1 to 0.$"),
+    ("plot_confusion_matrix", (np.full((4, 4), 0.25), _NAMES), {},
+     r"^plot_confusion_matrix takes counts \(whole numbers of at least 0\), got values from 0.25 to 0.25.$"),
+    # matplotlib's own words: "Number of columns must be a positive integer, not 0".
+    ("plot_samples_per_class", (_IMAGES, _LABELS, _NAMES), {"per_class": 0},
+     r"^plot_samples_per_class's per_class must be a positive integer, got 0.$"),
+    ("plot_samples_per_class", (_IMAGES, _LABELS, _NAMES), {"per_class": 2.5},
+     r"^plot_samples_per_class's per_class must be a positive integer, got 2.5.$"),
+    # A history without the losses had failed in KeyError: 'train_loss'.
+    ("plot_curves", ([{"epoch": 1}],), {},
+     r"^plot_curves takes per-epoch records as in history.json: record 0 has no number for 'train_loss', 'train_acc', "
+     r"'test_loss', 'test_acc'.$"),
+    ("plot_curves", ({"epoch": [1]},), {},
+     r"^plot_curves takes per-epoch records as in history.json: it must be a list of them, got a dict.$"),
+    ("plot_curves", ([_RECORD, {**_RECORD, "test_acc": "0.2"}],), {},
+     r"^plot_curves takes per-epoch records as in history.json: record 1 has no number for 'test_acc'.$"),
+])
+def test_figures_refuse_what_they_would_draw_wrong(plot, arguments, keywords, message, tmp_path):
+    titled = ("plot_cam_grid", "plot_top_classes", "plot_all_targets")
+    with pytest.raises(ValueError, match=message):
+        getattr(viz, plot)(*arguments, tmp_path / "figure.png", *(["title"] if plot in titled else []), **keywords)
+    assert not (tmp_path / "figure.png").exists()
+
+
+def test_curves_accept_a_history_without_the_learning_rate(tmp_path):
+    # The curves need no 'lr'; a history written by other code can leave it out.
+    viz.plot_curves([_RECORD, {**_RECORD, "epoch": 2, "test_acc": 0.3}], tmp_path / "curves.png")
+    with Image.open(tmp_path / "curves.png") as img:
+        assert img.format == "PNG" and np.asarray(img.convert("RGB")).std() > 10
