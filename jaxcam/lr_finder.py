@@ -60,12 +60,26 @@ def _check_smoothing(smooth_f: float, diverge_th: float, prefix: str = "") -> No
         raise ValueError(f"{prefix}diverge_th must be greater than 1, got {diverge_th!r}.")
 
 
+def _check_skips(skip_start: int, skip_end: int, prefix: str = "") -> None:
+    """ValueError unless both are point counts to skip; `prefix` names config keys."""
+    for key, value in (("skip_start", skip_start), ("skip_end", skip_end)):
+        # 2.5 had failed in slicing, True had skipped one point, -3 had sliced from the end.
+        if not is_integer(value, 0):
+            raise ValueError(f"{prefix}{key} must be an integer of at least 0, got {value!r}.")
+
+
 def _check_trim(skip_start: int, skip_end: int, up_to_minimum: bool, prefix: str = "") -> None:
     """ValueError unless the suggestion's trim can be applied; `prefix` names config keys."""
-    for key, value in (("skip_start", skip_start), ("skip_end", skip_end)):
-        if not is_integer(value, 0):  # 2.5 had failed in slicing, True had skipped one point
-            raise ValueError(f"{prefix}{key} must be an integer of at least 0, got {value!r}.")
+    _check_skips(skip_start, skip_end, prefix)
     check_flag(up_to_minimum, f"{prefix}up_to_minimum")
+
+
+def _check_one_loss_per_lr(lrs: list[float], losses: list[float]) -> None:
+    if len(lrs) != len(losses):
+        # The trim counts skip_end back from the end of lrs; with fewer losses (a stopped test's
+        # losses beside the whole sweep) it would keep the last losses it should skip.
+        raise ValueError(f"Give one loss per learning rate: {len(lrs)} learning rates but {len(losses)} losses "
+                         "(a stopped test records fewer; pass its RangeTestResult's lrs and losses together).")
 
 
 def lr_sequence(start_lr: float, end_lr: float, num_iter: int, step_mode: str = "exp") -> np.ndarray:
@@ -115,11 +129,7 @@ def suggest_lr(
     curve whose minimum comes last, as when the test stops at divergence, both agree.
     """
     _check_trim(skip_start, skip_end, up_to_minimum)
-    if len(lrs) != len(losses):
-        # The trim counts skip_end back from the end of lrs; with fewer losses (a stopped test's
-        # losses beside the whole sweep) it would keep the last losses it should skip.
-        raise ValueError(f"Give one loss per learning rate: {len(lrs)} learning rates but {len(losses)} losses "
-                         "(a stopped test records fewer; pass its RangeTestResult's lrs and losses together).")
+    _check_one_loss_per_lr(lrs, losses)
     end = len(lrs) - skip_end
     trimmed = np.asarray(losses[skip_start:end], np.float64)
     # A test stopped by a NaN or infinite loss keeps that point last; np.gradient next to it is NaN,
@@ -214,11 +224,25 @@ def range_test(
 
 def plot(result: RangeTestResult, path: str | Path, *, skip_start: int = 10, skip_end: int = 5,
          suggestion: tuple[int, float] | None = None) -> None:
-    """Loss against learning rate (log axis) with the suggestion marked; saved as PNG."""
+    """Loss against learning rate (log axis) with the suggestion marked; saved as PNG.
+
+    `suggestion` is (index into result.lrs, lr), as `suggest_lr` returns it.
+    """
     from jaxcam import viz  # matplotlib loads only when a plot is drawn
 
-    end = len(result.lrs) - skip_end
+    _check_skips(skip_start, skip_end)
+    _check_one_loss_per_lr(result.lrs, result.losses)
+    count = len(result.lrs)
+    end = count - skip_end
     lrs, losses = result.lrs[skip_start:end], result.losses[skip_start:end]
+    if not lrs:  # empty axes, drawn without a word
+        raise ValueError(f"Nothing to plot: {count} points recorded, none left after skipping {skip_start} at the "
+                         f"start and {skip_end} at the end; skip fewer.")
+    if suggestion is not None and not (isinstance(suggestion, (tuple, list)) and len(suggestion) == 2
+                                       and is_integer(suggestion[0], 0) and suggestion[0] < count
+                                       and is_number(suggestion[1])):
+        raise ValueError(f"suggestion must be (index, lr) as suggest_lr returns, with an index of one of the {count} "
+                         f"points, got {suggestion!r}.")
     fig, ax = viz.subplots(figsize=(6.4, 4.2), dpi=120, layout="constrained")
     ax.plot(lrs, losses, color="#1f77b4", lw=1.8)
     ax.set_xscale("log")

@@ -130,6 +130,45 @@ def test_json_record_writes_a_nan_loss_as_null():
                                 "suggested_lr": 1.0, "suggested_index": 1}
 
 
+_SWEEP = lr_finder.RangeTestResult(lrs=list(np.geomspace(1e-4, 1, 30)), losses=list(np.linspace(3, 1, 30)),
+                                   diverged=False)
+
+
+@pytest.mark.parametrize("result, settings, message", [
+    # 2.5 had failed in slicing; -3 had sliced lrs[-3:25] and drawn empty axes without a word.
+    (_SWEEP, {"skip_start": 2.5}, "skip_start must be an integer of at least 0, got 2.5."),
+    (_SWEEP, {"skip_start": -3}, "skip_start must be an integer of at least 0, got -3."),
+    # Empty axes, without a word.
+    (_SWEEP, {"skip_start": 20, "skip_end": 10},
+     "Nothing to plot: 30 points recorded, none left after skipping 20 at the start and 10 at the end; skip fewer."),
+    # matplotlib's own words: "x and y must have same first dimension, but have shapes (25,) and (15,)".
+    (lr_finder.RangeTestResult(_SWEEP.lrs, _SWEEP.losses[:20], True), {},
+     "Give one loss per learning rate: 30 learning rates but 20 losses"),
+    # An IndexError, and a TypeError "cannot unpack non-iterable float object".
+    (_SWEEP, {"suggestion": (30, 0.5)},
+     "suggestion must be (index, lr) as suggest_lr returns, with an index of one of the 30 points, got (30, 0.5)."),
+    (_SWEEP, {"suggestion": 0.5},
+     "suggestion must be (index, lr) as suggest_lr returns, with an index of one of the 30 points, got 0.5."),
+    (_SWEEP, {"suggestion": (3, "0.1")},
+     "suggestion must be (index, lr) as suggest_lr returns, with an index of one of the 30 points, got (3, '0.1')."),
+])
+def test_plot_refuses_what_it_cannot_draw(result, settings, message, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        lr_finder.plot(result, tmp_path / "lr.png", **settings)
+    assert not (tmp_path / "lr.png").exists()
+
+
+def test_plot_marks_the_suggestion(tmp_path):
+    from PIL import Image
+
+    suggestion = lr_finder.suggest_lr(_SWEEP.lrs, _SWEEP.losses, 2, 2)
+    lr_finder.plot(_SWEEP, tmp_path / "lr.png", skip_start=2, skip_end=2, suggestion=suggestion)
+    with Image.open(tmp_path / "lr.png") as img:
+        pixels = np.asarray(img.convert("RGB")).astype(int)
+    red = (abs(pixels[..., 0] - 0xD6) < 8) & (abs(pixels[..., 1] - 0x27) < 8) & (abs(pixels[..., 2] - 0x28) < 8)
+    assert red.sum() > 20  # the suggestion's marker and its legend entry
+
+
 def test_suggestion_ignores_a_recovery_after_a_spike():
     """A loss that dips, spikes and falls steeply again: pytorch-lr-finder's rule picks the
     recovery; up_to_minimum keeps to the valley before the spike."""
