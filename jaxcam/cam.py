@@ -29,16 +29,33 @@ EPS = 1e-7
 # ----------------------------------------------------------------------------- methods
 
 
+def _of_activations_and_gradients(method: Callable[[jax.Array, jax.Array], jax.Array]):
+    """`method` with its arguments checked at trace time (no cost in the compiled code):
+    gradients of another size had been averaged into a map without a word, and one image's
+    (h, w, C) taken as a batch."""
+
+    @functools.wraps(method)
+    def checked(activations: jax.Array, gradients: jax.Array) -> jax.Array:
+        if activations.ndim != 4 or gradients.shape != activations.shape:
+            raise ValueError(f"{method.__name__} takes activations and gradients of one shape (N, h, w, C), "
+                             f"got {activations.shape} and {gradients.shape}.")
+        return method(activations, gradients)
+
+    return checked
+
+
 def _weighted_sum(activations: jax.Array, weights: jax.Array) -> jax.Array:
     """sum_c weights[n, c] * A[n, :, :, c] -> (N, h, w)."""
     return jnp.einsum("nhwc,nc->nhw", activations, weights)
 
 
+@_of_activations_and_gradients
 def gradcam(activations: jax.Array, gradients: jax.Array) -> jax.Array:
     """Grad-CAM (Selvaraju et al. 2017): channel weights are the spatial mean of the gradient."""
     return _weighted_sum(activations, gradients.mean(axis=(1, 2)))
 
 
+@_of_activations_and_gradients
 def gradcam_plus_plus(activations: jax.Array, gradients: jax.Array) -> jax.Array:
     """Grad-CAM++ (Chattopadhyay et al. 2018), with the exp-score closed form of pytorch-grad-cam."""
     g2 = gradients**2
@@ -50,11 +67,13 @@ def gradcam_plus_plus(activations: jax.Array, gradients: jax.Array) -> jax.Array
     return _weighted_sum(activations, weights)
 
 
+@_of_activations_and_gradients
 def hirescam(activations: jax.Array, gradients: jax.Array) -> jax.Array:
     """HiResCAM (Draelos & Carin 2020): element-wise gradient x activation, summed over channels."""
     return (gradients * activations).sum(axis=-1)
 
 
+@_of_activations_and_gradients
 def xgradcam(activations: jax.Array, gradients: jax.Array) -> jax.Array:
     """XGrad-CAM (Fu et al. 2020): gradients weighted by the activation's share of its channel sum."""
     sum_activations = activations.sum(axis=(1, 2))[:, None, None, :]
@@ -62,6 +81,7 @@ def xgradcam(activations: jax.Array, gradients: jax.Array) -> jax.Array:
     return _weighted_sum(activations, weights)
 
 
+@_of_activations_and_gradients
 def layercam(activations: jax.Array, gradients: jax.Array) -> jax.Array:
     """LayerCAM (Jiang et al. 2021): positive gradients as per-location weights."""
     return (jnp.maximum(gradients, 0) * activations).sum(axis=-1)
@@ -74,6 +94,8 @@ def eigencam(activations: jax.Array, gradients: jax.Array | None = None) -> jax.
     right-singular vector. The SVD's sign is arbitrary; we fix it so that the map correlates
     positively with the channel-summed activations (ties: positive). No gradients are used.
     """
+    if activations.ndim != 4:  # had been "not enough values to unpack (expected 4, got 3)"
+        raise ValueError(f"eigencam takes activations (N, h, w, C), got {activations.shape}.")
     n, h, w, c = activations.shape
     flat = activations.reshape(n, h * w, c)
     flat = flat - flat.mean(axis=1, keepdims=True)
@@ -88,6 +110,9 @@ def eigencam(activations: jax.Array, gradients: jax.Array | None = None) -> jax.
 def scorecam_from_scores(activations: jax.Array, scores: jax.Array) -> jax.Array:
     """Score-CAM (Wang et al. 2020): channel weights are softmax over channels of the target
     scores of the input masked by each upsampled, normalized channel; scores (N, C)."""
+    if activations.ndim != 4 or scores.shape != (activations.shape[0], activations.shape[-1]):
+        raise ValueError(f"scorecam_from_scores takes activations (N, h, w, C) and scores (N, C), got "
+                         f"{activations.shape} and {scores.shape}.")
     return _weighted_sum(activations, jax.nn.softmax(scores, axis=-1))
 
 
@@ -123,6 +148,11 @@ def _interpolation_matrix(out_size: int, in_size: int, align_corners: bool) -> n
 
 def resize_bilinear(maps: jax.Array, size: tuple[int, int], align_corners: bool = False) -> jax.Array:
     """Resize (N, h, w[, C]) maps to (N, H, W[, C]) bilinearly (half-pixel centres by default)."""
+    if maps.ndim not in (3, 4):
+        raise ValueError(f"resize_bilinear takes maps (N, h, w) or (N, h, w, C), got {maps.shape}.")
+    if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(is_integer(v, 1) for v in size)):
+        # 0 had failed in a division by zero
+        raise ValueError(f"resize_bilinear takes a size (H, W) of two positive integers, got {size!r}.")
     rows = jnp.asarray(_interpolation_matrix(size[0], maps.shape[1], align_corners))
     cols = jnp.asarray(_interpolation_matrix(size[1], maps.shape[2], align_corners))
     if maps.ndim == 3:
@@ -138,6 +168,12 @@ def minmax(maps: jax.Array) -> jax.Array:
 
 def combine_layers(per_layer: Sequence[jax.Array], size: tuple[int, int] | None) -> jax.Array:
     """ReLU, min-max, resize each (N, h, w) map to `size`; then clip, mean over layers, min-max."""
+    if not per_layer:
+        raise ValueError("combine_layers takes at least one map (N, h, w).")
+    shapes = sorted({tuple(cam.shape) for cam in per_layer})
+    if size is None and len(shapes) > 1:  # jnp.stack's words: "All input arrays must have the same shape"
+        raise ValueError(f"combine_layers keeps the maps' sizes with size=None, so they must share one, got "
+                         f"{' and '.join(map(str, shapes))}; pass the size to resize them to.")
     scaled = []
     for cam in per_layer:
         cam = minmax(jnp.maximum(cam, 0))

@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 
@@ -365,3 +366,43 @@ def test_batch_size_must_be_positive(setup):
     # range(0, n, 0) would have raised Python's "range() arg 3 must not be zero".
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0."):
         cam.compute_with_outputs(model, variables, images, batch_size=0)
+
+
+_ACTIVATIONS = jnp.ones((2, 8, 8, 16))
+
+
+@pytest.mark.parametrize("function", [cam.gradcam, cam.gradcam_plus_plus, cam.hirescam, cam.xgradcam, cam.layercam])
+def test_a_method_refuses_gradients_that_do_not_match_its_activations(function):
+    # Gradients of another size had been averaged into a map for gradcam and gradcam++ without a
+    # word; the others failed in einsum's or broadcasting's words, or took one image's (h, w, C)
+    # as a batch.
+    name = function.__name__
+    with pytest.raises(ValueError, match=rf"^{name} takes activations and gradients of one shape \(N, h, w, C\), "
+                                         rf"got \(2, 8, 8, 16\) and \(2, 4, 8, 16\).$"):
+        function(_ACTIVATIONS, jnp.ones((2, 4, 8, 16)))
+    with pytest.raises(ValueError, match=rf"^{name} takes .* got \(8, 8, 16\) and \(8, 8, 16\).$"):
+        function(_ACTIVATIONS[0], _ACTIVATIONS[0])
+    assert function(_ACTIVATIONS, _ACTIVATIONS).shape == (2, 8, 8)
+
+
+def test_map_helpers_refuse_shapes_they_cannot_use():
+    # "not enough values to unpack (expected 4, got 3)"
+    with pytest.raises(ValueError, match=r"^eigencam takes activations \(N, h, w, C\), got \(8, 8, 16\).$"):
+        cam.eigencam(_ACTIVATIONS[0])
+    # einsum's "Size of label 'c' for operand 1 (16) does not match previous terms (15)"
+    with pytest.raises(ValueError, match=r"^scorecam_from_scores takes activations \(N, h, w, C\) and scores \(N, C\), "
+                                         r"got \(2, 8, 8, 16\) and \(2, 15\).$"):
+        cam.scorecam_from_scores(_ACTIVATIONS, jnp.ones((2, 15)))
+    # A division by zero, and a negative size numpy's words.
+    for size in [(0, 32), (32,), (32.5, 32)]:
+        with pytest.raises(ValueError, match=rf"^resize_bilinear takes a size \(H, W\) of two positive integers, "
+                                             rf"got {re.escape(repr(size))}.$"):
+            cam.resize_bilinear(jnp.ones((2, 8, 8)), size)
+    with pytest.raises(ValueError, match=r"^resize_bilinear takes maps \(N, h, w\) or \(N, h, w, C\), got \(8,\).$"):
+        cam.resize_bilinear(jnp.ones(8), (32, 32))
+    # "Need at least one array to stack", and "All input arrays must have the same shape".
+    with pytest.raises(ValueError, match=r"^combine_layers takes at least one map \(N, h, w\).$"):
+        cam.combine_layers([], (32, 32))
+    with pytest.raises(ValueError, match=r"^combine_layers keeps the maps' sizes with size=None, so they must share "
+                                         r"one, got \(2, 8, 8\) and \(2, 16, 16\); pass the size to resize them to.$"):
+        cam.combine_layers([jnp.ones((2, 8, 8)), jnp.ones((2, 16, 16))], None)
