@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcam._checks import check_flag, is_integer
-from jaxcam.models import STAGE_OUTPUT, STAGES, check_image_batch, check_variables
+from jaxcam.models import STAGE_OUTPUT, STAGES, check_image_batch, check_stage, check_variables
 
 EPS = 1e-7
 
@@ -198,8 +198,7 @@ def check_layers(layer: str | Sequence[str]) -> tuple[str, ...]:
     if not layers:
         raise ValueError("Name at least one layer for the CAM.")
     for name in layers:
-        if name not in STAGES:
-            raise ValueError(f"Unknown layer {name!r}; choose from {', '.join(STAGES)}.")
+        check_stage(name)
     return layers
 
 

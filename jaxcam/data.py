@@ -517,6 +517,9 @@ def train_batches(
     for name, value in (("seed", seed), ("epoch", epoch)):
         if not is_integer(value, 0):  # numpy's own words: "expected non-negative integer"
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+    if augment is not None and not callable(augment):  # it had failed inside the loop: "'int' object is not callable"
+        raise ValueError(f"augment must be a function of (batch, rng) that returns the augmented batch, or None, "
+                         f"got {augment!r}.")
     if batch_size > len(images):
         # The remainder is dropped, so the epoch would end without a single batch.
         raise ValueError(f"batch_size {batch_size} exceeds the {len(images)} training images, so an epoch would "

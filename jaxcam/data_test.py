@@ -512,6 +512,9 @@ def test_batching_refuses_float_images(batches):
      r"with shape \(1, 32, 32, 3\)."),
     (dict(seed=0, epoch=0, augment=lambda images, rng: images / 255),
      "augment must return the uint8 batch it is given.*; it returned float64"),
+    # "'int' object is not callable", from inside the loop.
+    (dict(seed=0, epoch=0, augment=3),
+     r"augment must be a function of \(batch, rng\) that returns the augmented batch, or None, got 3."),
 ])
 def test_train_batches_refuse_bad_seeds_and_augmentations(arguments, message):
     with pytest.raises(ValueError, match=message):

@@ -27,8 +27,17 @@ STAGE_OUTPUT = "output"
 DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
 
+def check_stage(name: Any) -> None:
+    """ValueError unless `name` is one of STAGES."""
+    if name not in STAGES:
+        raise ValueError(f"Unknown layer {name!r}; choose from {', '.join(STAGES)}.")
+
+
 def stage_features(width: int, stage: str) -> int:
     """Channels of a stage's output: `width` for layer1, doubling at each stage after it."""
+    check_stage(stage)  # tuple.index's own words: "x not in tuple"
+    if not is_integer(width, 1):  # the string "64" had been repeated into "64646464"
+        raise ValueError(f"width must be a positive integer, got {width!r}.")
     return width * 2 ** STAGES.index(stage)
 
 

@@ -242,3 +242,13 @@ def test_from_torch_state_dict_refuses_a_width_that_is_not_a_positive_integer(wi
 def test_bad_model_sizes_fail_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         models.ResNet18(**kwargs)
+
+
+def test_stage_features_names_what_it_cannot_count():
+    assert [models.stage_features(16, stage) for stage in models.STAGES] == [16, 32, 64, 128]
+    # "tuple.index(x): x not in tuple"
+    with pytest.raises(ValueError, match=r"^Unknown layer 'layer5'; choose from layer1, layer2, layer3, layer4.$"):
+        models.stage_features(64, "layer5")
+    # The string '64' had been repeated: '64646464' channels for layer3, without a word.
+    with pytest.raises(ValueError, match=r"^width must be a positive integer, got '64'.$"):
+        models.stage_features("64", "layer3")
