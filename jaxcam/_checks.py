@@ -31,6 +31,12 @@ def is_path(value: Any) -> bool:
     return isinstance(value, (str, os.PathLike))
 
 
+def kind_of(value: Any) -> str:
+    """The type of `value` with its article, for error messages: "a list", "an int"."""
+    name = type(value).__name__
+    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
+
+
 def check_flag(value: Any, name: str) -> None:
     """ValueError unless `value` is a bool (Python or numpy): a string such as "no" or "False" is
     truthy, so a switch given one would silently be on. `name` names it ("config.augment")."""
@@ -48,7 +54,7 @@ def history_problem(history: Any, keys: tuple[str, ...]) -> str | None:
     each of `keys` ("record 2 has no number for 'lr'"), or None. NaN is a number here: an epoch's
     test loss may be NaN and is kept as the record of it."""
     if not isinstance(history, (list, tuple)):
-        return f"it must be a list of them, got a {type(history).__name__}"
+        return f"it must be a list of them, got {kind_of(history)}"
     for index, record in enumerate(history):
         missing = [key for key in keys if not isinstance(record, dict) or not is_real(record.get(key))]
         if missing:

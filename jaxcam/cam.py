@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcam._checks import check_flag, is_integer
+from jaxcam._checks import check_flag, is_integer, kind_of
 from jaxcam.models import STAGE_OUTPUT, STAGES, check_image_batch, check_stage, check_variables
 
 EPS = 1e-7
@@ -211,7 +211,7 @@ def check_method(method: str) -> None:
 def check_float_images(images: Any) -> jax.Array:
     """Validate normalized float NHWC images (N, H, W, 3)."""
     if not hasattr(images, "dtype"):
-        raise ValueError(f"Images must be a normalized float array (N, H, W, 3), got a {type(images).__name__}.")
+        raise ValueError(f"Images must be a normalized float array (N, H, W, 3), got {kind_of(images)}.")
     check_image_batch(images.shape, images.dtype)
     if images.shape[0] == 0:
         raise ValueError("No images to explain (the batch is empty).")

@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from jaxcam._checks import kind_of
+
 # Keys whose value may also be one of these strings.
 SPECIAL_STRINGS = {"max_lr": ("auto",)}
 # A value's type in words, for errors ("config.width takes an integer, got 'abc'.").
@@ -42,6 +44,9 @@ class ConfigError(ValueError):
 def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
     """Import a Python config file and call its `get_config()`."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"Config file {str(path)!r} is a folder; name a .py file with get_config() in it, such as "
+                          "configs/default.py.")
     if not path.is_file():
         raise ConfigError(f"Config file {str(path)!r} does not exist.")
     if path.suffix != ".py":
@@ -63,7 +68,7 @@ def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
     except Exception as e:
         raise ConfigError(f"get_config() of {str(path)!r} failed ({type(e).__name__}: {e}).") from None
     if not isinstance(config, (ml_collections.ConfigDict, dict)):
-        raise ConfigError(f"get_config() of {str(path)!r} returned a {type(config).__name__}, not a ConfigDict.")
+        raise ConfigError(f"get_config() of {str(path)!r} returned {kind_of(config)}, not a ConfigDict.")
     config = ml_collections.ConfigDict(dict(config.items()) if isinstance(config, dict) else config.to_dict(),
                                        type_safe=False)
     check_keys(config, CONFIG_KEYS, f"Config file {str(path)!r}", optional=("lr_finder",))

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcam._checks import is_integer, layout_hint
+from jaxcam._checks import is_integer, kind_of, layout_hint
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 STAGE_OUTPUT = "output"
@@ -300,7 +300,7 @@ def check_variables(model: Any, variables: Any, what: str = "The variables") -> 
     if not isinstance(model, ResNet):
         return
     if not _is_variables(variables):
-        given = sorted(map(str, variables)) if isinstance(variables, Mapping) else f"a {type(variables).__name__}"
+        given = sorted(map(str, variables)) if isinstance(variables, Mapping) else kind_of(variables)
         raise ValueError(
             "Model variables must be a mapping with 'params' and 'batch_stats' (the BatchNorm running "
             f"statistics), as init_variables and checkpoint.load_variables return them; got {given}."

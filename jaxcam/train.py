@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxcam import data as data_lib
-from jaxcam._checks import check_class_indices, check_flag, history_problem, is_integer, is_number, is_path
+from jaxcam._checks import check_class_indices, check_flag, history_problem, is_integer, is_number, is_path, kind_of
 from jaxcam import models
 from jaxcam.checkpoint import Checkpointer, CheckpointError, interrupts_deferred, make_writable_folder, write_json
 from jaxcam.configuration import CONFIG_KEYS, DATA_KEYS, ConfigError, check_keys, config_from_json
@@ -466,7 +466,7 @@ def read_history(run_dir: str | os.PathLike) -> list[dict]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{str(path)!r} is not valid JSON ({e}).") from None
     if not isinstance(history, list):
-        raise ConfigError(f"{str(path)!r} must hold a list of per-epoch records, got a {type(history).__name__}.")
+        raise ConfigError(f"{str(path)!r} must hold a list of per-epoch records, got {kind_of(history)}.")
     problem = history_problem(history, HISTORY_KEYS)
     if problem:
         raise ConfigError(f"{str(path)!r} is not a jaxcam history: {problem}.")
@@ -651,7 +651,7 @@ def train_and_evaluate(
     if not isinstance(config, ml_collections.ConfigDict):
         if not isinstance(config, Mapping):
             raise ValueError(f"config must be an ml_collections.ConfigDict (as configs/default.py's get_config() "
-                             f"returns) or a dict of its keys, got a {type(config).__name__}.")
+                             f"returns) or a dict of its keys, got {kind_of(config)}.")
         # A plain dict (get_config().to_dict(), a config.json read with json) had failed at config.name.
         config = ml_collections.ConfigDict(config, type_safe=False)
     check_flag(resume, "resume")  # "no" would have resumed

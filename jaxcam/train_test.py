@@ -851,6 +851,7 @@ def test_the_known_keys_are_the_default_configs():
         ("c = default.get_config(); del c['seed']",
          "lacks the key 'seed'; start from configs/default.py's get_config() and change what differs."),
         ("c = [1, 2]", "returned a list, not a ConfigDict."),
+        ("c = 3", "returned an int, not a ConfigDict."),  # had read "returned a int"
     ],
 )
 def test_cli_config_file_with_missing_or_unknown_keys(body, message, tmp_path, capsys):
@@ -859,6 +860,15 @@ def test_cli_config_file_with_missing_or_unknown_keys(body, message, tmp_path, c
                            f"    {body}\n    return c\n")
     code, _, err = run_cli(["--workdir", tmp_path / "runs", "--config", config_file], capsys)
     assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_config_file_that_is_a_folder(tmp_path, capsys):
+    # Had been "Config file 'configs' does not exist." of a folder that does.
+    (tmp_path / "configs").mkdir()
+    code, _, err = run_cli(["--workdir", tmp_path / "runs", "--config", tmp_path / "configs"], capsys)
+    assert code == 1 and err == (f"error: Config file {str(tmp_path / 'configs')!r} is a folder; name a .py file "
+                                 "with get_config() in it, such as configs/default.py.\n")
     assert not (tmp_path / "runs").exists()
 
 
