@@ -32,7 +32,9 @@ def is_path(value: Any) -> bool:
 
 
 def kind_of(value: Any) -> str:
-    """The type of `value` with its article, for error messages: "a list", "an int"."""
+    """The type of `value` with its article, for error messages: "a list", "an int"; None is "None"."""
+    if value is None:
+        return "None"
     name = type(value).__name__
     return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
 

@@ -81,6 +81,8 @@ def test_check_variables_names_what_does_not_fit():
         models.check_variables(model, [variables])
     with pytest.raises(ValueError, match=r"with 'params' and 'batch_stats' .*; got an int."):  # had read "a int"
         models.check_variables(model, 3)
+    with pytest.raises(ValueError, match=r"with 'params' and 'batch_stats' .*; got None.$"):  # not "a NoneType"
+        models.check_variables(model, None)
 
 
 def test_stride2_padding_is_symmetric_like_pytorch():
