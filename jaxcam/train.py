@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import datetime
 import json
-import math
 import os
 import re
 import sys
@@ -100,9 +99,7 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> tup
     name = config.optimizer.lower()
     if name not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {config.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
-    max_lr = float(config.max_lr)
-    if not math.isfinite(max_lr) or max_lr <= 0:
-        raise ValueError(f"max_lr must be a positive number, got {config.max_lr!r}.")
+    max_lr = _resolved_max_lr(config)
     if config.schedule == "onecycle":
         lr, momentum = onecycle(
             total_steps,
@@ -122,6 +119,18 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> tup
     else:
         raise ValueError(f"Unknown schedule {config.schedule!r}; choose 'onecycle' or 'constant'.")
     return optimizer_with_schedule(config, lr, momentum), lr
+
+
+def _resolved_max_lr(config: ml_collections.ConfigDict) -> float:
+    """config.max_lr as a float, or ValueError: "auto" is for the LR range test to resolve before
+    an optimizer is made (float() had failed on it in its own words), and a string such as "0.1"
+    would have been read as the number it spells."""
+    if config.max_lr == "auto":
+        raise ValueError("config.max_lr is 'auto': run the LR range test first (train.py --find-lr, or "
+                         "lr_finder.run_for_config in code).")
+    if not (is_number(config.max_lr) and config.max_lr > 0):
+        raise ValueError(f"max_lr must be a positive number, got {config.max_lr!r}.")
+    return float(config.max_lr)
 
 
 def optimizer_with_schedule(
@@ -664,8 +673,7 @@ def train_and_evaluate(
     if resume:
         check_resume_config(config, run_dir)
     validate_config(config)
-    if config.max_lr == "auto":
-        raise ValueError("config.max_lr is 'auto': run the LR range test first (train.py --find-lr).")
+    _resolved_max_lr(config)  # before any data is read
     dataset = dataset if dataset is not None else load_dataset(config)
     mesh = make_mesh(devices)
     num_devices = mesh.devices.size

@@ -277,6 +277,18 @@ def test_optimizers_build_and_unknown_names_fail():
         train_lib.create_optimizer(tiny_config(optimizer="lamb"), total_steps=10)
 
 
+@pytest.mark.parametrize("max_lr, message", [
+    # "could not convert string to float: 'auto'"
+    ("auto", r"^config.max_lr is 'auto': run the LR range test first \(train.py --find-lr, or "
+             r"lr_finder.run_for_config in code\).$"),
+    # A string had been read as the number it spells.
+    ("0.1", r"^max_lr must be a positive number, got '0.1'.$"),
+])
+def test_create_optimizer_needs_a_learning_rate_it_can_use(max_lr, message):
+    with pytest.raises(ValueError, match=message):
+        train_lib.create_optimizer(tiny_config(max_lr=max_lr), total_steps=10)
+
+
 def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu():
     assert train_lib.resolve_dtype("auto", "gpu") == train_lib.resolve_dtype("auto", "tpu") == "bfloat16"
     assert train_lib.resolve_dtype("auto", "cpu") == "float32"
