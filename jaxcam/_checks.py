@@ -39,6 +39,12 @@ def kind_of(value: Any) -> str:
     return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
 
 
+def check_positive_integer(value: Any, name: str) -> None:
+    """ValueError unless `value` is an integer (not a bool) of at least 1; `name` names it."""
+    if not is_integer(value, 1):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
 def check_flag(value: Any, name: str) -> None:
     """ValueError unless `value` is a bool (Python or numpy): a string such as "no" or "False" is
     truthy, so a switch given one would silently be on. `name` names it ("config.augment")."""
@@ -83,15 +89,10 @@ def layout_hint(shape: tuple[int, ...], batch: bool = True) -> str:
     return ""
 
 
-def _check_num_classes(num_classes: Any) -> None:
-    if not is_integer(num_classes, 1):
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
-
-
 def check_classes(values: Any, num_classes: int, name: str = "label") -> np.ndarray:
     """Class indices (N,) as an int64 array of classes in 0..num_classes-1, else ValueError naming
     the first outside (a negative index would pick a class name from the end without a word)."""
-    _check_num_classes(num_classes)
+    check_positive_integer(num_classes, "num_classes")
     values = np.asarray(values)
     if values.ndim != 1:
         raise ValueError(f"Give one class {name} per example, as an array (N,); got shape {values.shape}.")

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcam._checks import check_flag, is_integer, kind_of
+from jaxcam._checks import check_flag, check_positive_integer, is_integer, kind_of
 from jaxcam.models import STAGE_OUTPUT, STAGES, check_image_batch, check_stage, check_variables
 
 EPS = 1e-7
@@ -334,8 +334,7 @@ def compute_with_outputs(
     layers = check_layers(layer)
     check_method(method)
     check_flag(resize, "resize")
-    if not is_integer(batch_size, 1):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    check_positive_integer(batch_size, "batch_size")
     images = check_float_images(images)
     check_variables(model, variables)  # a ResNet's; other modules that sow the same stages are taken as they are
     if getattr(model, "dtype", jnp.float32) != jnp.float32:

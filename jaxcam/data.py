@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from jaxcam._checks import check_flag, is_integer, is_number, is_path, layout_hint
+from jaxcam._checks import check_flag, check_positive_integer, is_integer, is_number, is_path, layout_hint
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -492,9 +492,8 @@ def _check_batching(images: np.ndarray, labels: np.ndarray, batch_size: int) -> 
         # Normalization runs on the device after batching; float images in [0, 1] would be
         # normalized as if they were pixel values, without a word.
         raise ValueError(f"Batches take uint8 images (0..255, normalized later on the device), got {dtype}.")
-    if not is_integer(batch_size, 1):
-        # A negative one gave no batches at all: an "every example once" evaluation of nothing.
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    # A negative one gave no batches at all: an "every example once" evaluation of nothing.
+    check_positive_integer(batch_size, "batch_size")
     if len(images) != len(labels):
         raise ValueError(f"Give one label per image: {len(images)} images but {len(labels)} labels.")
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from jaxcam._checks import in_unit_range, is_integer, is_number
+from jaxcam._checks import check_positive_integer, in_unit_range, is_integer, is_number
 from jaxcam.cam import check_target_range
 from jaxcam.models import check_image_batch
 
@@ -65,8 +65,7 @@ def _softmax_target(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 def _predict_in_chunks(predict: Predict, images: np.ndarray, batch_size: int) -> np.ndarray:
     """Logits (N, K) of `predict` run on `batch_size` images at a time, or ValueError."""
-    if not is_integer(batch_size, 1):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    check_positive_integer(batch_size, "batch_size")
     chunks = []
     for i in range(0, len(images), batch_size):
         chunk = images[i : i + batch_size]
@@ -119,8 +118,7 @@ def deletion_insertion_curves(
     """
     images, saliency, targets = _check_inputs(images, saliency, targets)
     n, h, w, _ = images.shape
-    if not is_integer(steps, 1):
-        raise ValueError(f"steps must be a positive integer, got {steps!r}.")
+    check_positive_integer(steps, "steps")
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"Unknown mode {mode!r}; choose 'deletion' or 'insertion'.")
     if baseline is None:

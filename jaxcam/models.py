@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcam._checks import is_integer, kind_of, layout_hint
+from jaxcam._checks import check_positive_integer, is_integer, kind_of, layout_hint
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 STAGE_OUTPUT = "output"
@@ -36,8 +36,7 @@ def check_stage(name: Any) -> None:
 def stage_features(width: int, stage: str) -> int:
     """Channels of a stage's output: `width` for layer1, doubling at each stage after it."""
     check_stage(stage)  # tuple.index's own words: "x not in tuple"
-    if not is_integer(width, 1):  # the string "64" had been repeated into "64646464"
-        raise ValueError(f"width must be a positive integer, got {width!r}.")
+    check_positive_integer(width, "width")  # the string "64" had been repeated into "64646464"
     return width * 2 ** STAGES.index(stage)
 
 
@@ -186,9 +185,7 @@ class ResNet(nn.Module):
     def __post_init__(self) -> None:
         # Checked at construction: a bad size would otherwise surface deep inside init.
         for name in ("width", "num_classes"):
-            value = getattr(self, name)
-            if not is_integer(value, 1):
-                raise ValueError(f"ResNet {name} must be a positive integer, got {value!r}.")
+            check_positive_integer(getattr(self, name), f"ResNet {name}")
         # Stage sizes given as a list (as Flax's examples write them) would make the module
         # unhashable, and jit takes it as a static argument (cam.compute) and caches key on it.
         object.__setattr__(self, "stage_sizes", tuple(self.stage_sizes))
@@ -271,14 +268,9 @@ def _jitted_init(model: ResNet, image_size: int, backend: str | None) -> Any:
     return jax.jit(init, compiler_options=INIT_COMPILER_OPTIONS.get(backend, {}))
 
 
-def _check_image_size(image_size: Any) -> None:
-    if not is_integer(image_size, 1):  # 0 had given a summary of empty feature maps
-        raise ValueError(f"image_size must be a positive integer, got {image_size!r}.")
-
-
 def init_variables(model: ResNet, rng: jax.Array, image_size: int = 32) -> dict:
     """{'params', 'batch_stats'} for `model`, without the per-call `perturbations`/`intermediates`."""
-    _check_image_size(image_size)
+    check_positive_integer(image_size, "image_size")  # 0 had given a summary of empty feature maps
     # Under a trace (jax.eval_shape for shapes) the jit is nested, and JAX takes compiler options
     # only at the top level.
     backend = None if isinstance(rng, jax.core.Tracer) else jax.default_backend()
@@ -329,7 +321,7 @@ def count_params(params: Any) -> int:
 
 def summary(model: ResNet, image_size: int = 32) -> str:
     """A torchsummary-like table in call order: layer, output shape, own parameters, totals."""
-    _check_image_size(image_size)  # "32" had failed in jnp.zeros with JAX's words
+    check_positive_integer(image_size, "image_size")  # "32" had failed in jnp.zeros with JAX's words
     x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), image_size))
     flat_params = flax_traverse(variables["params"])
@@ -427,8 +419,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], width: int = 64, depth:
     # Named with !r: the string "18" had been refused as "Unknown ResNet depth 18".
     if not is_integer(depth, 1) or depth not in DEPTHS:
         raise ValueError(f"Unknown ResNet depth {depth!r}; choose one of {sorted(DEPTHS)}.")
-    if not is_integer(width, 1):  # "4" had been refused as "not width 4; pass width=4"
-        raise ValueError(f"width must be a positive integer, got {width!r}.")
+    check_positive_integer(width, "width")  # "4" had been refused as "not width 4; pass width=4"
     if not isinstance(state_dict, Mapping) or not state_dict:
         raise ValueError("from_torch_state_dict takes a PyTorch state dict, a non-empty mapping of names to arrays.")
     state_dict = _without_wrapper_prefixes(state_dict)

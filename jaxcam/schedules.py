@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
-from jaxcam._checks import check_flag, is_integer, is_number
+from jaxcam._checks import check_flag, check_positive_integer, is_number
 
 
 def _interpolate(strategy: str):
@@ -48,8 +48,7 @@ def onecycle(
     beta1) moves inversely between `max_momentum` and `base_momentum`. Steps past the end
     hold the final values (PyTorch would raise).
     """
-    if not is_integer(total_steps, 1):
-        raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}.")
+    check_positive_integer(total_steps, "total_steps")
     if not (is_number(pct_start) and 0 <= pct_start <= 1):
         raise ValueError(f"pct_start must lie in [0, 1], got {pct_start!r}.")
     # As OneCycleLR: a negative or zero rate would silently train backwards or not at all.

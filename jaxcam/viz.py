@@ -15,8 +15,8 @@ import matplotlib.ticker
 import numpy as np
 from matplotlib.figure import Figure
 
-from jaxcam._checks import (check_class_indices, check_classes, history_problem, in_unit_range, is_integer, is_number,
-                             layout_hint)
+from jaxcam._checks import (check_class_indices, check_classes, check_positive_integer, history_problem, in_unit_range,
+                             is_number, layout_hint)
 
 CMAP = "inferno"
 PathLike = str | os.PathLike
@@ -50,6 +50,14 @@ def _check_counts(who: str, count: int, unit: str, **arrays) -> None:
             raise ValueError(f"{who} needs {name} for each of the {count} {unit}, got {len(values)}.")
 
 
+def _value_range(values: np.ndarray) -> str:
+    """What a float array holds, for errors: "values from -1 to 3 and NaN", or "only NaN"."""
+    nan = np.isnan(values)
+    if nan.all():
+        return "only NaN"
+    return f"values from {np.nanmin(values):.4g} to {np.nanmax(values):.4g}{' and NaN' if nan.any() else ''}"
+
+
 def _holds_real_numbers(values: np.ndarray) -> bool:
     """An integer or float array (not bools, strings, objects or complex numbers)."""
     return np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)
@@ -60,12 +68,10 @@ def _check_fractions(who: str, name: str, values: np.ndarray, allow_nan: bool = 
     percentages (55 for 55%) would be drawn a hundred times too large without a word."""
     values = np.asarray(values)
     if _holds_real_numbers(values):
-        nan = np.isnan(values)
-        checked = values[~nan] if allow_nan else values
+        checked = values[~np.isnan(values)] if allow_nan else values
         if not checked.size or in_unit_range(checked):
             return values
-        found = ("only NaN" if nan.all() else
-                 f"values from {np.nanmin(values):.4g} to {np.nanmax(values):.4g}{' and NaN' if nan.any() else ''}")
+        found = _value_range(values)
     else:
         found = f"{values.dtype} values"
     raise ValueError(f"{who} takes {name} as fractions in [0, 1] (0.55 for 55%), got {found}.")
@@ -82,10 +88,7 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5, cmap: str = 
     # A raw map (before min-max) would be clipped to a flat saturated colour, NaN drawn as black;
     # the small tolerance keeps a map resized after normalization, which can overshoot by rounding.
     if not in_unit_range(cam, tolerance=1e-5):
-        nan = np.isnan(cam)
-        found = ("only NaN" if nan.all() else f"values from {np.nanmin(cam):.4g} to {np.nanmax(cam):.4g}"
-                 f"{' and NaN' if nan.any() else ''}")
-        raise ValueError(f"overlay takes a CAM normalized to [0, 1], got {found}; normalize it first "
+        raise ValueError(f"overlay takes a CAM normalized to [0, 1], got {_value_range(cam)}; normalize it first "
                          "(jaxcam.cam.minmax, as cam.compute does).")
     try:
         colormap = cmap if isinstance(cmap, matplotlib.colors.Colormap) else matplotlib.colormaps[cmap]
@@ -311,8 +314,8 @@ def plot_per_class_accuracy(accuracies: np.ndarray, class_names: Sequence[str], 
 def plot_samples_per_class(images: np.ndarray, labels: np.ndarray, class_names: Sequence[str], path: PathLike,
                            per_class: int = 8) -> None:
     """A grid with one row per class and its first `per_class` images (uint8 RGB (N, H, W, 3), labels (N,))."""
-    if not is_integer(per_class, 1):  # matplotlib's own words: "Number of columns must be a positive integer"
-        raise ValueError(f"plot_samples_per_class's per_class must be a positive integer, got {per_class!r}.")
+    # matplotlib's own words: "Number of columns must be a positive integer, not 0"
+    check_positive_integer(per_class, "plot_samples_per_class's per_class")
     images = check_uint8_rgb(images, "plot_samples_per_class")
     _check_counts("plot_samples_per_class", len(images), "images", labels=labels)
     labels = check_classes(labels, len(class_names))
