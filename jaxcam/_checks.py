@@ -52,6 +52,23 @@ def check_flag(value: Any, name: str) -> None:
         raise ValueError(f"{name} must be True or False, got {value!r}.")
 
 
+def class_names_problem(names: Any) -> str | None:
+    """What keeps `names` from being class names, one distinct non-empty string per class
+    ("'cat' is given more than once"), or None. A single string would otherwise be read letter by letter
+    as classes, and a repeated name would merge two classes' rows in a report keyed by name."""
+    if isinstance(names, (str, bytes)):
+        return f"give one name per class, such as ('cat', 'dog'), not the single string {names!r}"
+    if not isinstance(names, (list, tuple)):
+        return f"give a list or tuple of strings, got {kind_of(names)}"
+    for index, name in enumerate(names):
+        if not isinstance(name, str) or not name:
+            return f"each must be a non-empty string, but name {index} is {name!r}"
+    repeated = next((name for index, name in enumerate(names) if name in names[:index]), None)
+    if repeated is not None:
+        return f"each must be distinct, but {repeated!r} is given more than once"
+    return None
+
+
 def in_unit_range(maps: np.ndarray, tolerance: float = 0.0) -> bool:
     """All values finite and within [0, 1], give or take `tolerance`."""
     return bool(np.isfinite(maps).all() and maps.min() >= -tolerance and maps.max() <= 1 + tolerance)

@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from jaxcam._checks import check_flag, check_positive_integer, is_integer, is_number, is_path, layout_hint
+from jaxcam._checks import (check_flag, check_positive_integer, class_names_problem, is_integer, is_number, is_path,
+                            layout_hint)
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -56,6 +57,10 @@ class Cifar10:
     def __post_init__(self) -> None:
         # A dataset built by hand (a notebook's own images) would otherwise train on without a
         # word: a label outside the classes becomes an all-zero one-hot target.
+        problem = class_names_problem(self.class_names)
+        if problem is not None:
+            raise DataError(f"The class names are not usable: {problem}.")
+        object.__setattr__(self, "class_names", tuple(self.class_names))  # a tuple, as the field says
         if len(self.class_names) < 2:
             raise DataError(f"A dataset needs at least two class names, got {len(self.class_names)}.")
         for split in ("train", "test"):

@@ -240,6 +240,15 @@ def _arrays(n=4):
         (dict(test_images=np.zeros((0, 32, 32, 3), np.uint8), test_labels=np.arange(0)),
          "The test split has no images."),
         (dict(class_names=("cat",)), "A dataset needs at least two class names, got 1."),
+        # A single string had been read letter by letter: "ab" made two classes, "a" and "b".
+        (dict(class_names="ab"), "The class names are not usable: give one name per class, such as ('cat', 'dog'), "
+                                 "not the single string 'ab'."),
+        (dict(class_names=("cat", "cat")), "The class names are not usable: each must be distinct, but 'cat' is given "
+                                           "more than once."),
+        (dict(class_names=("cat", 3)), "The class names are not usable: each must be a non-empty string, but name 1 is 3."),
+        (dict(class_names=("cat", "")), "The class names are not usable: each must be a non-empty string, but name 1 "
+                                        "is ''."),
+        (dict(class_names=None), "The class names are not usable: give a list or tuple of strings, got None."),
     ],
 )
 def test_a_dataset_built_by_hand_is_checked(change, message):
@@ -251,6 +260,14 @@ def test_a_dataset_built_by_hand_is_checked(change, message):
     with pytest.raises(DataError) as raised:
         data_lib.Cifar10(**{**fields, **change})
     assert str(raised.value).startswith(message)
+
+
+def test_class_names_given_as_a_list_are_kept_as_a_tuple():
+    images, labels = _arrays()
+    names = list(data_lib.CIFAR10_CLASSES)
+    dataset = data_lib.Cifar10(images, labels, images, labels, class_names=names)
+    names[0] = "plane"  # the caller's list changing later does not rename the dataset's classes
+    assert dataset.class_names == data_lib.CIFAR10_CLASSES
 
 
 # ----------------------------------------------------------------------------- augmentation

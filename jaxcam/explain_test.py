@@ -391,6 +391,12 @@ def test_own_images_of_a_run_without_a_recorded_normalization_need_the_data(smok
                                  f"{str(copied)!r} are malformed (expected class names, 3 channel means and 3 positive "
                                  "standard deviations); it was edited or damaged.\n")
     assert not (copied / "images" / "custom_images.png").exists()
+    # Two classes of one name would have merged in the report's rows.
+    names = meta["class_names"]
+    meta_file.write_text(json.dumps({**meta, "class_names": [names[0], *names[:-1]]}))
+    code, _, err = run(["--workdir", copied, "--images", image, "--images-only"], capsys)
+    assert code == 1 and "are malformed (expected class names, 3 channel means" in err
+    assert not (copied / "images" / "custom_images.png").exists()
 
 
 def test_the_workdir_instead_of_a_run_names_the_newest_run(smoke_run, tmp_path, capsys):

@@ -29,7 +29,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxcam import data as data_lib
-from jaxcam._checks import check_class_indices, check_flag, history_problem, is_integer, is_number, is_path, kind_of
+from jaxcam._checks import (check_class_indices, check_flag, class_names_problem, history_problem, is_integer,
+                            is_number, is_path, kind_of)
 from jaxcam import models
 from jaxcam.checkpoint import Checkpointer, CheckpointError, interrupts_deferred, make_writable_folder, write_json
 from jaxcam.configuration import CONFIG_KEYS, DATA_KEYS, ConfigError, check_keys, config_from_json
@@ -404,7 +405,7 @@ def recorded_normalization(run_dir: str | os.PathLike, which: str,
     def three_numbers(values) -> bool:
         return isinstance(values, list) and len(values) == 3 and all(map(is_number, values))
 
-    if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(name, str) for name in names)
+    if not (isinstance(names, list) and len(names) >= 2 and class_names_problem(names) is None
             and three_numbers(mean) and three_numbers(std) and min(std) > 0):
         raise CheckpointError(f"The classes and normalization recorded in the {which} checkpoint in {str(run_dir)!r} "
                               "are malformed (expected class names, 3 channel means and 3 positive standard "

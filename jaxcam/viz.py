@@ -15,8 +15,8 @@ import matplotlib.ticker
 import numpy as np
 from matplotlib.figure import Figure
 
-from jaxcam._checks import (check_class_indices, check_classes, check_positive_integer, history_problem, in_unit_range,
-                             is_number, layout_hint)
+from jaxcam._checks import (check_class_indices, check_classes, check_positive_integer, class_names_problem,
+                             history_problem, in_unit_range, is_number, layout_hint)
 
 CMAP = "inferno"
 PathLike = str | os.PathLike
@@ -334,10 +334,20 @@ def plot_samples_per_class(images: np.ndarray, labels: np.ndarray, class_names: 
     _save(fig, path)
 
 
+AVERAGE_ROWS = ("macro avg", "weighted avg")  # the report's rows after the classes
+
+
 def classification_report(labels: np.ndarray, predictions: np.ndarray,
                           class_names: Sequence[str]) -> dict[str, dict[str, float]]:
     """Precision, recall, F1 and support per class, plus macro and weighted averages (as
     scikit-learn's `classification_report(..., zero_division=0)`); labels, predictions: (N,)."""
+    problem = class_names_problem(class_names)
+    if problem is not None:
+        raise ValueError(f"classification_report's class names are not usable: {problem}.")
+    reserved = [name for name in class_names if name in AVERAGE_ROWS]
+    if reserved:
+        raise ValueError(f"A class may not be named {reserved[0]!r} in classification_report: the report "
+                         "keeps that row for an average.")
     k = len(class_names)
     matrix = confusion_matrix(labels, predictions, k).astype(np.float64)
     tp = np.diag(matrix)
@@ -348,10 +358,10 @@ def classification_report(labels: np.ndarray, predictions: np.ndarray,
     support = matrix.sum(1)
     report = {name: {"precision": precision[i], "recall": recall[i], "f1": f1[i], "support": int(support[i])}
               for i, name in enumerate(class_names)}
-    report["macro avg"] = {"precision": precision.mean(), "recall": recall.mean(), "f1": f1.mean(),
+    report[AVERAGE_ROWS[0]] = {"precision": precision.mean(), "recall": recall.mean(), "f1": f1.mean(),
                            "support": int(support.sum())}
     weights = support / max(support.sum(), 1)
-    report["weighted avg"] = {"precision": (precision * weights).sum(), "recall": (recall * weights).sum(),
+    report[AVERAGE_ROWS[1]] = {"precision": (precision * weights).sum(), "recall": (recall * weights).sum(),
                               "f1": (f1 * weights).sum(), "support": int(support.sum())}
     return report
 

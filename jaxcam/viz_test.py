@@ -61,6 +61,22 @@ def test_class_counts_need_a_class_count():
         viz.confusion_matrix(np.array([0, 1]), np.array([1, 1]), "10")
 
 
+@pytest.mark.parametrize("names, message", [
+    (["cat", "dog", "cat"], "classification_report's class names are not usable: each must be distinct, but 'cat' is "
+                            "given more than once."),
+    (["cat", "weighted avg", "dog"], "A class may not be named 'weighted avg' in classification_report: the report "
+                                     "keeps that row for an average."),
+    ("abc", "classification_report's class names are not usable: give one name per class"),
+])
+def test_classification_report_refuses_names_that_would_merge_rows(names, message):
+    # The report is keyed by name: a second 'cat' had overwritten the first's row, and a class
+    # named 'weighted avg' had been overwritten by the average, each without a word.
+    labels = np.array([0, 1, 2, 2])
+    with pytest.raises(ValueError) as raised:
+        viz.classification_report(labels, labels, names)
+    assert str(raised.value).startswith(message)
+
+
 def test_overlay_blends_rgb_with_the_colormap():
     image = np.zeros((4, 6, 3), np.uint8)
     image[..., 0] = 255  # pure red: the overlay must keep RGB order, not turn it blue
