@@ -45,6 +45,12 @@ def check_positive_integer(value: Any, name: str) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
+def check_non_negative_integer(value: Any, name: str) -> None:
+    """ValueError unless `value` is an integer (not a bool) of at least 0; `name` names it."""
+    if not is_integer(value, 0):
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+
+
 def check_flag(value: Any, name: str) -> None:
     """ValueError unless `value` is a bool (Python or numpy): a string such as "no" or "False" is
     truthy, so a switch given one would silently be on. `name` names it ("config.augment")."""

@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from jaxcam._checks import (check_flag, check_positive_integer, class_names_problem, is_integer, is_number, is_path,
-                            layout_hint)
+from jaxcam._checks import (check_flag, check_non_negative_integer, check_positive_integer, class_names_problem,
+                            is_number, is_path, layout_hint)
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -394,8 +394,7 @@ def augment_batch(
         raise ValueError(f"augment_batch takes a numpy.random.Generator (np.random.default_rng(seed)), "
                          f"got {type(rng).__name__}.")
     for name, value in (("padding", padding), ("cutout_size", cutout_size)):
-        if not is_integer(value, 0):
-            raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+        check_non_negative_integer(value, name)
     if not (is_number(cutout_prob) and 0 <= cutout_prob <= 1):
         raise ValueError(f"cutout_prob must lie in [0, 1], got {cutout_prob!r}.")
     check_flag(flip, "flip")
@@ -519,8 +518,7 @@ def train_batches(
     """
     _check_batching(images, labels, batch_size)
     for name, value in (("seed", seed), ("epoch", epoch)):
-        if not is_integer(value, 0):  # numpy's own words: "expected non-negative integer"
-            raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+        check_non_negative_integer(value, name)  # numpy's own words: "expected non-negative integer"
     if augment is not None and not callable(augment):  # it had failed inside the loop: "'int' object is not callable"
         raise ValueError(f"augment must be a function of (batch, rng) that returns the augmented batch, or None, "
                          f"got {augment!r}.")
@@ -565,10 +563,9 @@ def prefetch(iterator: Iterator[Any], transfer: Callable[[Any], Any] = lambda x:
     Up to `size` items are prepared ahead, so the step never waits for augmentation or the
     host-to-device copy. Exceptions in the producer re-raise in the consumer.
     """
-    if not is_integer(size, 1):
-        # queue.Queue(0) would be unbounded: a whole epoch of batches could pile up on the device.
-        # 2.5 had been taken as a bound, and "2" had failed in the comparison.
-        raise ValueError(f"prefetch size must be an integer of at least 1, got {size!r}.")
+    # queue.Queue(0) would be unbounded: a whole epoch of batches could pile up on the device.
+    # 2.5 had been taken as a bound, and "2" had failed in the comparison.
+    check_positive_integer(size, "prefetch size")
     items: queue.Queue = queue.Queue(maxsize=size)
     done = object()
     stop = threading.Event()

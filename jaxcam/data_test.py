@@ -459,7 +459,7 @@ def test_augment_rejects_bad_arguments(kwargs, message):
 
 @pytest.mark.parametrize("size", [0, 2.5, "2"])
 def test_prefetch_needs_a_bounded_queue(size):
-    with pytest.raises(ValueError, match=re.escape(f"prefetch size must be an integer of at least 1, got {size!r}.")):
+    with pytest.raises(ValueError, match=re.escape(f"prefetch size must be a positive integer, got {size!r}.")):
         next(data_lib.prefetch(iter([1, 2]), size=size))
 
 

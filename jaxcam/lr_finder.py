@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from jaxcam import data as data_lib
 from jaxcam import models
-from jaxcam._checks import check_flag, is_integer, is_number, is_real
+from jaxcam._checks import check_flag, check_non_negative_integer, is_integer, is_number, is_real
 from jaxcam import train as train_lib
 from jaxcam.checkpoint import write_json
 from jaxcam.configuration import LR_FINDER_KEYS, check_keys
@@ -64,8 +64,7 @@ def _check_skips(skip_start: int, skip_end: int, prefix: str = "") -> None:
     """ValueError unless both are point counts to skip; `prefix` names config keys."""
     for key, value in (("skip_start", skip_start), ("skip_end", skip_end)):
         # 2.5 had failed in slicing, True had skipped one point, -3 had sliced from the end.
-        if not is_integer(value, 0):
-            raise ValueError(f"{prefix}{key} must be an integer of at least 0, got {value!r}.")
+        check_non_negative_integer(value, f"{prefix}{key}")
 
 
 def _check_trim(skip_start: int, skip_end: int, up_to_minimum: bool, prefix: str = "") -> None:

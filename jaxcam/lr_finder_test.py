@@ -33,7 +33,7 @@ def test_lr_sequence_needs_finite_numbers(start_lr, end_lr):
 
 @pytest.mark.parametrize("key, value, message", [
     ("up_to_minimum", "no", "config.lr_finder.up_to_minimum must be True or False, got 'no'."),
-    ("skip_end", 1.5, "config.lr_finder.skip_end must be an integer of at least 0, got 1.5."),
+    ("skip_end", 1.5, "config.lr_finder.skip_end must be a non-negative integer, got 1.5."),
     ("end_lr", float("inf"), "config.lr_finder needs 0 < start_lr < end_lr, got 1e-05 and inf."),
 ])
 def test_range_test_settings_of_a_config_file_are_checked(key, value, message):
@@ -45,10 +45,10 @@ def test_range_test_settings_of_a_config_file_are_checked(key, value, message):
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"skip_start": 2.5}, "skip_start must be an integer of at least 0, got 2.5."),
-    ({"skip_end": True}, "skip_end must be an integer of at least 0, got True."),
-    ({"skip_start": "1"}, "skip_start must be an integer of at least 0, got '1'."),
-    ({"skip_end": -1}, "skip_end must be an integer of at least 0, got -1."),
+    ({"skip_start": 2.5}, "skip_start must be a non-negative integer, got 2.5."),
+    ({"skip_end": True}, "skip_end must be a non-negative integer, got True."),
+    ({"skip_start": "1"}, "skip_start must be a non-negative integer, got '1'."),
+    ({"skip_end": -1}, "skip_end must be a non-negative integer, got -1."),
     ({"up_to_minimum": "no"}, "up_to_minimum must be True or False, got 'no'."),
 ])
 def test_suggestion_checks_its_trim(settings, message):
@@ -136,8 +136,8 @@ _SWEEP = lr_finder.RangeTestResult(lrs=list(np.geomspace(1e-4, 1, 30)), losses=l
 
 @pytest.mark.parametrize("result, settings, message", [
     # 2.5 had failed in slicing; -3 had sliced lrs[-3:25] and drawn empty axes without a word.
-    (_SWEEP, {"skip_start": 2.5}, "skip_start must be an integer of at least 0, got 2.5."),
-    (_SWEEP, {"skip_start": -3}, "skip_start must be an integer of at least 0, got -3."),
+    (_SWEEP, {"skip_start": 2.5}, "skip_start must be a non-negative integer, got 2.5."),
+    (_SWEEP, {"skip_start": -3}, "skip_start must be a non-negative integer, got -3."),
     # Empty axes, without a word.
     (_SWEEP, {"skip_start": 20, "skip_end": 10},
      "Nothing to plot: 30 points recorded, none left after skipping 20 at the start and 10 at the end; skip fewer."),
@@ -280,7 +280,7 @@ def test_cli_find_lr_writes_plot_and_suggestion(max_lr, official_folder, tmp_pat
     "override, message",
     [
         ("num_iter=1", "config.lr_finder.num_iter must be an integer of at least 2, got 1."),
-        ("skip_start=-1", "config.lr_finder.skip_start must be an integer of at least 0, got -1."),
+        ("skip_start=-1", "config.lr_finder.skip_start must be a non-negative integer, got -1."),
         ("start_lr=0.0", "config.lr_finder needs 0 < start_lr < end_lr, got 0.0 and 10.0."),
         ("step_mode='log'", "Unknown config.lr_finder.step_mode 'log'; choose 'exp' or 'linear'."),
         ("smooth_f=1.5", "config.lr_finder.smooth_f must lie in [0, 1), got 1.5."),

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from jaxcam._checks import check_positive_integer, in_unit_range, is_integer, is_number
+from jaxcam._checks import check_non_negative_integer, check_positive_integer, in_unit_range, is_integer, is_number
 from jaxcam.cam import check_target_range
 from jaxcam.models import check_image_batch
 
@@ -195,6 +195,5 @@ def random_saliency(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
     """The random-map baseline: uniform noise maps (N, H, W)."""
     if not (isinstance(shape, (tuple, list)) and len(shape) == 3 and all(is_integer(d, 0) for d in shape)):
         raise ValueError(f"shape must be (N, H, W), three sizes of at least 0, got {shape!r}.")
-    if not is_integer(seed, 0):
-        raise ValueError(f"seed must be an integer of at least 0, got {seed!r}.")
+    check_non_negative_integer(seed, "seed")
     return np.random.default_rng(seed).random(shape, dtype=np.float32)

@@ -231,5 +231,5 @@ def test_random_saliency_needs_a_shape_of_maps(shape):
 @pytest.mark.parametrize("seed", [-1, 1.5, "0"])
 def test_random_saliency_needs_a_non_negative_integer_seed(seed):
     # -1 had given numpy's "expected non-negative integer".
-    with pytest.raises(ValueError, match="seed must be an integer of at least 0, got "):
+    with pytest.raises(ValueError, match="seed must be a non-negative integer, got "):
         metrics.random_saliency((1, H, W), seed=seed)

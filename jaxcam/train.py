@@ -29,8 +29,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxcam import data as data_lib
-from jaxcam._checks import (check_class_indices, check_flag, class_names_problem, history_problem, is_integer,
-                            is_number, is_path, kind_of)
+from jaxcam._checks import (check_class_indices, check_flag, check_non_negative_integer, check_positive_integer,
+                            class_names_problem, history_problem, is_integer, is_number, is_path, kind_of)
 from jaxcam import models
 from jaxcam.checkpoint import Checkpointer, CheckpointError, interrupts_deferred, make_writable_folder, write_json
 from jaxcam.configuration import CONFIG_KEYS, DATA_KEYS, ConfigError, check_keys, config_from_json
@@ -583,9 +583,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"Unknown anneal_strategy {config.anneal_strategy!r}; choose 'cos' or 'linear'.")
     for key, least in (("epochs", 1), ("batch_size", 1), ("eval_batch_size", 1), ("width", 1), ("prefetch", 1),
                        ("crop_padding", 0), ("cutout_size", 0)):
-        value = config[key]
-        if not is_integer(value, least):
-            raise ValueError(f"config.{key} must be a {'positive' if least else 'non-negative'} integer, got {value!r}.")
+        (check_positive_integer if least else check_non_negative_integer)(config[key], f"config.{key}")
     if not is_integer(config.seed, 0) or config.seed >= 2**63:
         # numpy refuses a negative seed only when the first epoch draws its shuffle.
         raise ValueError(f"config.seed must be an integer in 0..2**63 - 1, got {config.seed!r}.")
