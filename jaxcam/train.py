@@ -29,8 +29,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxcam import data as data_lib
-from jaxcam._checks import (check_class_indices, check_flag, check_non_negative_integer, check_positive_integer,
-                            class_names_problem, history_problem, is_integer, is_number, is_path, kind_of)
+from jaxcam._checks import (check_class_indices, check_classes, check_flag, check_non_negative_integer,
+                            check_positive_integer, class_names_problem, history_problem, is_integer, is_number,
+                            is_path, kind_of)
 from jaxcam import models
 from jaxcam.checkpoint import Checkpointer, CheckpointError, interrupts_deferred, make_writable_folder, write_json
 from jaxcam.configuration import CONFIG_KEYS, DATA_KEYS, ConfigError, check_keys, config_from_json
@@ -156,9 +157,22 @@ def optimizer_with_schedule(
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """Per-example softmax cross-entropy (N,) of float32 logits (N, K) and int labels (N,)."""
+    """Per-example softmax cross-entropy (N,) of float32 logits (N, K) and int labels (N,).
+
+    Labels outside 0..K-1 are refused when they are concrete; under jit they are values the
+    checks cannot see, and the training data's labels were checked when its Cifar10 was built.
+    """
     if not (is_number(label_smoothing) and 0 <= label_smoothing < 1):  # as config.label_smoothing
         raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}.")
+    # one_hot makes an all-zero target of a label it has no class for (10 of 10 classes, or 0.5),
+    # which scores a loss of 0 without a word; shapes and dtype are known even under jit.
+    if jnp.ndim(logits) != 2 or jnp.shape(labels) != jnp.shape(logits)[:1]:
+        raise ValueError(f"cross_entropy takes logits (N, K) and one label per row (N,), got shapes "
+                         f"{jnp.shape(logits)} and {jnp.shape(labels)}.")
+    if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+        raise ValueError(f"cross_entropy takes integer class labels, got {jnp.result_type(labels)}.")
+    if not isinstance(labels, jax.core.Tracer):  # concrete labels (not under jit) can be checked in full
+        check_classes(np.asarray(labels), jnp.shape(logits)[1])
     targets = jax.nn.one_hot(labels, logits.shape[-1])
     if label_smoothing:
         targets = optax.smooth_labels(targets, label_smoothing)

@@ -102,6 +102,22 @@ def test_data_parallel_step_equals_single_device_step(tiny_dataset):
     assert not np.allclose(p1["linear"]["kernel"], init["linear"]["kernel"])
 
 
+@pytest.mark.parametrize("labels, message", [
+    # Each had scored the last row a loss of 0: one_hot makes an all-zero target of them.
+    (np.array([0, 1, 10]), "Class label 10 is out of range for 10 classes."),
+    (np.array([0, 1, -1]), "Class label -1 is out of range for 10 classes."),
+    (np.array([0.0, 1.0, 0.5]), "cross_entropy takes integer class labels, got float"),
+    # These had failed in broadcasting's words, or broadcast to a (1, 3) loss.
+    (np.array([0, 1]), r"cross_entropy takes logits \(N, K\) and one label per row \(N,\), got shapes \(3, 10\) and \(2,\)."),
+    (np.array([[0, 1, 2]]), r"got shapes \(3, 10\) and \(1, 3\)."),
+])
+def test_cross_entropy_refuses_labels_it_has_no_class_for(labels, message):
+    logits = jnp.zeros((3, 10))
+    np.testing.assert_allclose(train_lib.cross_entropy(logits, np.array([0, 1, 9])), np.log(10), rtol=1e-6)
+    with pytest.raises(ValueError, match=message):
+        train_lib.cross_entropy(logits, labels)
+
+
 def test_cross_entropy_with_label_smoothing():
     logits = np.array([[2.0, 0.0, -1.0]], np.float32)
     log_probs = logits - np.log(np.exp(logits).sum())
