@@ -276,10 +276,14 @@ def _assemble(read: Callable[[str], bytes], source: str) -> Cifar10:
     try:
         meta = _unpickle_batch(read(_META_FILE), _META_FILE, source)
         names = meta.get("label_names")
-        if names and len(names) == 10:
-            class_names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+        if isinstance(names, list) and len(names) == 10:
+            names = [n.decode(errors="replace") if isinstance(n, bytes) else str(n) for n in names]
+            if class_names_problem(names) is None:
+                class_names = tuple(names)
     except DataError:
-        pass  # the names are also the published constant; a missing meta file loses nothing
+        pass
+    # The names are also the published constant, so a meta file that is missing, or damaged
+    # (a repeated or empty name), loses nothing: the published names serve instead.
     return Cifar10(
         train_images=np.concatenate([images for images, _ in train]),
         train_labels=np.concatenate([labels for _, labels in train]),

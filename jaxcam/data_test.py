@@ -149,6 +149,21 @@ def test_malformed_batch_contents(tmp_path):
             data_lib.load_cifar10(folder)
 
 
+def test_class_names_come_from_batches_meta_unless_it_is_damaged(tmp_path):
+    folder = write_official_batches(tmp_path / "cifar-10-batches-py", *synthetic_arrays(100, 30))
+    names = [name.encode() for name in data_lib.CIFAR10_CLASSES]
+    names[0] = b"plane"
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": names}, f)
+    assert data_lib.load_cifar10(folder).class_names == ("plane", *data_lib.CIFAR10_CLASSES[1:])
+    # A repeated or empty name would merge two classes' rows in the report: the published names serve.
+    for damaged in (b"automobile", b""):
+        names[0] = damaged
+        with open(folder / "batches.meta", "wb") as f:
+            pickle.dump({b"label_names": names}, f)
+        assert data_lib.load_cifar10(folder).class_names == data_lib.CIFAR10_CLASSES
+
+
 def test_corrupt_archive(tmp_path, official_archive):
     archive = tmp_path / "cifar-10-python.tar.gz"
     archive.write_bytes(b"\x1f\x8b\x08 definitely not a tarball")
