@@ -60,8 +60,9 @@ def check_flag(value: Any, name: str) -> None:
 
 def class_names_problem(names: Any) -> str | None:
     """What keeps `names` from being class names, one distinct non-empty string per class
-    ("'cat' is given more than once"), or None. A single string would otherwise be read letter by letter
-    as classes, and a repeated name would merge two classes' rows in a report keyed by name."""
+    ("'cat' is given more than once"), or None. A single string would otherwise be read letter
+    by letter as classes, and a repeated name would merge two classes' rows in a report keyed
+    by name."""
     if isinstance(names, (str, bytes)):
         return f"give one name per class, such as ('cat', 'dog'), not the single string {names!r}"
     if not isinstance(names, (list, tuple)):

@@ -359,10 +359,10 @@ def classification_report(labels: np.ndarray, predictions: np.ndarray,
     report = {name: {"precision": precision[i], "recall": recall[i], "f1": f1[i], "support": int(support[i])}
               for i, name in enumerate(class_names)}
     report[AVERAGE_ROWS[0]] = {"precision": precision.mean(), "recall": recall.mean(), "f1": f1.mean(),
-                           "support": int(support.sum())}
+                               "support": int(support.sum())}
     weights = support / max(support.sum(), 1)
     report[AVERAGE_ROWS[1]] = {"precision": (precision * weights).sum(), "recall": (recall * weights).sum(),
-                              "f1": (f1 * weights).sum(), "support": int(support.sum())}
+                               "f1": (f1 * weights).sum(), "support": int(support.sum())}
     return report
 
 
