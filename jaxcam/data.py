@@ -55,14 +55,14 @@ class Cifar10:
     class_names: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        # A dataset built by hand (a notebook's own images) would otherwise train on without a
-        # word: a label outside the classes becomes an all-zero one-hot target.
         problem = class_names_problem(self.class_names)
         if problem is not None:
             raise DataError(f"The class names are not usable: {problem}.")
         object.__setattr__(self, "class_names", tuple(self.class_names))  # a tuple, as the field says
         if len(self.class_names) < 2:
             raise DataError(f"A dataset needs at least two class names, got {len(self.class_names)}.")
+        # A dataset built by hand (a notebook's own images) would otherwise train on without a
+        # word: a label outside the classes becomes an all-zero one-hot target.
         for split in ("train", "test"):
             images, labels = getattr(self, f"{split}_images"), np.asarray(getattr(self, f"{split}_labels"))
             try:

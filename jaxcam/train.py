@@ -419,7 +419,8 @@ def recorded_normalization(run_dir: str | os.PathLike, which: str,
     def three_numbers(values) -> bool:
         return isinstance(values, list) and len(values) == 3 and all(map(is_number, values))
 
-    if not (isinstance(names, list) and len(names) >= 2 and class_names_problem(names) is None
+    # JSON gives lists, never tuples, so the shared check's list-or-tuple is the list this meta needs.
+    if not (class_names_problem(names) is None and len(names) >= 2
             and three_numbers(mean) and three_numbers(std) and min(std) > 0):
         raise CheckpointError(f"The classes and normalization recorded in the {which} checkpoint in {str(run_dir)!r} "
                               "are malformed (expected class names, 3 channel means and 3 positive standard "
