@@ -276,7 +276,7 @@ def _assemble(read: Callable[[str], bytes], source: str) -> Cifar10:
     try:
         meta = _unpickle_batch(read(_META_FILE), _META_FILE, source)
         names = meta.get("label_names")
-        if isinstance(names, list) and len(names) == 10:
+        if isinstance(names, (list, tuple)) and len(names) == 10:
             names = [n.decode(errors="replace") if isinstance(n, bytes) else str(n) for n in names]
             if class_names_problem(names) is None:
                 class_names = tuple(names)

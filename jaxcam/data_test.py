@@ -156,6 +156,9 @@ def test_class_names_come_from_batches_meta_unless_it_is_damaged(tmp_path):
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({b"label_names": names}, f)
     assert data_lib.load_cifar10(folder).class_names == ("plane", *data_lib.CIFAR10_CLASSES[1:])
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": tuple(names)}, f)  # a tuple, as a hand-written meta may hold them
+    assert data_lib.load_cifar10(folder).class_names == ("plane", *data_lib.CIFAR10_CLASSES[1:])
     # A repeated or empty name would merge two classes' rows in the report: the published names serve.
     for damaged in (b"automobile", b""):
         names[0] = damaged
