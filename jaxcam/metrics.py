@@ -121,20 +121,30 @@ def deletion_insertion_curves(
     check_positive_integer(steps, "steps")
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"Unknown mode {mode!r}; choose 'deletion' or 'insertion'.")
-    if baseline is None:
-        baseline = np.zeros_like(images) if mode == "deletion" else blur(images)
-    else:
+    if baseline is not None:
         baseline = _check_baseline(baseline, images.shape)
+    check_positive_integer(batch_size, "batch_size")
     order = np.argsort(-saliency.reshape(n, -1), axis=1, kind="stable")
     ranks = np.empty_like(order)
     np.put_along_axis(ranks, order, np.arange(h * w)[None].repeat(n, 0), axis=1)
     counts = np.round(np.linspace(0, h * w, steps + 1)).astype(int)
-    changed = ranks[:, None, :] < counts[None, :, None]  # (N, steps + 1, H*W): pixels switched so far
-    changed = changed.reshape(n, steps + 1, h, w, 1)
-    start, end = (images, baseline) if mode == "deletion" else (baseline, images)
-    sequence = np.where(changed, end[:, None], start[:, None]).reshape(-1, h, w, images.shape[-1])
-    logits = _predict_in_chunks(predict, sequence, batch_size)
-    return _softmax_target(logits, np.repeat(targets, steps + 1)).reshape(n, steps + 1)
+    # The sequences are built and scored a group of images at a time: all of them at once
+    # would hold N * (steps + 1) images (400 MB for 1017 CIFAR images at 32 steps).
+    group = max(1, batch_size // (steps + 1))
+    probabilities = []
+    for first in range(0, n, group):
+        part = slice(first, first + group)
+        if baseline is not None:
+            base = baseline[part]
+        else:
+            base = np.zeros_like(images[part]) if mode == "deletion" else blur(images[part])
+        start, end = (images[part], base) if mode == "deletion" else (base, images[part])
+        changed = ranks[part, None, :] < counts[None, :, None]  # (G, steps + 1, H*W): pixels switched so far
+        changed = changed.reshape(-1, steps + 1, h, w, 1)
+        sequence = np.where(changed, end[:, None], start[:, None]).reshape(-1, h, w, images.shape[-1])
+        logits = _predict_in_chunks(predict, sequence, batch_size)
+        probabilities.append(_softmax_target(logits, np.repeat(targets[part], steps + 1)))
+    return np.concatenate(probabilities).reshape(n, steps + 1)
 
 
 def auc(curves: np.ndarray) -> np.ndarray:

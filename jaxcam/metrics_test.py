@@ -1,5 +1,7 @@
 """Faithfulness metrics on a constructed model whose target probability is known in closed form."""
 
+import tracemalloc
+
 import numpy as np
 import pytest
 
@@ -65,6 +67,30 @@ def test_object_map_beats_random_baseline():
     rand = metrics.faithfulness(predict, images, metrics.random_saliency((8, H, W)), targets, steps=16)
     assert good["deletion_auc"] < rand["deletion_auc"]
     assert good["average_drop"] < rand["average_drop"]
+
+
+@pytest.mark.parametrize("mode", ["deletion", "insertion"])
+def test_curves_are_scored_a_group_of_images_at_a_time(mode):
+    # The whole sequence, N * (steps + 1) images, had been built before the first predict: 400 MB
+    # for explain's 1017 test images at 32 steps, 4 GB for the full test set.
+    n, steps = 64, 32
+    rng = np.random.default_rng(0)
+    images = rng.random((n, H, W, 3), np.float32)
+    saliency, targets = rng.random((n, H, W)), np.zeros(n, int)
+    tracemalloc.start()
+    try:
+        grouped = metrics.deletion_insertion_curves(predict, images, saliency, targets, steps=steps, mode=mode,
+                                                    batch_size=steps + 1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    sequence_bytes = n * (steps + 1) * images[0].nbytes
+    assert peak < sequence_bytes / 4, (peak, sequence_bytes)
+    # The grouping changes no score (insertion's default blurred baseline included).
+    at_once = metrics.deletion_insertion_curves(predict, images, saliency, targets, steps=steps, mode=mode,
+                                                batch_size=n * (steps + 1))
+    np.testing.assert_allclose(grouped, at_once, rtol=1e-12)
+    assert grouped.shape == (n, steps + 1)
 
 
 def test_blur_preserves_constant_images():
