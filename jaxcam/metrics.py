@@ -64,8 +64,7 @@ def _softmax_target(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 def _predict_in_chunks(predict: Predict, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Logits (N, K) of `predict` run on `batch_size` images at a time, or ValueError."""
-    check_positive_integer(batch_size, "batch_size")
+    """Logits (N, K) of `predict` run on `batch_size` (checked by the caller) images at a time, or ValueError."""
     chunks = []
     for i in range(0, len(images), batch_size):
         chunk = images[i : i + batch_size]
@@ -117,7 +116,7 @@ def deletion_insertion_curves(
     images: (N, H, W, 3), one image (H, W, 3) or one colour (3,).
     """
     images, saliency, targets = _check_inputs(images, saliency, targets)
-    n, h, w, _ = images.shape
+    n, h, w, channels = images.shape
     check_positive_integer(steps, "steps")
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"Unknown mode {mode!r}; choose 'deletion' or 'insertion'.")
@@ -141,7 +140,7 @@ def deletion_insertion_curves(
         start, end = (images[part], base) if mode == "deletion" else (base, images[part])
         changed = ranks[part, None, :] < counts[None, :, None]  # (G, steps + 1, H*W): pixels switched so far
         changed = changed.reshape(-1, steps + 1, h, w, 1)
-        sequence = np.where(changed, end[:, None], start[:, None]).reshape(-1, h, w, images.shape[-1])
+        sequence = np.where(changed, end[:, None], start[:, None]).reshape(-1, h, w, channels)
         logits = _predict_in_chunks(predict, sequence, batch_size)
         probabilities.append(_softmax_target(logits, np.repeat(targets[part], steps + 1)))
     return np.concatenate(probabilities).reshape(n, steps + 1)
@@ -174,6 +173,7 @@ def confidence_change(
             f"Saliency maps must lie in [0, 1] to multiply the images, got values from {saliency.min():.4g} to "
             f"{saliency.max():.4g}; normalize them first (jaxcam.cam.minmax, as cam.compute does)."
         )
+    check_positive_integer(batch_size, "batch_size")
     full = _softmax_target(_predict_in_chunks(predict, images, batch_size), targets)
     masked = _softmax_target(_predict_in_chunks(predict, images * saliency[..., None], batch_size), targets)
     # A target probability that underflows to 0 cannot drop: its term is 0, not 0 / 0 = NaN.
