@@ -279,6 +279,13 @@ def validate_settings(settings: Any) -> None:
     check_keys(settings, LR_FINDER_KEYS, "config.lr_finder")
     _check_sweep(settings.start_lr, settings.end_lr, settings.num_iter, settings.step_mode, "config.lr_finder.")
     _check_trim(settings.skip_start, settings.skip_end, settings.up_to_minimum, "config.lr_finder.")
+    # Even a sweep that runs to its end would leave no slope to suggest from, and nothing to plot:
+    # the whole test would run first and then fail.
+    left = settings.num_iter - settings.skip_start - settings.skip_end
+    if left < 2:
+        raise ValueError(f"config.lr_finder skips {settings.skip_start} + {settings.skip_end} of its "
+                         f"{settings.num_iter} points, leaving {max(left, 0)}; a suggestion needs 2, so skip fewer "
+                         "or raise num_iter.")
     _check_smoothing(settings.smooth_f, settings.diverge_th, "config.lr_finder.")
 
 

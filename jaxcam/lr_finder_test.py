@@ -285,11 +285,17 @@ def test_cli_find_lr_writes_plot_and_suggestion(max_lr, official_folder, tmp_pat
         ("step_mode='log'", "Unknown config.lr_finder.step_mode 'log'; choose 'exp' or 'linear'."),
         ("smooth_f=1.5", "config.lr_finder.smooth_f must lie in [0, 1), got 1.5."),
         ("diverge_th=0.5", "config.lr_finder.diverge_th must be greater than 1, got 0.5."),
+        # smoke.py sweeps 20 points and skips 2 at the end.
+        ("skip_start=18", "config.lr_finder skips 18 + 2 of its 20 points, leaving 0; a suggestion needs 2, so skip "
+                          "fewer or raise num_iter."),
+        ("skip_start=17", "config.lr_finder skips 17 + 2 of its 20 points, leaving 1; a suggestion needs 2, so skip "
+                          "fewer or raise num_iter."),
     ],
 )
 def test_cli_bad_range_test_settings_stop_before_the_run_directory(override, message, tmp_path, capsys):
     # Before, these failed after the run directory was made (leaving it empty), or ran and
-    # silently gave no suggestion (skip_start=-1) or a meaningless one (smooth_f=1.5).
+    # silently gave no suggestion (skip_start=-1) or a meaningless one (smooth_f=1.5); skips that
+    # leave too few points ran the whole test and then failed at its plot, or gave no suggestion.
     code = train_cli.main(["--workdir", str(tmp_path), "--config", str(ROOT / "configs" / "smoke.py"),
                            "--find-lr-only", f"--config.lr_finder.{override}"])
     err = capsys.readouterr().err
