@@ -254,6 +254,8 @@ def plot(result: RangeTestResult, path: str | Path, *, skip_start: int = 10, ski
                    label=f"steepest descent: {lr:.2e}")
         ax.legend(loc="upper left")
         title += f" (suggested max LR {lr:.2e})"
+    else:
+        title += " (no suggestion)"
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     fig.savefig(path)
@@ -324,8 +326,16 @@ def run_for_config(config: Any, dataset: data_lib.Cifar10, run_dir: str | Path, 
         print(f"LR range test: suggested max LR {suggestion[1]:.3g} (steepest descent of the smoothed loss).")
     except ValueError as e:
         suggestion = None
-        print(f"LR range test: no suggestion. {e}")
-    plot(result, run_dir / "lr_finder.png", skip_start=settings.skip_start, skip_end=settings.skip_end,
-         suggestion=suggestion)
+        # validate_settings leaves enough points for a whole sweep, so a diverged test is short
+        # because its sweep started too high; "skip fewer" would not help it.
+        reason = (f"The loss diverged after {len(result.lrs)} of {settings.num_iter} steps, at lr "
+                  f"{result.lrs[-1]:.3g}, too early for a suggestion; start the sweep lower "
+                  "(config.lr_finder.start_lr)." if result.diverged else str(e))
+        print(f"LR range test: no suggestion. {reason}")
     write_json(run_dir / "lr_finder.json", json_record(result, suggestion))
+    # A test that diverged within the points to skip has nothing left after the trim: plot all
+    # it recorded rather than fail (and, with --find-lr, never train).
+    kept = len(result.lrs) - settings.skip_start - settings.skip_end
+    skips = (settings.skip_start, settings.skip_end) if kept >= 2 else (0, 0)
+    plot(result, run_dir / "lr_finder.png", skip_start=skips[0], skip_end=skips[1], suggestion=suggestion)
     return suggestion[1] if suggestion else None

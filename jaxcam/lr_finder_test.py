@@ -276,6 +276,31 @@ def test_cli_find_lr_writes_plot_and_suggestion(max_lr, official_folder, tmp_pat
         assert "Training with the config's max_lr 0.05; --config.max_lr=auto would train with the suggestion." in out
 
 
+def test_a_range_test_that_diverges_within_its_skipped_points_keeps_its_record_and_training_goes_on(
+        official_folder, tmp_path, capsys):
+    # Started far too high, the sweep diverges at once. Its plot had found nothing left after
+    # the skips and failed: train.py --find-lr stopped before training, said "skip fewer" (no
+    # help here) and removed the run directory with the recorded losses.
+    code = train_cli.main([
+        "--workdir", str(tmp_path), "--config", str(ROOT / "configs" / "smoke.py"), "--config.width=4",
+        "--config.epochs=1", "--config.batch_size=16", "--config.eval_batch_size=16", "--config.max_lr=0.05",
+        "--config.lr_finder.start_lr=1000.0", "--config.lr_finder.end_lr=1e6", "--config.lr_finder.smooth_f=0.0",
+        f"--config.data_dir={str(official_folder)!r}", "--config.tensorboard=False", "--find-lr",
+    ])
+    out = capsys.readouterr().out
+    assert code == 0
+    (run_dir,) = tmp_path.iterdir()
+    saved = json.loads((run_dir / "lr_finder.json").read_text())
+    steps = len(saved["lrs"])
+    assert saved["diverged"] and saved["suggested_lr"] is None and 1 < steps <= 2 + 2 < 20
+    assert len(saved["losses"]) == steps
+    assert (f"LR range test: no suggestion. The loss diverged after {steps} of 20 steps, at lr "
+            f"{saved['lrs'][-1]:.3g}, too early for a suggestion; start the sweep lower "
+            "(config.lr_finder.start_lr).") in out
+    assert (run_dir / "lr_finder.png").stat().st_size > 10_000
+    assert len(json.loads((run_dir / "history.json").read_text())) == 1  # and training went on
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
