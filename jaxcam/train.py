@@ -159,8 +159,9 @@ def optimizer_with_schedule(
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
     """Per-example softmax cross-entropy (N,) of float32 logits (N, K) and int labels (N,).
 
-    Labels outside 0..K-1 are refused when they are concrete; under jit they are values the
-    checks cannot see, and the training data's labels were checked when its Cifar10 was built.
+    Labels outside 0..K-1 are refused when they are concrete; under jit, where no check can see
+    their values, they score a NaN loss (the training data's labels were checked when its
+    Cifar10 was built).
     """
     if not (is_number(label_smoothing) and 0 <= label_smoothing < 1):  # as config.label_smoothing
         raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}.")
@@ -176,7 +177,13 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     targets = jax.nn.one_hot(labels, logits.shape[-1])
     if label_smoothing:
         targets = optax.smooth_labels(targets, label_smoothing)
-    return optax.softmax_cross_entropy(logits, targets)
+    loss = optax.softmax_cross_entropy(logits, targets)
+    # Under jit an all-zero one-hot target would score 0 (or the smoothing term alone) without a
+    # word; NaN cannot pass unseen, and train.py stops on it. Adding 0 keeps valid rows and their
+    # gradients exact, and training bit for bit as before (a jnp.where select had changed XLA's
+    # fusion, so the training's roundoff).
+    valid = (labels >= 0) & (labels < logits.shape[-1])
+    return loss + jnp.where(valid, 0.0, jnp.nan)
 
 
 def create_train_state(

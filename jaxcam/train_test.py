@@ -118,6 +118,25 @@ def test_cross_entropy_refuses_labels_it_has_no_class_for(labels, message):
         train_lib.cross_entropy(logits, labels)
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_cross_entropy_under_jit_scores_labels_it_has_no_class_for_as_nan(label_smoothing):
+    # Under jit no check sees the labels' values: class 10 of 10 and -1 had scored 0 (or the
+    # smoothing term alone) without a word.
+    logits = jax.random.normal(jax.random.key(0), (4, 10))
+    labels = jnp.array([3, 10, -1, 9])
+    loss_fn = jax.jit(lambda logits, labels: train_lib.cross_entropy(logits, labels, label_smoothing))
+    loss = np.asarray(loss_fn(logits, labels))
+    assert np.isnan(loss[1]) and np.isnan(loss[2])
+    valid = np.array([0, 3])
+    np.testing.assert_allclose(loss[valid], train_lib.cross_entropy(logits[valid], labels[valid], label_smoothing),
+                               rtol=1e-6)
+    # The valid rows' gradients are those of the valid rows alone; the others get none.
+    grads = jax.grad(lambda logits: jnp.nansum(loss_fn(logits, labels)))(logits)
+    alone = jax.grad(lambda x: train_lib.cross_entropy(x, labels[valid], label_smoothing).sum())(logits[valid])
+    np.testing.assert_allclose(grads[valid], alone, rtol=1e-6)
+    assert not np.asarray(grads[1:3]).any()
+
+
 def test_cross_entropy_with_label_smoothing():
     logits = np.array([[2.0, 0.0, -1.0]], np.float32)
     log_probs = logits - np.log(np.exp(logits).sum())
