@@ -329,7 +329,7 @@ def run_for_config(config: Any, dataset: data_lib.Cifar10, run_dir: str | Path, 
         # validate_settings leaves enough points for a whole sweep, so a diverged test is short
         # because its sweep started too high; "skip fewer" would not help it.
         reason = (f"The loss diverged after {len(result.lrs)} of {settings.num_iter} steps, at lr "
-                  f"{result.lrs[-1]:.3g}, too early for a suggestion; start the sweep lower "
+                  f"{result.lrs[-1]:.3g}, with too few points before it for a suggestion; start the sweep lower "
                   "(config.lr_finder.start_lr)." if result.diverged else str(e))
         print(f"LR range test: no suggestion. {reason}")
     write_json(run_dir / "lr_finder.json", json_record(result, suggestion))

@@ -295,7 +295,7 @@ def test_a_range_test_that_diverges_within_its_skipped_points_keeps_its_record_a
     assert saved["diverged"] and saved["suggested_lr"] is None and 1 < steps <= 2 + 2 < 20
     assert len(saved["losses"]) == steps
     assert (f"LR range test: no suggestion. The loss diverged after {steps} of 20 steps, at lr "
-            f"{saved['lrs'][-1]:.3g}, too early for a suggestion; start the sweep lower "
+            f"{saved['lrs'][-1]:.3g}, with too few points before it for a suggestion; start the sweep lower "
             "(config.lr_finder.start_lr).") in out
     assert (run_dir / "lr_finder.png").stat().st_size > 10_000
     assert len(json.loads((run_dir / "history.json").read_text())) == 1  # and training went on
