@@ -829,7 +829,8 @@ def train_and_evaluate(
         accuracies = per_class_accuracy(predictions, dataset.test_labels, dataset.num_classes)
         log("Per-class test accuracy:")
         for name, acc in zip(dataset.class_names, accuracies):
-            log(f"  {name:<12} {100 * acc:6.2f}%")
+            # A class without test images has no accuracy; "nan%" had been printed for it.
+            log(f"  {name:<12} {100 * acc:6.2f}%" if np.isfinite(acc) else f"  {name:<12} no test images")
     return TrainResult(state=state, history=history, run_dir=run_dir, test_logits=test_logits)
 
 

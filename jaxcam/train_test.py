@@ -197,6 +197,20 @@ def test_a_config_given_as_a_plain_dict_trains(tiny_dataset, tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["width"] == 4
 
 
+def test_the_closing_per_class_accuracies_name_a_class_without_test_images(tiny_dataset, tmp_path):
+    keep = tiny_dataset.test_labels != 3
+    assert keep.sum() < len(keep)  # the 40 test images hold a cat to drop
+    dataset = dataclasses.replace(tiny_dataset, test_images=tiny_dataset.test_images[keep],
+                                  test_labels=tiny_dataset.test_labels[keep])
+    logged = []
+    train_lib.train_and_evaluate(tiny_config(epochs=1), tmp_path / "run", dataset=dataset, progress=False,
+                                 log=logged.append)
+    lines = logged[logged.index("Per-class test accuracy:") + 1:]
+    assert [line.split()[0] for line in lines] == list(dataset.class_names)
+    assert lines[3] == "  cat          no test images"  # it had read "  cat             nan%"
+    assert all(re.fullmatch(r"  \w+ +\d+\.\d\d%", line) for i, line in enumerate(lines) if i != 3)
+
+
 @pytest.mark.parametrize("config, resume, message", [
     (["width", 4], False, "config must be an ml_collections.ConfigDict (as configs/default.py's get_config() returns) "
                           "or a dict of its keys, got a list."),

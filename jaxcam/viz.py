@@ -298,12 +298,14 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: 
 
 
 def plot_per_class_accuracy(accuracies: np.ndarray, class_names: Sequence[str], path: PathLike) -> None:
-    """Bars of the per-class accuracies (K,) in [0, 1]; NaN (a class without test images) draws as 0."""
+    """Bars of the per-class accuracies (K,) in [0, 1]; NaN (a class without test images) gets no
+    bar and the label "no images"."""
     _check_counts("plot_per_class_accuracy", len(class_names), "classes", accuracies=accuracies)
     accuracies = _check_fractions("plot_per_class_accuracy", "accuracies", accuracies, allow_nan=True)
     fig, ax = subplots(figsize=(7.5, 3.6), dpi=110, layout="constrained")
     bars = ax.bar(range(len(class_names)), 100 * np.nan_to_num(accuracies), color="#4c72b0")
-    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    # Labelled "0.0" as before, a class without test images read as one the model always got wrong.
+    ax.bar_label(bars, [f"{100 * a:.1f}" if np.isfinite(a) else "no images" for a in accuracies], fontsize=8)
     ax.set_xticks(range(len(class_names)), class_names, rotation=30, ha="right")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 105)

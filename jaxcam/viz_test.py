@@ -143,6 +143,10 @@ def test_per_class_accuracy_plot_is_written(tmp_path):
     viz.plot_per_class_accuracy(np.array([0.5, np.nan, 1.0]), ["a", "b", "c"], tmp_path / "bars.png")
     with Image.open(tmp_path / "bars.png") as img:
         assert img.format == "PNG" and np.asarray(img.convert("RGB")).std() > 10
+    # ...and not as an accuracy of 0: its bar had been labelled "0.0", the same picture pixel for pixel.
+    viz.plot_per_class_accuracy(np.array([0.5, 0.0, 1.0]), ["a", "b", "c"], tmp_path / "zero.png")
+    with Image.open(tmp_path / "bars.png") as nan, Image.open(tmp_path / "zero.png") as zero:
+        assert (np.asarray(nan) != np.asarray(zero)).any()
 
 
 _NAMES = [f"c{k}" for k in range(4)]
