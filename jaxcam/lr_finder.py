@@ -73,6 +73,15 @@ def _check_trim(skip_start: int, skip_end: int, up_to_minimum: bool, prefix: str
     check_flag(up_to_minimum, f"{prefix}up_to_minimum")
 
 
+# A slope, so a suggestion, needs two points; a line on the plot too.
+_MIN_POINTS = 2
+
+
+def _points_after_skips(count: int, skip_start: int, skip_end: int) -> int:
+    """How many of `count` points are left once `skip_start` and `skip_end` are dropped."""
+    return max(count - skip_start - skip_end, 0)
+
+
 def _check_one_loss_per_lr(lrs: list[float], losses: list[float]) -> None:
     if len(lrs) != len(losses):
         # The trim counts skip_end back from the end of lrs; with fewer losses (a stopped test's
@@ -138,7 +147,7 @@ def suggest_lr(
         trimmed = trimmed[: int(np.argmin(finite))]
     if up_to_minimum and len(trimmed):
         trimmed = trimmed[: int(np.argmin(trimmed)) + 1]
-    if len(trimmed) < 2:
+    if len(trimmed) < _MIN_POINTS:
         raise ValueError(
             f"Too few points for a suggestion: {len(lrs)} recorded, {len(trimmed)} usable after skipping "
             f"{skip_start} at the start and {skip_end} at the end"
@@ -283,11 +292,11 @@ def validate_settings(settings: Any) -> None:
     _check_trim(settings.skip_start, settings.skip_end, settings.up_to_minimum, "config.lr_finder.")
     # Even a sweep that runs to its end would leave no slope to suggest from, and nothing to plot:
     # the whole test would run first and then fail.
-    left = settings.num_iter - settings.skip_start - settings.skip_end
-    if left < 2:
+    left = _points_after_skips(settings.num_iter, settings.skip_start, settings.skip_end)
+    if left < _MIN_POINTS:
         raise ValueError(f"config.lr_finder skips {settings.skip_start} + {settings.skip_end} of its "
-                         f"{settings.num_iter} points, leaving {max(left, 0)}; a suggestion needs 2, so skip fewer "
-                         "or raise num_iter.")
+                         f"{settings.num_iter} points, leaving {left}; a suggestion needs {_MIN_POINTS}, so skip "
+                         "fewer or raise num_iter.")
     _check_smoothing(settings.smooth_f, settings.diverge_th, "config.lr_finder.")
 
 
@@ -335,7 +344,7 @@ def run_for_config(config: Any, dataset: data_lib.Cifar10, run_dir: str | Path, 
     write_json(run_dir / "lr_finder.json", json_record(result, suggestion))
     # A test that diverged within the points to skip has nothing left after the trim: plot all
     # it recorded rather than fail (and, with --find-lr, never train).
-    kept = len(result.lrs) - settings.skip_start - settings.skip_end
-    skips = (settings.skip_start, settings.skip_end) if kept >= 2 else (0, 0)
+    kept = _points_after_skips(len(result.lrs), settings.skip_start, settings.skip_end)
+    skips = (settings.skip_start, settings.skip_end) if kept >= _MIN_POINTS else (0, 0)
     plot(result, run_dir / "lr_finder.png", skip_start=skips[0], skip_end=skips[1], suggestion=suggestion)
     return suggestion[1] if suggestion else None
