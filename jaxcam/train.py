@@ -14,6 +14,7 @@ import datetime
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -364,28 +365,40 @@ def latest_run_dir(workdir: str | os.PathLike) -> Path:
     """The most recently created run directory (one with a config.json) in `workdir`."""
     runs = sorted((p.parent for p in Path(workdir).glob("*/config.json")), key=_created)
     if not runs:
-        raise FileNotFoundError(f"No run directory with a config.json in {str(workdir)!r} to resume.")
+        hint = ""
+        # `--workdir RUN_DIR --resume` is a natural slip, since explain.py's --workdir is the run.
+        if _is_run(Path(workdir)):
+            hint = f"; it is a run directory itself: train.py --resume {shlex.quote(str(workdir))} continues it"
+        elif (around := _run_around(workdir)) is not None:
+            hint = (f"; it lies inside the run directory {str(around)!r}: train.py --resume "
+                    f"{shlex.quote(str(around))} continues it")
+        raise FileNotFoundError(f"No run directory with a config.json in {str(workdir)!r} to resume{hint}.")
     return runs[-1]
+
+
+def _is_run(folder: Path) -> bool:
+    return (folder / "config.json").is_file()
+
+
+def _run_around(path: str | os.PathLike) -> Path | None:
+    """The run directory that `path` (a folder of a run: its checkpoints or its report) lies in, if any."""
+    # The deepest folders of a run are checkpoints/<which>/<step>/<item>; looking no higher keeps a
+    # stray config.json far above (a home folder's) from being named. The parents are those of the
+    # absolute path because "." and ".." have none of their own; abspath folds ".." by name.
+    return next(filter(_is_run, Path(os.path.abspath(path)).parents[:4]), None)
 
 
 def check_run_dir(run_dir: str | os.PathLike) -> Path:
     """`run_dir` as a Path if it is a run directory (it has a config.json); else ConfigError, naming
     the newest run inside it when the user passed the workdir that holds the runs, or the run around
     it when the user passed a folder inside one (its checkpoints or its report)."""
-    def is_run(folder: Path) -> bool:
-        return (folder / "config.json").is_file()
-
     run_dir = Path(run_dir)
-    if is_run(run_dir):
+    if _is_run(run_dir):
         return run_dir
     if not run_dir.exists():  # most often a mistyped path: "no config.json" would send the user looking for one
         raise ConfigError(f"The run directory {str(run_dir)!r} does not exist.")
     hint = ""
-    # The deepest folders of a run are checkpoints/<which>/<step>/<item>; looking no higher keeps a
-    # stray config.json far above (a home folder's) from being named. The parents are those of the
-    # absolute path because "." and ".." have none of their own; abspath folds ".." by name.
-    around = next(filter(is_run, Path(os.path.abspath(run_dir)).parents[:4]), None)
-    if around is not None:
+    if (around := _run_around(run_dir)) is not None:
         hint = f"; it lies inside the run directory {str(around)!r}, so pass that"
     elif run_dir.is_dir():
         with contextlib.suppress(FileNotFoundError):

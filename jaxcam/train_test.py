@@ -732,6 +732,23 @@ def test_cli_resume_without_runs(tmp_path, capsys):
     assert not (tmp_path / "typo").exists()
 
 
+def test_cli_resume_with_a_run_directory_as_the_workdir_names_the_command_that_resumes_it(tmp_path, capsys):
+    # explain.py's --workdir is the run itself, so `train.py --workdir RUN_DIR --resume` is a natural
+    # slip; it had said only that there was no run directory in RUN_DIR.
+    run_dir = tmp_path / "my runs" / "resnet18_20261201_000000"
+    (run_dir / "checkpoints" / "latest").mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}")
+    quoted = shlex.quote(str(run_dir))
+    code, _, err = run_cli(["--workdir", run_dir, "--resume"], capsys)
+    assert code == 1 and err == (f"error: No run directory with a config.json in {str(run_dir)!r} to resume; it is "
+                                 f"a run directory itself: train.py --resume {quoted} continues it.\n")
+    inside = run_dir / "checkpoints" / "latest"
+    code, _, err = run_cli(["--workdir", inside, "--resume"], capsys)
+    assert code == 1 and err == (f"error: No run directory with a config.json in {str(inside)!r} to resume; it lies "
+                                 f"inside the run directory {str(run_dir)!r}: train.py --resume {quoted} continues it.\n")
+    assert sorted(p.name for p in run_dir.rglob("*")) == ["checkpoints", "config.json", "latest"]
+
+
 def resume_advice(run_dir):
     """What train.py says on stderr after a stop once training has begun."""
     return (f"error: interrupted; python train.py --resume {shlex.quote(str(run_dir))} continues from the last epoch "
