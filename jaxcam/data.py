@@ -317,40 +317,80 @@ def _load_tfds(tfds_data_dir: str | os.PathLike | None) -> Cifar10:
                             "prepared data; give it as data_dir (--config.data_dir) instead.")
     import tensorflow_datasets as tfds
 
-    # Say why the first run waits (a download and a preparation), and what to do offline, where
-    # tensorflow-datasets retries for minutes before it fails.
-    with contextlib.suppress(Exception):
-        builder = tfds.builder("cifar10", data_dir=tfds_data_dir, file_format="array_record")
-        if not builder.is_prepared():
+    builder = None
+    with contextlib.suppress(Exception):  # a builder that cannot be made fails in data_source, in its words
+        builder = tfds.builder("cifar10", data_dir=tfds_data_dir)
+    prepared = builder is not None and builder.is_prepared()
+    if prepared and not _random_access_formats(builder.info):
+        # Prepared by tfds.load's default, TFRecord (in ~/tensorflow_datasets since an earlier project,
+        # say): only TensorFlow reads it. Asking data_source for array_record there is an error.
+        read_split = functools.partial(_read_tfrecord_split, builder)
+    else:
+        if not prepared and builder is not None:
+            # Say why the first run waits (a download and a preparation), and what to do offline,
+            # where tensorflow-datasets retries for minutes before it fails.
             print(f"CIFAR-10 is not prepared in {str(builder.data_dir)!r} yet: tensorflow-datasets downloads "
                   "(163 MB) and prepares it once, which needs internet and TensorFlow; offline, pass a local "
                   "copy with --config.data_dir.", file=sys.stderr)
             _hide_gpus_from_tensorflow()
+        read_split = functools.partial(_read_data_source_split, tfds, tfds_data_dir)
     splits = {}
     for split in ("train", "test"):
-        try:
-            records = tfds.data_source(
-                "cifar10",
-                split=split,
-                data_dir=tfds_data_dir,
-                builder_kwargs={"file_format": "array_record"},
-            )
-        except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise DataError(
-                f"Could not load CIFAR-10 from tensorflow-datasets ({type(e).__name__}: {first}); preparing "
-                "it needs TensorFlow and internet once, or pass a local copy with --config.data_dir."
-            ) from None
-        # Decode every record once into one uint8 NHWC array (the data source decodes the PNGs;
-        # 60k small images take a few seconds).
-        items = [records[i] for i in range(len(records))]
-        images = np.stack([np.asarray(item["image"], np.uint8) for item in items])
-        labels = np.asarray([int(item["label"]) for item in items], np.int32)
+        images, labels, names = read_split(split)
         if images.shape[1:] != IMAGE_SHAPE:
             raise DataError(f"tensorflow-datasets cifar10 {split} images have shape {images.shape[1:]}, expected {IMAGE_SHAPE}.")
         splits[split] = (images, labels)
-        names = tuple(records.dataset_info.features["label"].names)
     return Cifar10(*splits["train"], *splits["test"], class_names=names)
+
+
+def _random_access_formats(info: Any) -> set:
+    """The formats of a prepared tensorflow-datasets copy that `tfds.data_source` reads."""
+    from tensorflow_datasets.core import file_adapters
+
+    return info.available_file_formats() & set(file_adapters.FileFormat.with_random_access())
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else ""
+
+
+def _read_data_source_split(tfds: Any, tfds_data_dir: str | os.PathLike | None,
+                            split: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """One split through `tfds.data_source`, which reads (and prepares) array_record image by image
+    without TensorFlow: images (N, 32, 32, 3) uint8, labels (N,) int32 and the class names."""
+    try:
+        records = tfds.data_source("cifar10", split=split, data_dir=tfds_data_dir,
+                                   builder_kwargs={"file_format": "array_record"})
+    except Exception as e:
+        raise DataError(
+            f"Could not load CIFAR-10 from tensorflow-datasets ({type(e).__name__}: {_first_line(e)}); preparing "
+            "it needs TensorFlow and internet once, or pass a local copy with --config.data_dir."
+        ) from None
+    # Decode every record once into one uint8 NHWC array (the data source decodes the PNGs;
+    # 60k small images take a few seconds).
+    items = [records[i] for i in range(len(records))]
+    images = np.stack([np.asarray(item["image"], np.uint8) for item in items])
+    labels = np.asarray([int(item["label"]) for item in items], np.int32)
+    return images, labels, tuple(records.dataset_info.features["label"].names)
+
+
+def _read_tfrecord_split(builder: Any, split: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """One split of a copy prepared as TFRecord, through TensorFlow: as `_read_data_source_split`."""
+    where = str(builder.data_dir)
+    if importlib.util.find_spec("tensorflow") is None:
+        raise DataError(f"CIFAR-10 in {where!r} was prepared as TFRecord files, which only TensorFlow reads: install "
+                        "it (pip install tensorflow) or give --config.tfds_data_dir another folder, where "
+                        "tensorflow-datasets prepares CIFAR-10 as array_record.")
+    import tensorflow_datasets as tfds
+
+    _hide_gpus_from_tensorflow()
+    try:
+        arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    except Exception as e:
+        raise DataError(f"Could not read CIFAR-10's TFRecord files in {where!r} ({type(e).__name__}: "
+                        f"{_first_line(e)}).") from None
+    return (np.asarray(arrays["image"], np.uint8), np.asarray(arrays["label"], np.int32),
+            tuple(builder.info.features["label"].names))
 
 
 def check_images(images: Any, *, name: str = "images") -> np.ndarray:

@@ -1,8 +1,10 @@
+import importlib.util
 import pickle
 import re
 import sys
 import tarfile
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,6 +208,30 @@ def test_tfds_path_under_mock_data(capsys):
     assert d.train_labels.dtype == np.int32 and d.train_labels.max() < 10
     assert d.class_names == tuple(info_names) and len(d.class_names) == 10
     assert d.mean.shape == (3,) and np.all(d.std > 0)
+
+
+def test_a_copy_prepared_as_tfrecord_is_named_as_such(tmp_path):
+    # tfds.load prepares TFRecord by default, so ~/tensorflow_datasets often holds CIFAR-10 in that
+    # format from an earlier project. Asking data_source for array_record there had failed with
+    # tfds' "File format is already set to FileFormat.TFRECORD" and the advice to prepare CIFAR-10,
+    # which was done. tfds itself writes the metadata of such a copy here (its shards are not needed
+    # to tell the format; writing them would need TensorFlow).
+    tfds = pytest.importorskip("tensorflow_datasets")
+    builder = tfds.builder("cifar10", data_dir=tmp_path, file_format="tfrecord")
+    version_dir = Path(builder.data_dir)
+    version_dir.mkdir(parents=True)
+    builder.info.write_to_directory(version_dir)
+    written = sorted(p.name for p in version_dir.iterdir())
+    if importlib.util.find_spec("tensorflow") is None:
+        message = (f"CIFAR-10 in {str(version_dir)!r} was prepared as TFRecord files, which only TensorFlow reads: "
+                   "install it (pip install tensorflow) or give --config.tfds_data_dir another folder, where "
+                   "tensorflow-datasets prepares CIFAR-10 as array_record.")
+    else:  # TensorFlow reads TFRecord copies; this one has no shards to read
+        message = f"Could not read CIFAR-10's TFRecord files in {str(version_dir)!r} ("
+    with pytest.raises(DataError) as error:
+        data_lib.load_cifar10(None, tfds_data_dir=str(tmp_path))
+    assert str(error.value).startswith(message)
+    assert sorted(p.name for p in version_dir.iterdir()) == written
 
 
 def test_channel_stats_are_the_mean_and_std_of_each_channel_in_units_of_255():
