@@ -221,7 +221,7 @@ def _load_archive(archive: Path) -> Cifar10:
                     contents[name] = tar.extractfile(members[name]).read()  # type: ignore[union-attr]
     except (tarfile.TarError, OSError, EOFError) as e:
         # tarfile's "r:*" error lists every compression it tried, one per line: keep one sentence.
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        detail = _first_line(e) or type(e).__name__
         if detail.endswith(":"):
             detail = "not a gzip, bzip2, xz or plain tar archive"
         raise DataError(f"CIFAR-10 archive {str(archive)!r} is not a readable tar.gz file ({detail}).") from None
@@ -351,6 +351,7 @@ def _random_access_formats(info: Any) -> set:
 
 
 def _first_line(error: Exception) -> str:
+    """The first line of an error's message ('' for none): one sentence of a long report."""
     return str(error).strip().splitlines()[0] if str(error).strip() else ""
 
 
