@@ -139,7 +139,8 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, tfds_data_dir: st
         if value is not None and not is_path(value):
             raise DataError(f"{name} must be a path (a string or os.PathLike) or None, got {value!r}.")
     if data_dir is None:
-        return _load_tfds(tfds_data_dir)
+        # tensorflow-datasets takes "~/tensorflow_datasets" for a folder named "~" in the working directory.
+        return _load_tfds(None if tfds_data_dir is None else str(Path(tfds_data_dir).expanduser()))
     return _load_local(Path(data_dir).expanduser())
 
 
@@ -304,11 +305,11 @@ def _hide_gpus_from_tensorflow() -> None:
         tf.config.set_visible_devices([], "GPU")
 
 
-def _load_tfds(tfds_data_dir: str | os.PathLike | None) -> Cifar10:
+def _load_tfds(tfds_data_dir: str | None) -> Cifar10:
     if tfds_data_dir is not None:
         # An official copy given as tfds_data_dir: tensorflow-datasets would download CIFAR-10
         # beside it (offline: retrying for minutes) instead of reading it.
-        path = Path(tfds_data_dir).expanduser()
+        path = Path(tfds_data_dir)
         if path.is_file():
             raise DataError(f"tfds_data_dir {str(path)!r} is a file, not tensorflow-datasets' folder; an official "
                             "CIFAR-10 archive goes in data_dir (--config.data_dir).")

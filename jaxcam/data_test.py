@@ -210,7 +210,8 @@ def test_tfds_path_under_mock_data(capsys):
     assert d.mean.shape == (3,) and np.all(d.std > 0)
 
 
-def test_a_copy_prepared_as_tfrecord_is_named_as_such(tmp_path):
+@pytest.mark.parametrize("spelled", ["as it is", "from the home folder"])
+def test_a_copy_prepared_as_tfrecord_is_named_as_such(tmp_path, monkeypatch, spelled):
     # tfds.load prepares TFRecord by default, so ~/tensorflow_datasets often holds CIFAR-10 in that
     # format from an earlier project. Asking data_source for array_record there had failed with
     # tfds' "File format is already set to FileFormat.TFRECORD" and the advice to prepare CIFAR-10,
@@ -228,10 +229,16 @@ def test_a_copy_prepared_as_tfrecord_is_named_as_such(tmp_path):
                    "tensorflow-datasets prepares CIFAR-10 as array_record.")
     else:  # TensorFlow reads TFRecord copies; this one has no shards to read
         message = f"Could not read CIFAR-10's TFRecord files in {str(version_dir)!r} ("
+    # "~/..." had reached tensorflow-datasets as it is, which took it for a folder named "~" in the
+    # working directory, found nothing prepared there and began a download.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    given = str(tmp_path) if spelled == "as it is" else "~"
     with pytest.raises(DataError) as error:
-        data_lib.load_cifar10(None, tfds_data_dir=str(tmp_path))
+        data_lib.load_cifar10(None, tfds_data_dir=given)
     assert str(error.value).startswith(message)
     assert sorted(p.name for p in version_dir.iterdir()) == written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar10"]
 
 
 def test_channel_stats_are_the_mean_and_std_of_each_channel_in_units_of_255():
