@@ -2,6 +2,7 @@
 CPU devices (real data-parallel path), a persistent compilation cache, headless matplotlib, and
 small real/synthetic datasets."""
 
+import importlib.util
 import os
 import pickle
 import signal
@@ -58,6 +59,29 @@ def synthetic_arrays(n_train: int, n_test: int, seed: int = 0):
         rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8),
         rng.integers(0, 10, n_test).astype(np.int32),
     )
+
+
+def write_tfrecord_cifar10_metadata(data_dir: Path) -> Path:
+    """The metadata tensorflow-datasets writes for a cifar10 it prepared as TFRecord (tfds.load's
+    default), written by tfds itself into `data_dir`; returns its `cifar10/<version>/` folder.
+    Its shards are left out: they are not needed to tell the format, and writing them needs TensorFlow."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder("cifar10", data_dir=data_dir, file_format="tfrecord")
+    version_dir = Path(builder.data_dir)
+    version_dir.mkdir(parents=True)
+    builder.info.write_to_directory(version_dir)
+    return version_dir
+
+
+def tfrecord_copy_error(version_dir: Path) -> str:
+    """How loading the copy of `write_tfrecord_cifar10_metadata` fails: without TensorFlow, named
+    as TFRecord; with it, read through TensorFlow, which finds no shards (the start of the sentence)."""
+    if importlib.util.find_spec("tensorflow") is None:
+        return (f"CIFAR-10 in {str(version_dir)!r} was prepared as TFRecord files, which only TensorFlow reads: "
+                "install it (pip install tensorflow) or give --config.tfds_data_dir another folder, where "
+                "tensorflow-datasets prepares CIFAR-10 as array_record.")
+    return f"Could not read CIFAR-10's TFRecord files in {str(version_dir)!r} ("
 
 
 @pytest.fixture(scope="session")

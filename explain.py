@@ -24,7 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", nargs="+", default=[], help="your own PNG/JPEG files to classify and explain")
     parser.add_argument("--images-only", action="store_true",
                         help="explain only the --images files (into RUN_DIR/images by default), without CIFAR-10")
-    parser.add_argument("--data-dir", default=None, help="CIFAR-10 location if not the one the run was trained on")
+    parser.add_argument("--data-dir", default=None,
+                        help="CIFAR-10 location if not the one the run was trained on: an official copy, or a "
+                             "tensorflow-datasets folder")
     parser.add_argument("--faithfulness", type=int, default=None,
                         help="test images for the faithfulness metrics (0: skip; default 64)")
     args = parser.parse_args(argv)

@@ -179,18 +179,28 @@ def _official_copy_in(folder: Path) -> Path | None:
     return None
 
 
+def tfds_data_dir_of(path: str | os.PathLike) -> Path | None:
+    """The tensorflow-datasets data dir that `path` is, or lies in (as its cifar10/ or
+    cifar10/<version>/ folder), when it holds a prepared cifar10; None for a path that holds an
+    official copy (which `load_cifar10(path)` reads) or neither."""
+    path = Path(path).expanduser()
+    if path.is_file() or _official_copy_in(path) is not None:
+        return None
+    for root in (path, path.parent, path.parent.parent):
+        with contextlib.suppress(OSError):
+            if any((root / "cifar10").glob("*/dataset_info.json")):
+                return root
+    return None
+
+
 def _tfds_hint(path: Path) -> str:
     """A hint when `path` is, or lies in, a tensorflow-datasets data dir that holds a prepared cifar10."""
-    for root in (path, path.parent, path.parent.parent):
-        try:
-            prepared = any((root / "cifar10").glob("*/dataset_info.json"))
-        except OSError:
-            continue
-        if prepared:
-            # data_dir means an official copy; a tfds folder goes to tfds_data_dir, with data_dir None.
-            return (f"; this is a tensorflow-datasets folder, so {str(root)!r} goes in tfds_data_dir (train.py "
-                    "--config.tfds_data_dir), with data_dir unset")
-    return ""
+    root = tfds_data_dir_of(path)
+    if root is None:
+        return ""
+    # data_dir means an official copy; a tfds folder goes to tfds_data_dir, with data_dir None.
+    return (f"; this is a tensorflow-datasets folder, so {str(root)!r} goes in tfds_data_dir (train.py "
+            "--config.tfds_data_dir), with data_dir unset")
 
 
 def _other_download(names: set[str]) -> str:

@@ -1,15 +1,14 @@
-import importlib.util
 import pickle
 import re
 import sys
 import tarfile
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import synthetic_arrays, write_official_batches
+from conftest import (synthetic_arrays, tfrecord_copy_error, write_official_batches,
+                      write_tfrecord_cifar10_metadata)
 from jaxcam import data as data_lib
 from jaxcam.data import DataError
 
@@ -215,20 +214,11 @@ def test_a_copy_prepared_as_tfrecord_is_named_as_such(tmp_path, monkeypatch, spe
     # tfds.load prepares TFRecord by default, so ~/tensorflow_datasets often holds CIFAR-10 in that
     # format from an earlier project. Asking data_source for array_record there had failed with
     # tfds' "File format is already set to FileFormat.TFRECORD" and the advice to prepare CIFAR-10,
-    # which was done. tfds itself writes the metadata of such a copy here (its shards are not needed
-    # to tell the format; writing them would need TensorFlow).
-    tfds = pytest.importorskip("tensorflow_datasets")
-    builder = tfds.builder("cifar10", data_dir=tmp_path, file_format="tfrecord")
-    version_dir = Path(builder.data_dir)
-    version_dir.mkdir(parents=True)
-    builder.info.write_to_directory(version_dir)
+    # which was done.
+    pytest.importorskip("tensorflow_datasets")
+    version_dir = write_tfrecord_cifar10_metadata(tmp_path)
     written = sorted(p.name for p in version_dir.iterdir())
-    if importlib.util.find_spec("tensorflow") is None:
-        message = (f"CIFAR-10 in {str(version_dir)!r} was prepared as TFRecord files, which only TensorFlow reads: "
-                   "install it (pip install tensorflow) or give --config.tfds_data_dir another folder, where "
-                   "tensorflow-datasets prepares CIFAR-10 as array_record.")
-    else:  # TensorFlow reads TFRecord copies; this one has no shards to read
-        message = f"Could not read CIFAR-10's TFRecord files in {str(version_dir)!r} ("
+    message = tfrecord_copy_error(version_dir)
     # "~/..." had reached tensorflow-datasets as it is, which took it for a folder named "~" in the
     # working directory, found nothing prepared there and began a download.
     monkeypatch.setenv("HOME", str(tmp_path))

@@ -110,7 +110,10 @@ def _load_trained_data(run_dir: Path, config, meta: dict, data_dir: str | None,
     """`dataset`, else the data at `data_dir`, else at the run's config; checked against the
     classes the run was trained on."""
     if data_dir is not None:
-        config.data_dir = data_dir
+        # explain.py has one --data-dir for both kinds of copy: a tensorflow-datasets folder is read
+        # as tfds_data_dir, so a run trained through tfds elsewhere finds its data here.
+        tfds_root = data_lib.tfds_data_dir_of(data_dir)
+        config.data_dir, config.tfds_data_dir = (None, str(tfds_root)) if tfds_root else (data_dir, None)
     given_dataset = dataset is not None
     try:
         dataset = dataset if given_dataset else train_lib.load_dataset(config)

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 import explain as explain_cli
-from conftest import ROOT, cli_command, once_present, sigterm_once, write_official_batches
+from conftest import (ROOT, cli_command, once_present, sigterm_once, tfrecord_copy_error, write_official_batches,
+                      write_tfrecord_cifar10_metadata)
 from jaxcam import cam
 from jaxcam.checkpoint import Checkpointer, load_variables
 from jaxcam.configuration import load_config_file
@@ -330,6 +331,21 @@ def test_a_run_whose_data_is_elsewhere_points_to_data_dir(smoke_run, official_fo
     # A wrong --data-dir is the user's own path: its message stands alone.
     code, _, err = run(["--workdir", copied, "--out", tmp_path / "r", "--data-dir", tmp_path / "nowhere"], capsys)
     assert code == 1 and err == f"error: CIFAR-10 data path {str(tmp_path / 'nowhere')!r} does not exist.\n"
+
+
+@pytest.mark.parametrize("given", ["data dir", "its version folder"])
+def test_a_tensorflow_datasets_folder_given_as_data_dir_is_read_as_one(smoke_run, tmp_path, capsys, given):
+    # explain.py has one --data-dir. A tfds folder there had been refused with advice to give it as
+    # train.py's --config.tfds_data_dir, which explain.py does not take: a run trained through tfds
+    # whose folder lies elsewhere here could not be explained with its data. It is now read through
+    # tensorflow-datasets, which reaches this copy's format (TFRecord; tfds' metadata, no shards).
+    pytest.importorskip("tensorflow_datasets")
+    version_dir = write_tfrecord_cifar10_metadata(tmp_path / "tensorflow_datasets")
+    data_dir = tmp_path / "tensorflow_datasets" if given == "data dir" else version_dir
+    copied = copy_run(smoke_run, tmp_path / "copied_run")
+    code, _, err = run(["--workdir", copied, "--out", tmp_path / "r", "--data-dir", data_dir], capsys)
+    assert code == 1 and err.startswith(f"error: {tfrecord_copy_error(version_dir)}") and err.count("\n") == 1, err
+    assert not (tmp_path / "r").exists()
 
 
 def test_own_images_are_explained_without_the_data(smoke_run, official_folder, tmp_path, capsys):
