@@ -9,6 +9,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Data: None reads tensorflow-datasets' cifar10; else a local official copy
     # (cifar-10-python.tar.gz, cifar-10-batches-py/, or a folder holding either).
     config.data_dir = None
+    # tensorflow-datasets' data dir (None: its default, ~/tensorflow_datasets), or its cifar10/ folder.
     config.tfds_data_dir = None
     # Model.
     config.model = "resnet18"

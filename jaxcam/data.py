@@ -186,10 +186,14 @@ def tfds_data_dir_of(path: str | os.PathLike) -> Path | None:
     path = Path(path).expanduser()
     if path.is_file() or _official_copy_in(path) is not None:
         return None
-    for root in (path, path.parent, path.parent.parent):
-        with contextlib.suppress(OSError):
-            if any((root / "cifar10").glob("*/dataset_info.json")):
-                return root
+    # Only the folders of cifar10 itself lead up: another folder in a data dir (an empty one made
+    # for tfds to prepare CIFAR-10 in, say) is not taken for that data dir.
+    folder = Path(os.path.abspath(path))  # "." has no parents of its own
+    up = 1 if folder.name == "cifar10" else 2 if folder.parent.name == "cifar10" else 0
+    root = folder.parents[up - 1] if up else path
+    with contextlib.suppress(OSError):
+        if any((root / "cifar10").glob("*/dataset_info.json")):
+            return root
     return None
 
 
@@ -317,6 +321,9 @@ def _hide_gpus_from_tensorflow() -> None:
 
 def _load_tfds(tfds_data_dir: str | None) -> Cifar10:
     if tfds_data_dir is not None:
+        # A prepared copy's cifar10/ or cifar10/<version>/ given for its data dir: tensorflow-datasets
+        # would look for cifar10/ inside it, and download CIFAR-10 there.
+        tfds_data_dir = str(tfds_data_dir_of(tfds_data_dir) or tfds_data_dir)
         # An official copy given as tfds_data_dir: tensorflow-datasets would download CIFAR-10
         # beside it (offline: retrying for minutes) instead of reading it.
         path = Path(tfds_data_dir)

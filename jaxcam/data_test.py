@@ -209,7 +209,8 @@ def test_tfds_path_under_mock_data(capsys):
     assert d.mean.shape == (3,) and np.all(d.std > 0)
 
 
-@pytest.mark.parametrize("spelled", ["as it is", "from the home folder"])
+@pytest.mark.parametrize("spelled", ["as it is", "from the home folder", "as its cifar10 folder",
+                                     "as its version folder"])
 def test_a_copy_prepared_as_tfrecord_is_named_as_such(tmp_path, monkeypatch, spelled):
     # tfds.load prepares TFRecord by default, so ~/tensorflow_datasets often holds CIFAR-10 in that
     # format from an earlier project. Asking data_source for array_record there had failed with
@@ -223,12 +224,19 @@ def test_a_copy_prepared_as_tfrecord_is_named_as_such(tmp_path, monkeypatch, spe
     # working directory, found nothing prepared there and began a download.
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    given = str(tmp_path) if spelled == "as it is" else "~"
+    # A copy's cifar10/ or cifar10/<version>/ folder given for its data dir had been searched for a
+    # cifar10/ of its own, found none prepared, and CIFAR-10 downloaded into it.
+    given = {"as it is": str(tmp_path), "from the home folder": "~", "as its cifar10 folder": "~/cifar10",
+             "as its version folder": str(version_dir)}[spelled]
     with pytest.raises(DataError) as error:
         data_lib.load_cifar10(None, tfds_data_dir=given)
     assert str(error.value).startswith(message)
     assert sorted(p.name for p in version_dir.iterdir()) == written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar10"]
+    # Another folder in the data dir (one made for tensorflow-datasets to prepare CIFAR-10 in) is its own.
+    (tmp_path / "fresh").mkdir()
+    assert data_lib.tfds_data_dir_of(tmp_path / "fresh") is None
+    assert data_lib.tfds_data_dir_of(version_dir) == data_lib.tfds_data_dir_of(tmp_path) == tmp_path
 
 
 def test_channel_stats_are_the_mean_and_std_of_each_channel_in_units_of_255():
