@@ -139,8 +139,7 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, tfds_data_dir: st
         if value is not None and not is_path(value):
             raise DataError(f"{name} must be a path (a string or os.PathLike) or None, got {value!r}.")
     if data_dir is None:
-        # tensorflow-datasets takes "~/tensorflow_datasets" for a folder named "~" in the working directory.
-        return _load_tfds(None if tfds_data_dir is None else str(Path(tfds_data_dir).expanduser()))
+        return _load_tfds(tfds_data_dir)
     return _load_local(Path(data_dir).expanduser())
 
 
@@ -319,14 +318,16 @@ def _hide_gpus_from_tensorflow() -> None:
         tf.config.set_visible_devices([], "GPU")
 
 
-def _load_tfds(tfds_data_dir: str | None) -> Cifar10:
+def _load_tfds(tfds_data_dir: str | os.PathLike | None) -> Cifar10:
     if tfds_data_dir is not None:
-        # A prepared copy's cifar10/ or cifar10/<version>/ given for its data dir: tensorflow-datasets
-        # would look for cifar10/ inside it, and download CIFAR-10 there.
-        tfds_data_dir = str(tfds_data_dir_of(tfds_data_dir) or tfds_data_dir)
+        # tensorflow-datasets takes "~/tensorflow_datasets" for a folder named "~" in the working
+        # directory, and looks for cifar10/ inside a prepared copy's own cifar10/ or cifar10/<version>/
+        # given for its data dir; finding none prepared, it downloads CIFAR-10 there.
+        path = Path(tfds_data_dir).expanduser()
+        path = tfds_data_dir_of(path) or path
+        tfds_data_dir = str(path)
         # An official copy given as tfds_data_dir: tensorflow-datasets would download CIFAR-10
         # beside it (offline: retrying for minutes) instead of reading it.
-        path = Path(tfds_data_dir)
         if path.is_file():
             raise DataError(f"tfds_data_dir {str(path)!r} is a file, not tensorflow-datasets' folder; an official "
                             "CIFAR-10 archive goes in data_dir (--config.data_dir).")
@@ -373,7 +374,7 @@ def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else ""
 
 
-def _read_data_source_split(tfds: Any, tfds_data_dir: str | os.PathLike | None,
+def _read_data_source_split(tfds: Any, tfds_data_dir: str | None,
                             split: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """One split through `tfds.data_source`, which reads (and prepares) array_record image by image
     without TensorFlow: images (N, 32, 32, 3) uint8, labels (N,) int32 and the class names."""
