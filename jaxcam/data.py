@@ -129,11 +129,11 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, tfds_data_dir: st
     """Load CIFAR-10 as uint8 NHWC arrays with int32 labels and the class names.
 
     `data_dir=None` reads tensorflow-datasets' prepared `cifar10` (array_record; downloaded
-    and prepared on first use, which needs TensorFlow once) from `tfds_data_dir` (None:
-    tfds' default). Otherwise `data_dir` is a local copy in the official python format:
-    `cifar-10-python.tar.gz`, its extracted `cifar-10-batches-py/` folder, or a directory
-    holding either. Raises `DataError` with one clear sentence when the data is missing or
-    malformed.
+    and prepared on first use, which needs TensorFlow once; a copy prepared as TFRecord is read
+    through TensorFlow) from `tfds_data_dir` (None: tfds' default; also its `cifar10/` folder).
+    Otherwise `data_dir` is a local copy in the official python format: `cifar-10-python.tar.gz`,
+    its extracted `cifar-10-batches-py/` folder, or a directory holding either. Raises `DataError`
+    with one clear sentence when the data is missing or malformed.
     """
     for name, value in (("data_dir", data_dir), ("tfds_data_dir", tfds_data_dir)):
         if value is not None and not is_path(value):
@@ -343,6 +343,11 @@ def _load_tfds(tfds_data_dir: str | os.PathLike | None) -> Cifar10:
     if prepared and not _random_access_formats(builder.info):
         # Prepared by tfds.load's default, TFRecord (in ~/tensorflow_datasets since an earlier project,
         # say): only TensorFlow reads it. Asking data_source for array_record there is an error.
+        if importlib.util.find_spec("tensorflow") is None:
+            raise DataError(f"CIFAR-10 in {str(builder.data_dir)!r} was prepared as TFRecord files, which only "
+                            "TensorFlow reads: install it (pip install tensorflow) or give --config.tfds_data_dir "
+                            "another folder, where tensorflow-datasets prepares CIFAR-10 as array_record.")
+        _hide_gpus_from_tensorflow()
         read_split = functools.partial(_read_tfrecord_split, builder)
     else:
         if not prepared and builder is not None:
@@ -352,7 +357,7 @@ def _load_tfds(tfds_data_dir: str | os.PathLike | None) -> Cifar10:
                   "(163 MB) and prepares it once, which needs internet and TensorFlow; offline, pass a local "
                   "copy with --config.data_dir.", file=sys.stderr)
             _hide_gpus_from_tensorflow()
-        read_split = functools.partial(_read_data_source_split, tfds, tfds_data_dir)
+        read_split = functools.partial(_read_data_source_split, tfds_data_dir)
     splits = {}
     for split in ("train", "test"):
         images, labels, names = read_split(split)
@@ -374,10 +379,11 @@ def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else ""
 
 
-def _read_data_source_split(tfds: Any, tfds_data_dir: str | None,
-                            split: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+def _read_data_source_split(tfds_data_dir: str | None, split: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """One split through `tfds.data_source`, which reads (and prepares) array_record image by image
     without TensorFlow: images (N, 32, 32, 3) uint8, labels (N,) int32 and the class names."""
+    import tensorflow_datasets as tfds
+
     try:
         records = tfds.data_source("cifar10", split=split, data_dir=tfds_data_dir,
                                    builder_kwargs={"file_format": "array_record"})
@@ -395,20 +401,15 @@ def _read_data_source_split(tfds: Any, tfds_data_dir: str | None,
 
 
 def _read_tfrecord_split(builder: Any, split: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """One split of a copy prepared as TFRecord, through TensorFlow: as `_read_data_source_split`."""
-    where = str(builder.data_dir)
-    if importlib.util.find_spec("tensorflow") is None:
-        raise DataError(f"CIFAR-10 in {where!r} was prepared as TFRecord files, which only TensorFlow reads: install "
-                        "it (pip install tensorflow) or give --config.tfds_data_dir another folder, where "
-                        "tensorflow-datasets prepares CIFAR-10 as array_record.")
+    """One split of a copy prepared as TFRecord, through TensorFlow (which the caller found and
+    showed no GPU): as `_read_data_source_split`."""
     import tensorflow_datasets as tfds
 
-    _hide_gpus_from_tensorflow()
     try:
         arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
     except Exception as e:
-        raise DataError(f"Could not read CIFAR-10's TFRecord files in {where!r} ({type(e).__name__}: "
-                        f"{_first_line(e)}).") from None
+        raise DataError(f"Could not read CIFAR-10's TFRecord files in {str(builder.data_dir)!r} "
+                        f"({type(e).__name__}: {_first_line(e)}).") from None
     return (np.asarray(arrays["image"], np.uint8), np.asarray(arrays["label"], np.int32),
             tuple(builder.info.features["label"].names))
 

@@ -367,11 +367,11 @@ def latest_run_dir(workdir: str | os.PathLike) -> Path:
     if not runs:
         hint = ""
         # `--workdir RUN_DIR --resume` is a natural slip, since explain.py's --workdir is the run.
-        if _is_run(Path(workdir)):
-            hint = f"; it is a run directory itself: train.py --resume {shlex.quote(str(workdir))} continues it"
-        elif (around := _run_around(workdir)) is not None:
-            hint = (f"; it lies inside the run directory {str(around)!r}: train.py --resume "
-                    f"{shlex.quote(str(around))} continues it")
+        run = Path(workdir) if _is_run(Path(workdir)) else _run_around(workdir)
+        if run is not None:
+            where = ("it is a run directory itself" if run == Path(workdir)
+                     else f"it lies inside the run directory {str(run)!r}")
+            hint = f"; {where}: train.py --resume {shlex.quote(str(run))} continues it"
         raise FileNotFoundError(f"No run directory with a config.json in {str(workdir)!r} to resume{hint}.")
     return runs[-1]
 
