@@ -63,6 +63,18 @@ def test_a_path_that_is_not_a_path():
         data_lib.load_cifar10(tfds_data_dir=["a"])
 
 
+def test_an_empty_path_is_refused_before_anything_is_read(tmp_path, monkeypatch):
+    # "" had meant the working directory: data_dir looked for an official copy there, and
+    # tfds_data_dir had tensorflow-datasets make cifar10/ and downloads/ there and begin a download.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="^data_dir is an empty string; give a path, or None for tensorflow-datasets.$"):
+        data_lib.load_cifar10("")
+    with pytest.raises(DataError, match="^tfds_data_dir is an empty string; give a path, or None for "
+                                        "tensorflow-datasets' default folder.$"):
+        data_lib.load_cifar10(tfds_data_dir="")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_empty_folder(tmp_path):
     with pytest.raises(DataError, match="No CIFAR-10 found"):
         data_lib.load_cifar10(tmp_path)
