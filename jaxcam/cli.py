@@ -180,6 +180,16 @@ def _ended_by(error: BaseException, stop_message: str) -> int:
     raise error
 
 
+def _empty_path_error(args: argparse.Namespace, flags: Sequence[str]) -> str | None:
+    """The error for the first of `flags` (such as "--out") given as an empty string, else None.
+
+    An empty path would mean the working directory: `--out "$DIR"` with DIR unset wrote a whole
+    report there, and `--workdir "$DIR"` a run directory, where another folder had been meant.
+    """
+    flag = next((flag for flag in flags if getattr(args, flag[2:].replace("-", "_")) == ""), None)
+    return None if flag is None else f"{flag} is an empty string (an unset shell variable?); give a path."
+
+
 def run_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     """train.py: check the config and data, make the run directory, optionally run the LR range
     test, train (or resume); 0, or 1 after one sentence on stderr (also after Ctrl-C or SIGTERM)."""
@@ -190,6 +200,8 @@ def run_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 def _train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from jaxcam import train as train_lib
 
+    if empty := _empty_path_error(args, ("--workdir", "--config", "--resume")):
+        return fail(empty)
     use_compilation_cache()
     run_dir = config = None  # named in the advice after a Ctrl-C, once they are known
     made: list[Path] = []  # the folders this command made, the deepest first
@@ -255,6 +267,8 @@ def run_explain(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     from jaxcam import explain
 
+    if empty := _empty_path_error(args, ("--workdir", "--out", "--data-dir")):
+        return fail(empty)
     use_compilation_cache()
     # The report's own settings where given, by flag: explain_run holds their defaults.
     report_settings = {flag: (key, value) for flag, key, value in (("--num", "num", args.num),

@@ -180,6 +180,15 @@ def test_bad_arguments_give_one_clear_error(smoke_run, tmp_path, capsys, extra, 
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("flag", ["--workdir", "--out", "--data-dir"])
+def test_an_empty_path_is_refused_not_taken_for_the_working_directory(smoke_run, tmp_path, capsys, monkeypatch, flag):
+    # `--out "$DIR"` with DIR unset had written the whole report into the working directory.
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(["--workdir", smoke_run, "--out", tmp_path / "r", flag, ""], capsys)
+    assert code == 1 and err == f"error: {flag} is an empty string (an unset shell variable?); give a path.\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"num": 2.5}, "--num must be between 1 and 100 (one gallery row each), got 2.5."),
     ({"num": "4"}, "--num must be between 1 and 100 (one gallery row each), got '4'."),

@@ -732,6 +732,18 @@ def test_cli_resume_without_runs(tmp_path, capsys):
     assert not (tmp_path / "typo").exists()
 
 
+@pytest.mark.parametrize("args", [["--workdir", ""], ["--workdir", "w", "--config", ""], ["--resume", ""],
+                                  ["--workdir", "w", "--resume", ""]])
+def test_cli_an_empty_path_is_refused_not_taken_for_the_working_directory(official_folder, tmp_path, capsys,
+                                                                         monkeypatch, args):
+    # `--workdir "$DIR"` with DIR unset had put the run directory in the working directory.
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli([*TINY, f"--config.data_dir={str(official_folder)!r}", *args], capsys)
+    flag = args[-2]
+    assert code == 1 and err == f"error: {flag} is an empty string (an unset shell variable?); give a path.\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_resume_with_a_run_directory_as_the_workdir_names_the_command_that_resumes_it(tmp_path, capsys):
     # explain.py's --workdir is the run itself, so `train.py --workdir RUN_DIR --resume` is a natural
     # slip; it had said only that there was no run directory in RUN_DIR.
