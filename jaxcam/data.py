@@ -135,14 +135,14 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, tfds_data_dir: st
     its extracted `cifar-10-batches-py/` folder, or a directory holding either. Raises `DataError`
     with one clear sentence when the data is missing or malformed.
     """
-    for name, value in (("data_dir", data_dir), ("tfds_data_dir", tfds_data_dir)):
+    for name, value, none_reads in (("data_dir", data_dir, "tensorflow-datasets"),
+                                    ("tfds_data_dir", tfds_data_dir, "tensorflow-datasets' default folder")):
         if value is not None and not is_path(value):
             raise DataError(f"{name} must be a path (a string or os.PathLike) or None, got {value!r}.")
         # An empty string (`--config.tfds_data_dir=$DIR` with DIR unset) would mean the working
         # directory: tfds would begin downloading CIFAR-10 into it, even with a copy prepared elsewhere.
         if value == "":
-            default = "tensorflow-datasets' default folder" if name == "tfds_data_dir" else "tensorflow-datasets"
-            raise DataError(f"{name} is an empty string; give a path, or None for {default}.")
+            raise DataError(f"{name} is an empty string; give a path, or None for {none_reads}.")
     if data_dir is None:
         return _load_tfds(tfds_data_dir)
     return _load_local(Path(data_dir).expanduser())

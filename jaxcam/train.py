@@ -363,13 +363,14 @@ def _created(run_dir: Path) -> tuple[float, int]:
 
 def latest_run_dir(workdir: str | os.PathLike) -> Path:
     """The most recently created run directory (one with a config.json) in `workdir`."""
-    runs = sorted((p.parent for p in Path(workdir).glob("*/config.json")), key=_created)
+    folder = Path(workdir)
+    runs = sorted((p.parent for p in folder.glob("*/config.json")), key=_created)
     if not runs:
         hint = ""
         # `--workdir RUN_DIR --resume` is a natural slip, since explain.py's --workdir is the run.
-        run = Path(workdir) if _is_run(Path(workdir)) else _run_around(workdir)
+        run = folder if _is_run(folder) else _run_around(folder)
         if run is not None:
-            where = ("it is a run directory itself" if run == Path(workdir)
+            where = ("it is a run directory itself" if run == folder
                      else f"it lies inside the run directory {str(run)!r}")
             hint = f"; {where}: train.py --resume {shlex.quote(str(run))} continues it"
         raise FileNotFoundError(f"No run directory with a config.json in {str(workdir)!r} to resume{hint}.")
