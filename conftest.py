@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -82,6 +83,22 @@ def tfrecord_copy_error(version_dir: Path) -> str:
                 "install it (pip install tensorflow) or give --config.tfds_data_dir another folder, where "
                 "tensorflow-datasets prepares CIFAR-10 as array_record.")
     return f"Could not read CIFAR-10's TFRecord files in {str(version_dir)!r} ("
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files_under_pytest(tmp_path_factory):
+    """Temporary files of the session, in this process and in the commands it starts, go under
+    pytest's own temporary tree, which pytest prunes: tensorflow-datasets makes a folder in the
+    system's temporary directory for each builder of an unprepared copy and never removes it."""
+    folder = str(tmp_path_factory.mktemp("tempfile"))  # pytest's tree itself is placed first
+    saved = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = os.environ["TMPDIR"] = folder
+    yield
+    tempfile.tempdir = saved[0]
+    if saved[1] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved[1]
 
 
 @pytest.fixture(scope="session")
