@@ -91,14 +91,10 @@ def temporary_files_under_pytest(tmp_path_factory):
     pytest's own temporary tree, which pytest prunes: tensorflow-datasets makes a folder in the
     system's temporary directory for each builder of an unprepared copy and never removes it."""
     folder = str(tmp_path_factory.mktemp("tempfile"))  # pytest's tree itself is placed first
-    saved = tempfile.tempdir, os.environ.get("TMPDIR")
-    tempfile.tempdir = os.environ["TMPDIR"] = folder
-    yield
-    tempfile.tempdir = saved[0]
-    if saved[1] is None:
-        os.environ.pop("TMPDIR", None)
-    else:
-        os.environ["TMPDIR"] = saved[1]
+    with pytest.MonkeyPatch.context() as patch:  # restores both afterwards
+        patch.setattr(tempfile, "tempdir", folder)
+        patch.setenv("TMPDIR", folder)
+        yield
 
 
 @pytest.fixture(scope="session")
