@@ -1,4 +1,4 @@
-"""Shared setup for the tests beside the code (jaxcam/*_test.py, notebooks/*_test.py): two host
+"""Shared setup for the tests in tests/: two host
 CPU devices (real data-parallel path), a persistent compilation cache, headless matplotlib, and
 small real/synthetic datasets."""
 
@@ -22,9 +22,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-# pytest puts this file's folder, the repository root, on sys.path (rootdir conftest, prepend mode),
-# so `configs`, `train` and `explain` import from here.
-ROOT = Path(__file__).resolve().parent
+# pyproject's `pythonpath = ["."]` puts the repository root on sys.path, so `configs`, `train`,
+# `explain` and `bench` import from there.
+ROOT = Path(__file__).resolve().parent.parent
 
 jax.config.update("jax_compilation_cache_dir", str(ROOT / ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
