@@ -94,25 +94,6 @@ def history_problem(history: Any, keys: tuple[str, ...]) -> str | None:
     return None
 
 
-def layout_hint(shape: tuple[int, ...], batch: bool = True) -> str:
-    """An error-message tail for RGB images in a layout other than a batch (N, H, W, 3): a
-    batch in PyTorch's NCHW order, or one image without its batch axis; with `batch=False`,
-    for anything but one image (H, W, 3): a batch, or one image in PyTorch's CHW order; else ""."""
-    if not batch:
-        if len(shape) == 4:
-            return "; pass one image of the batch, such as images[0]"
-        if len(shape) == 3 and shape[0] == 3 and shape[-1] != 3:
-            return " (PyTorch's CHW order? transpose with image.transpose(1, 2, 0))"
-        return ""
-    if len(shape) == 4 and shape[1] == 3 and shape[-1] != 3:
-        return " (PyTorch's NCHW order? transpose with images.transpose(0, 2, 3, 1))"
-    if len(shape) == 3 and shape[-1] == 3:
-        return " (one image? add the batch axis with image[None])"
-    if len(shape) == 3 and shape[0] == 3:
-        return " (one image in PyTorch's CHW order? use image.transpose(1, 2, 0)[None])"
-    return ""
-
-
 def check_classes(values: Any, num_classes: int, name: str = "label") -> np.ndarray:
     """Class indices (N,) as an int64 array of classes in 0..num_classes-1, else ValueError naming
     the first outside (a negative index would pick a class name from the end without a word)."""

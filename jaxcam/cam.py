@@ -31,8 +31,8 @@ EPS = 1e-7
 
 def _of_activations_and_gradients(method: Callable[[jax.Array, jax.Array], jax.Array]):
     """`method` with its arguments checked at trace time (no cost in the compiled code):
-    gradients of another size had been averaged into a map without a word, and one image's
-    (h, w, C) taken as a batch."""
+    gradients of another size would be averaged into a map, and one image's (h, w, C) taken
+    as a batch."""
 
     @functools.wraps(method)
     def checked(activations: jax.Array, gradients: jax.Array) -> jax.Array:
@@ -94,7 +94,7 @@ def eigencam(activations: jax.Array, gradients: jax.Array | None = None) -> jax.
     right-singular vector. The SVD's sign is arbitrary; we fix it so that the map correlates
     positively with the channel-summed activations (ties: positive). No gradients are used.
     """
-    if activations.ndim != 4:  # had been "not enough values to unpack (expected 4, got 3)"
+    if activations.ndim != 4:
         raise ValueError(f"eigencam takes activations (N, h, w, C), got {activations.shape}.")
     n, h, w, c = activations.shape
     flat = activations.reshape(n, h * w, c)
@@ -151,7 +151,6 @@ def resize_bilinear(maps: jax.Array, size: tuple[int, int], align_corners: bool 
     if maps.ndim not in (3, 4):
         raise ValueError(f"resize_bilinear takes maps (N, h, w) or (N, h, w, C), got {maps.shape}.")
     if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(is_integer(v, 1) for v in size)):
-        # 0 had failed in a division by zero
         raise ValueError(f"resize_bilinear takes a size (H, W) of two positive integers, got {size!r}.")
     rows = jnp.asarray(_interpolation_matrix(size[0], maps.shape[1], align_corners))
     cols = jnp.asarray(_interpolation_matrix(size[1], maps.shape[2], align_corners))

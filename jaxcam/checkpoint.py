@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import logging
 import os
+import re
 import signal
-import sys
 import threading
-import time
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,13 +16,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxcam.errors import CheckpointError, WriteError
+
 
 # The checkpoints each run keeps, as folders under <run_dir>/checkpoints.
 KINDS = ("best", "latest")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt or does not fit the model; the message says which."""
 
 
 def checkpoint_folder(run_dir: str | os.PathLike, which: str) -> Path:
@@ -105,8 +99,9 @@ def has_finished_epoch(run_dir: str | os.PathLike, epoch: int) -> bool:
 
 
 # The signals that stop a run: Ctrl-C, and the SIGTERM of `kill`, `timeout`, a batch scheduler's
-# time limit or a preempted cloud VM (train.py turns it into a KeyboardInterrupt too).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# time limit or a preempted cloud VM (train.py turns it into a KeyboardInterrupt too), and the
+# SIGALRM with which train.py repeats a stop that Python dropped.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)
 
 
 @contextlib.contextmanager
@@ -142,9 +137,6 @@ def load_variables(run_dir: str | os.PathLike, which: str = "best") -> tuple[dic
     No model or optimizer template is needed: the stored tree is read as it is. `which` is one
     of KINDS.
     """
-    if which not in KINDS:
-        # Otherwise a misspelt name blamed the run directory for lacking that folder.
-        raise ValueError(f"A run keeps the checkpoints {' and '.join(map(repr, KINDS))}, so which={which!r} names none.")
     directory = checkpoint_folder(run_dir, which)
     if not directory.is_dir():
         raise CheckpointError(f"No {which} checkpoint folder in {str(Path(run_dir))!r}; is it a jaxcam run directory?")
@@ -172,79 +164,15 @@ def load_variables(run_dir: str | os.PathLike, which: str = "best") -> tuple[dic
 def _restore(manager: ocp.CheckpointManager, epoch: int, abstract_state: Any = None) -> Any:
     """{'state', 'meta'} of checkpoint `epoch`, the state read into `abstract_state` (a tree of
     jax.ShapeDtypeStruct with shardings) or, if None, as stored onto one host device."""
-    with _late_reports_held():
-        if abstract_state is None:
-            # Without a target, orbax restores onto the devices that saved the checkpoint, and refused
-            # ("Topology mismatch") a run trained on more devices than this machine has (8 TPU cores
-            # or 2 GPUs, explained on a laptop).
-            one_device = jax.sharding.SingleDeviceSharding(_host_device())
-            abstract_state = jax.tree_util.tree_map(
-                lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=one_device),
-                manager.item_metadata(epoch)["state"])
-        return manager.restore(epoch, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-
-
-@contextlib.contextmanager
-def _late_reports_held() -> Iterator[None]:
-    """Hold Python's stderr while orbax reads a checkpoint: passed on after a success, dropped after
-    a failure once the late reports have come in (they follow within moments).
-
-    When one array of a damaged checkpoint cannot be read (a missing OCDBT manifest, say), orbax
-    closes its asyncio loop while tensorstore's other reads are still in flight; each of them then
-    printed "RuntimeError: Event loop is closed" with a traceback, up to hundreds of them, after
-    our one-sentence error.
-    """
-    real, held = sys.stderr, io.StringIO()
-    sys.stderr = held
-    # The reads' tasks also report "Task exception was never retrieved" through asyncio's logger
-    # when they are collected: during the failure, or at exit. The filter stays after a failure.
-    asyncio_logger = logging.getLogger("asyncio")
-    asyncio_logger.addFilter(_unretrieved_read_failure)
-    failed = True
-    try:
-        yield
-        failed = False
-    finally:
-        if failed:
-            _drop_unraisable_read_coroutines()
-            deadline, size = time.monotonic() + 2.0, -1
-            while held.tell() != size and time.monotonic() < deadline:
-                size = held.tell()
-                time.sleep(0.1)
-        sys.stderr = real
-        if not failed:
-            asyncio_logger.removeFilter(_unretrieved_read_failure)
-            real.write(held.getvalue())
-
-
-def _drop_unraisable_read_coroutines() -> None:
-    """From now on, drop the "Exception ignored in: <coroutine ...>" that orbax's abandoned read
-    coroutines print when they are finalized, up to thousands of them at exit (a checkpoint with
-    missing or truncated data files), and their "never awaited" warnings; other unraisable
-    exceptions reach the previous hook."""
-    previous = sys.unraisablehook
-    if getattr(previous, "drops_orbax_reads", False):
-        return
-    # The same coroutines, collected at exit, also warn "coroutine 'Store.read' was never awaited";
-    # the warning names no module, so after a failed read these warnings go unshown in this process.
-    warnings.filterwarnings("ignore", message=r"coroutine '[^']*' was never awaited", category=RuntimeWarning)
-
-    def hook(unraisable: Any) -> None:
-        code = getattr(unraisable.object, "cr_code", None)
-        if code is not None and "orbax" in code.co_filename:
-            return
-        previous(unraisable)
-
-    hook.drops_orbax_reads = True  # type: ignore[attr-defined]
-    sys.unraisablehook = hook
-
-
-def _unretrieved_read_failure(record: logging.LogRecord) -> bool:
-    """False (drop it) for asyncio's report of a checkpoint read's exception that nobody retrieved."""
-    message = record.getMessage().lower()
-    return not ("exception was never retrieved" in message
-                and any(word in message for word in ("orbax", "tensorstore", "ocdbt")))
+    if abstract_state is None:
+        # Without a target, orbax restores onto the devices that saved the checkpoint, and refuses
+        # ("Topology mismatch") a run trained on more devices than this machine has.
+        one_device = jax.sharding.SingleDeviceSharding(_host_device())
+        abstract_state = jax.tree_util.tree_map(
+            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=one_device),
+            manager.item_metadata(epoch)["state"])
+    return manager.restore(epoch, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
 
 
 def _host_device() -> jax.Device:
@@ -263,7 +191,7 @@ def _reason(e: BaseException) -> str:
     while e.__cause__ is not None:
         e = e.__cause__
     # tensorstore appends its whole JSON spec to a message, which says nothing to the user.
-    text = str(e).split(" [tensorstore_spec=")[0].strip()
+    text = re.split(r"\s*\[?tensorstore_spec", str(e))[0].strip()
     first = f"{type(e).__name__}: {text.splitlines()[0] if text else 'no details'}"
     return first if len(first) <= 300 else first[:299] + "…"
 
@@ -293,7 +221,7 @@ def remove_if_empty(folders: list[Path]) -> None:
 
 def make_writable_folder(path: str | os.PathLike, what: str) -> Path:
     """Create `path` if needed and check that files can be written in it, before any work is
-    done; OSError naming `what` (e.g. "workdir") and the reason if not."""
+    done; WriteError naming `what` (e.g. "workdir") and the reason if not."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -304,5 +232,5 @@ def make_writable_folder(path: str | os.PathLike, what: str) -> Path:
         # mkdir says only "File exists" or "Not a directory" when the path, or a folder on it, is a file.
         file = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
         reason = f"{str(file)!r} is a file, not a folder" if file is not None else e.strerror or e
-        raise OSError(f"Cannot write to {what} {str(path)!r} ({reason}).") from None
+        raise WriteError(f"Cannot write to {what} {str(path)!r} ({reason}).") from None
     return path

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from jaxcam._checks import kind_of
+from jaxcam.errors import ConfigError
 
 # Keys whose value may also be one of these strings.
 SPECIAL_STRINGS = {"max_lr": ("auto",)}
@@ -35,10 +36,6 @@ CONFIG_KEYS = (
 # The keys of `config.lr_finder`, as configs/default.py sets them (a test keeps them equal).
 LR_FINDER_KEYS = ("start_lr", "end_lr", "num_iter", "step_mode", "smooth_f", "diverge_th", "skip_start", "skip_end",
                   "up_to_minimum")
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message says which and why."""
 
 
 def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:

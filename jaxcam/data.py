@@ -17,14 +17,13 @@ import queue
 import sys
 import tarfile
 import threading
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from jaxcam._checks import (check_flag, check_non_negative_integer, check_positive_integer, class_names_problem,
-                            is_number, is_path, layout_hint)
+from jaxcam._checks import check_positive_integer, class_names_problem, is_path
+from jaxcam.errors import DataError
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -38,10 +37,6 @@ _TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 _TEST_FILE = "test_batch"
 _META_FILE = "batches.meta"
 _BATCH_FILES = (*_TRAIN_FILES, _TEST_FILE, _META_FILE)
-
-
-class DataError(ValueError):
-    """The data could not be found or is not valid CIFAR-10; the message says which and why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,24 +147,12 @@ def _load_local(path: Path) -> Cifar10:
     if not path.exists():
         raise DataError(f"CIFAR-10 data path {str(path)!r} does not exist.")
     if path.is_file():
-        if path.name in _BATCH_FILES:  # one file taken for the whole copy
-            raise DataError(f"CIFAR-10 data path {str(path)!r} is one of its batch files; give the folder that "
-                            f"holds them, {str(path.parent)!r}.")
-        if zipfile.is_zipfile(path):
-            raise DataError(f"CIFAR-10 data path {str(path)!r} is a zip archive, which jaxcam does not read; "
-                            f"extract it and give the {_BATCH_FOLDER} folder it holds.")
         return _load_archive(path)
     found = _official_copy_in(path)
     if found is not None:
         return _load_folder(found) if found.is_dir() else _load_archive(found)
-    try:
-        present = {p.name for p in path.iterdir()} | {p.name for p in path.glob("*/*")}
-    except OSError:  # an unreadable folder only costs the hint
-        present = set()
-    raise DataError(
-        f"No CIFAR-10 found in {str(path)!r}: expected {_ARCHIVE}, a {_BATCH_FOLDER}/ folder, "
-        f"or the batch files themselves{_other_download(present) or _tfds_hint(path)}."
-    )
+    raise DataError(f"No CIFAR-10 found in {str(path)!r}: expected {_ARCHIVE}, a {_BATCH_FOLDER}/ folder, "
+                    "or the batch files themselves.")
 
 
 def _official_copy_in(folder: Path) -> Path | None:
@@ -201,25 +184,6 @@ def tfds_data_dir_of(path: str | os.PathLike) -> Path | None:
     return None
 
 
-def _tfds_hint(path: Path) -> str:
-    """A hint when `path` is, or lies in, a tensorflow-datasets data dir that holds a prepared cifar10."""
-    root = tfds_data_dir_of(path)
-    if root is None:
-        return ""
-    # data_dir means an official copy; a tfds folder goes to tfds_data_dir, with data_dir None.
-    return (f"; this is a tensorflow-datasets folder, so {str(root)!r} goes in tfds_data_dir (train.py "
-            "--config.tfds_data_dir), with data_dir unset")
-
-
-def _other_download(names: set[str]) -> str:
-    """A hint when file `names` are those of the two downloads most often taken for this one."""
-    if "data_batch_1.bin" in names or "test_batch.bin" in names:
-        return f"; these are CIFAR-10's binary (C) version, and jaxcam reads its Python version, {_ARCHIVE}"
-    if {"train", "test", "meta"} <= names:
-        return "; these look like CIFAR-100 (train, test, meta), which jaxcam does not read"
-    return ""
-
-
 def _load_folder(folder: Path) -> Cifar10:
     def read(name: str) -> bytes:
         file = folder / name
@@ -247,7 +211,7 @@ def _load_archive(archive: Path) -> Cifar10:
 
     def read(name: str) -> bytes:
         if name not in contents:
-            raise DataError(f"CIFAR-10 archive {str(archive)!r} has no member {name!r}{_other_download(set(members))}.")
+            raise DataError(f"CIFAR-10 archive {str(archive)!r} has no member {name!r}.")
         return contents[name]
 
     return _assemble(read, str(archive))
@@ -425,8 +389,7 @@ def check_images(images: Any, *, name: str = "images") -> np.ndarray:
     if images.dtype != np.uint8:
         raise ValueError(f"{name} must be uint8 RGB values 0..255, got dtype {images.dtype}.")
     if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
-        raise ValueError(f"{name} must have shape (N, 32, 32, 3) NHWC, got {images.shape}"
-                         f"{layout_hint(images.shape)}.")
+        raise ValueError(f"{name} must have shape (N, 32, 32, 3) NHWC, got {images.shape}.")
     return images
 
 
@@ -456,25 +419,14 @@ def augment_batch(
     a given `rng` state.
     """
     images = np.asarray(images)
-    hint = layout_hint(images.shape)
-    if images.dtype != np.uint8 or images.ndim != 4 or hint:
-        raise ValueError(f"augment_batch takes a uint8 NHWC batch, got {images.dtype} with shape {images.shape}{hint}.")
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"augment_batch takes a uint8 NHWC batch, got {images.dtype} with shape {images.shape}.")
     n, h, w, c = images.shape
-    if not isinstance(rng, np.random.Generator):
-        raise ValueError(f"augment_batch takes a numpy.random.Generator (np.random.default_rng(seed)), "
-                         f"got {type(rng).__name__}.")
-    for name, value in (("padding", padding), ("cutout_size", cutout_size)):
-        check_non_negative_integer(value, name)
-    if not (is_number(cutout_prob) and 0 <= cutout_prob <= 1):
-        raise ValueError(f"cutout_prob must lie in [0, 1], got {cutout_prob!r}.")
-    check_flag(flip, "flip")
     fill_values = np.asarray(fill)
-    if fill_values.shape != (c,) or not ((fill_values >= 0) & (fill_values <= 255)).all():
-        raise ValueError(f"fill must be {c} channel values in 0..255, got {fill!r}.")
-    if (fill_values != np.round(fill_values)).any():
-        # The dataset's mean is kept in 0..1 (Cifar10.mean); passed as it is, it would cut out
-        # black squares without a word.
-        raise ValueError(f"fill takes whole pixel values in 0..255, such as np.round(dataset.mean * 255), "
+    if fill_values.shape != (c,) or (fill_values != np.round(fill_values)).any() or not (
+            (fill_values >= 0) & (fill_values <= 255)).all():
+        # Cifar10.mean is in 0..1: passed as it is, it would cut out black squares.
+        raise ValueError(f"fill takes {c} whole pixel values in 0..255, such as np.round(dataset.mean * 255), "
                          f"got {fill!r}.")
     if n == 0:
         return images.copy()  # nothing to draw for; the gather below needs at least one image
@@ -587,11 +539,6 @@ def train_batches(
     epoch is the same whether or not the run was resumed before it.
     """
     _check_batching(images, labels, batch_size)
-    for name, value in (("seed", seed), ("epoch", epoch)):
-        check_non_negative_integer(value, name)  # numpy's own words: "expected non-negative integer"
-    if augment is not None and not callable(augment):  # it had failed inside the loop: "'int' object is not callable"
-        raise ValueError(f"augment must be a function of (batch, rng) that returns the augmented batch, or None, "
-                         f"got {augment!r}.")
     if batch_size > len(images):
         # The remainder is dropped, so the epoch would end without a single batch.
         raise ValueError(f"batch_size {batch_size} exceeds the {len(images)} training images, so an epoch would "
@@ -602,13 +549,7 @@ def train_batches(
         idx = np.sort(order[start : start + batch_size])  # sorted reads are faster; order inside a batch is irrelevant
         batch_images = images[idx]
         if augment is not None:
-            augmented = augment(batch_images, rng)
-            if getattr(augmented, "shape", None) != batch_images.shape or augmented.dtype != np.uint8:
-                # A batch of another size would have been paired with the wrong labels.
-                raise ValueError(f"augment must return the uint8 batch it is given, shape {batch_images.shape}, "
-                                 f"augmented; it returned {getattr(augmented, 'dtype', type(augmented).__name__)} "
-                                 f"with shape {getattr(augmented, 'shape', None)}.")
-            batch_images = augmented
+            batch_images = augment(batch_images, rng)
         yield Batch(batch_images, labels[idx], np.ones(batch_size, np.float32))
 
 
@@ -634,7 +575,6 @@ def prefetch(iterator: Iterator[Any], transfer: Callable[[Any], Any] = lambda x:
     host-to-device copy. Exceptions in the producer re-raise in the consumer.
     """
     # queue.Queue(0) would be unbounded: a whole epoch of batches could pile up on the device.
-    # 2.5 had been taken as a bound, and "2" had failed in the comparison.
     check_positive_integer(size, "prefetch size")
     items: queue.Queue = queue.Queue(maxsize=size)
     done = object()

@@ -21,11 +21,13 @@ from jaxcam import cam as cam_lib
 from jaxcam import data as data_lib
 from jaxcam import metrics as metrics_lib
 from jaxcam import models
+from jaxcam import rundir
 from jaxcam import train as train_lib
 from jaxcam import viz
 from jaxcam._checks import is_integer, is_path
 from jaxcam.checkpoint import CheckpointError, load_variables, make_writable_folder, missing_folders, remove_if_empty
 from jaxcam.configuration import config_from_json
+from jaxcam.errors import JaxcamError, WriteError
 from jaxcam.models import STAGES
 
 if TYPE_CHECKING:  # for annotations only; Pillow itself is imported where image files are read
@@ -85,13 +87,13 @@ def load_run(run_dir: str | os.PathLike, which: str = "best", data_dir: str | No
     """
     if dataset is not None and data_dir is not None:
         raise ValueError("Give the data either as a dataset or as data_dir, not both.")
-    run_dir = train_lib.check_run_dir(run_dir)
+    run_dir = rundir.check_run_dir(run_dir)
     config = config_from_json(run_dir / "config.json")
-    history = train_lib.read_history(run_dir)
+    history = rundir.read_history(run_dir)
     variables, meta = load_variables(run_dir, which)
     # Explanations run in float32 whatever the training compute dtype was.
     config.dtype = "float32"
-    recorded = train_lib.recorded_normalization(run_dir, which, meta)
+    recorded = rundir.recorded_normalization(run_dir, which, meta)
     if with_data or dataset is not None or data_dir is not None or recorded is None:
         dataset = _load_trained_data(run_dir, config, meta, data_dir, dataset)
     # The model takes its inputs as training normalized them, whatever split or copy the data now is.
@@ -127,7 +129,7 @@ def _load_trained_data(run_dir: Path, config, meta: dict, data_dir: str | None,
     # which may hold other classes; with as many of them the explanations would be silently wrong.
     source = ("the dataset given" if given_dataset else repr(config.data_dir) if config.data_dir is not None
               else "tensorflow-datasets' cifar10")
-    train_lib.check_trained_classes(run_dir, meta, dataset, f"its data ({source})",
+    rundir.check_trained_classes(run_dir, meta, dataset, f"its data ({source})",
                                     "give the data it was trained on (explain.py --data-dir, or dataset= in code)")
     return dataset
 
@@ -230,116 +232,205 @@ def explain_run(
     dataset: data_lib.Cifar10 | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Write every report file for `run_dir` into `out_dir` (default `<run_dir>/report`); the data
-    as `load_run` takes it (`dataset`, `data_dir` or the run's config)."""
-    layers = cam_lib.check_layers(layers)
-    cam_lib.check_method(method)
-    if not (is_integer(num, 1) and num <= MAX_GALLERY_ROWS):  # 2.5 had passed, to fail in slicing
-        raise ValueError(f"--num must be between 1 and {MAX_GALLERY_ROWS} (one gallery row each), got {num!r}.")
-    image_files = _image_file_list(image_files)
-    if not is_integer(faithfulness_images, 0):  # 2.5 had scored np.arange(2.5), three images
-        raise ValueError(f"--faithfulness must be 0 (skip) or a number of test images, got {faithfulness_images!r}.")
+    """Write every report file for `run_dir` into `out_dir` (default `<run_dir>/report`), with
+    `method`'s CAMs at `layers` (the first is the main one) for the `num` most confident
+    mistakes; the data as `load_run` takes it (`dataset`, `data_dir` or the run's config)."""
+    layers = list(layers) if not isinstance(layers, str) else [layers]
+    image_files = _path_list(image_files)
+    run = _load_run_for_report(run_dir, data_dir, dataset, image_files)
+    custom = load_image_files(image_files) if image_files else None  # read before writing anything
+    if method == "scorecam" and jax.default_backend() == "cpu":
+        # Its passes run inside one jitted program, so no progress bar can show them: say why it waits.
+        skip = " (--faithfulness 0 skips its largest part)" if faithfulness_images else ""
+        log(f"Score-CAM runs a forward pass for each of the {models.stage_features(run.config.width, layers[0])} "
+            f"channels of {layers[0]} for every map, so on a CPU this report can take minutes{skip}.")
+    final = Path(out_dir if out_dir is not None else run.run_dir / "report")
+    # Galleries of an earlier report that this one does not draw go, so the folder matches report.md.
+    with _staged(final, replaces=(*(f"gradcam_{stage}.png" for stage in STAGES), "custom_images.png")) as out:
+        test = _TestPredictions.of(run)
+        report = _Report(f"jaxcam report: {run.run_dir.name}", _summary_lines(run, test, method, layers))
+        report.figures.append(("curves.png", "Loss and accuracy per epoch"
+                               + ("" if run.history else " (the run has no history.json)")))
+        plot_misclassified_cams(run, test, layers, method, num, out, report)
+        plot_every_class_cam(run, test, layers[0], method, out, report)
+        plot_test_figures(run, test, out, report)
+        if faithfulness_images > 0:
+            report.tables.append(faithfulness_table(run, test, layers[0], method, faithfulness_images))
+        if custom is not None:
+            report.own_images = _plot_own_images(run, custom, image_files, layers[0], method, out, log)
+            report.figures.append(("custom_images.png", "Your images with the CAMs of their two most likely classes"))
+        (out / "report.md").write_text(report.markdown())
+        (out / "report.html").write_text(report.html(out))
+    log(f"Wrote the report to {final / 'report.md'} and {final / 'report.html'}")
+    return final
+
+
+def _load_run_for_report(run_dir, data_dir, dataset, image_files) -> LoadedRun:
     try:
-        run = load_run(run_dir, data_dir=data_dir, dataset=dataset)
+        return load_run(run_dir, data_dir=data_dir, dataset=dataset)
     except data_lib.DataError as e:
         if not image_files or data_dir is not None or dataset is not None:
             raise
         # Someone with a run copied from Colab and a photo to classify need not fetch CIFAR-10.
         raise data_lib.DataError(f"{str(e).rstrip('.')}; to classify and explain only your images, which needs no "
                                  "data, add --images-only.") from None
-    names = run.class_names
-    custom = load_image_files(image_files) if image_files else None  # read before writing anything
-    if method == "scorecam" and jax.default_backend() == "cpu":
-        # Its passes run inside one jitted program, so no progress bar can show them: say why it waits.
-        channels = models.stage_features(run.config.width, layers[0])
-        skip = " (--faithfulness 0 skips its largest part)" if faithfulness_images else ""
-        log(f"Score-CAM runs a forward pass for each of the {channels} channels of {layers[0]} for every map, so "
-            f"on a CPU this report can take minutes{skip}.")
-    final = Path(out_dir if out_dir is not None else run.run_dir / "report")
-    # Every file is drawn in a hidden folder and moved in at the end: a failure part-way leaves
-    # the previous report whole rather than half replaced. Galleries of an earlier report that this
-    # one does not draw (other layers, images no longer given) go, so the folder matches report.md.
-    # Exact names, not a wildcard: a user's own gradcam_layer3_v2.png in --out must stay.
-    with _staged(final, replaces=(*(f"gradcam_{stage}.png" for stage in STAGES), "custom_images.png")) as out:
+
+
+@dataclasses.dataclass
+class _TestPredictions:
+    """The best checkpoint's outputs on the test split: probabilities (N, K), predictions (N,),
+    and the summary of `train.evaluate`."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    probabilities: np.ndarray
+    predictions: np.ndarray
+    summary: dict
+
+    @classmethod
+    def of(cls, run: LoadedRun) -> "_TestPredictions":
         mesh = train_lib.make_mesh()
         predict_fn = train_lib.make_predict_fn(run.model, mesh, run.mean, run.std)
-        test_images, test_labels = run.dataset.test_images, run.dataset.test_labels
-        logits = train_lib.predict(predict_fn, run.variables, test_images, 500, mesh)
-        probabilities = _softmax(logits)
-        predictions = logits.argmax(-1)
-        summary = train_lib.evaluate(logits, test_labels)
-        written: dict[str, str] = {}
+        images, labels = run.dataset.test_images, run.dataset.test_labels
+        logits = train_lib.predict(predict_fn, run.variables, images, 500, mesh)
+        return cls(images, labels, _softmax(logits), logits.argmax(-1), train_lib.evaluate(logits, labels))
 
-        viz.plot_curves(run.history, out / "curves.png")
-        written["curves.png"] = "Loss and accuracy per epoch" + ("" if run.history else " (the run has no history.json)")
 
-        # The most confident mistakes are the most instructive ones.
-        wrong = np.flatnonzero(predictions != test_labels)
-        wrong = wrong[np.argsort(-probabilities[wrong, predictions[wrong]], kind="stable")][:num]
-        if len(wrong):
-            caption = f"The {len(wrong)} most confident misclassifications (true → predicted)"
-            title = "Misclassified test images"
-        else:  # a perfect model: show, and say, correct ones instead
-            wrong = np.arange(min(num, len(test_labels)))
-            caption = title = f"No test image is misclassified; the first {len(wrong)} instead"
-        picked = test_images[wrong]
-        viz.plot_misclassified(picked, test_labels[wrong], predictions[wrong], probabilities[wrong, predictions[wrong]],
-                               names, out / "misclassified.png", title=title)
-        written["misclassified.png"] = caption
+@dataclasses.dataclass
+class _Report:
+    """What report.md and report.html show: a summary list, figures (file, caption), tables
+    (heading, header, rows) and the user's own images (file, top-3 text)."""
 
-        normalized = run.normalize(picked)
-        for layer in layers:
-            # The predicted and the true class in one batch: one forward and VJP per layer, not two.
-            cams = cam_lib.compute(run.model, run.variables, np.concatenate([normalized, normalized]), layer=layer,
-                                   targets=np.concatenate([predictions[wrong], test_labels[wrong]]), method=method)
-            cams_pred, cams_true = np.split(cams, 2)
-            size = 32 >> STAGES.index(layer)  # stages halve the resolution
-            name = f"gradcam_{layer}.png"
-            viz.plot_cam_grid(picked, cams_pred, cams_true, test_labels[wrong], predictions[wrong], names, out / name,
-                              title=f"{method} at {layer} ({size}x{size}): predicted vs true class")
-            written[name] = f"{method} at {layer} ({size}x{size}) for the predicted and the true class"
+    title: str
+    summary: list[str]
+    figures: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    tables: list[tuple[str, list[str], list[list[str]]]] = dataclasses.field(default_factory=list)
+    own_images: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
-        # One confidently, correctly classified image explained for every class.
-        right = np.flatnonzero(predictions == test_labels)
-        index = int(right[np.argmax(probabilities[right, predictions[right]])]) if len(right) else 0
-        one = run.normalize(test_images[index : index + 1])
-        every = np.arange(run.num_classes)
-        cams_all = cam_lib.compute(run.model, run.variables, np.repeat(one, len(every), 0), layer=layers[0],
-                                   targets=every, method=method)
-        viz.plot_all_targets(test_images[index], cams_all, probabilities[index], names, out / "gradcam_targets.png",
-                             title=f"{method} at {layers[0]} for every class (true: {names[test_labels[index]]})")
-        written["gradcam_targets.png"] = "One test image explained for each of the classes"
+    def markdown(self) -> str:
+        lines = [f"# {self.title}", "", *(f"- {item}" for item in self.summary), ""]
+        for name, caption in self.figures:
+            lines += [f"## {caption}", "", f"![{caption}]({name})", ""]
+        for heading, header, rows in self.tables:
+            lines += [f"## {heading}", "", "| " + " | ".join(header) + " |",
+                      "|---|" + "---:|" * (len(header) - 1), *("| " + " | ".join(row) + " |" for row in rows), ""]
+        if self.own_images:
+            lines += ["## Your images (top-3 classes)", "", *(f"- `{p}`: {t}" for p, t in self.own_images), ""]
+        return "\n".join(lines)
 
-        matrix = viz.confusion_matrix(test_labels, predictions, run.num_classes)
-        viz.plot_confusion_matrix(matrix, names, out / "confusion_matrix.png")
-        written["confusion_matrix.png"] = "Confusion matrix on the test split"
-        per_class = train_lib.per_class_accuracy(predictions, test_labels, run.num_classes)
-        viz.plot_per_class_accuracy(per_class, names, out / "per_class_accuracy.png")
-        written["per_class_accuracy.png"] = "Accuracy per class"
-        viz.plot_samples_per_class(run.dataset.train_images, run.dataset.train_labels, names, out / "samples.png")
-        written["samples.png"] = "Training samples per class"
-        report = viz.classification_report(test_labels, predictions, names)
+    def html(self, folder: Path) -> str:
+        """The same page as one self-contained HTML file, the figures embedded as base64."""
+        e = html.escape
+        body = [f"<h1>{e(self.title)}</h1>", _html_list(self.summary)]
+        for name, caption in self.figures:
+            data = base64.b64encode((folder / name).read_bytes()).decode()
+            body.append(f'<h2>{e(caption)}</h2><img alt="{e(caption)}" src="data:image/png;base64,{data}">')
+        for heading, header, rows in self.tables:
+            head = "".join(f"<th>{e(c)}</th>" for c in header)
+            cells = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows)
+            body.append(f"<h2>{e(heading)}</h2><table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
+        if self.own_images:
+            body.append("<h2>Your images (top-3 classes)</h2>" + _html_list(f"{p}: {t}" for p, t in self.own_images))
+        return (f"<!doctype html><html><head><meta charset='utf-8'><title>{e(self.title)}</title>"
+                f"<style>{_REPORT_STYLE}</style></head><body>{''.join(body)}</body></html>\n")
 
-        faithfulness_rows = []
-        # More than the test split asks for all of it; the heading says how many were used.
-        faithfulness_count = min(faithfulness_images, len(test_images))
-        if faithfulness_count > 0:
-            chosen = np.arange(faithfulness_count)
-            x = run.normalize(test_images[chosen])
-            maps = cam_lib.compute(run.model, run.variables, x, layer=layers[0], method=method)
-            targets = predictions[chosen]
-            for label, saliency in ((f"{method} ({layers[0]})", maps),
-                                    ("random baseline", metrics_lib.random_saliency(maps.shape))):
-                faithfulness_rows.append((label, metrics_lib.faithfulness(run.logits, x, saliency, targets, steps=16)))
 
-        custom_rows = []
-        if custom is not None:
-            custom_rows = _plot_own_images(run, custom, image_files, layers[0], method, out, log)
-            written["custom_images.png"] = "Your images with the CAMs of their two most likely classes"
-        _write_report(out, run, summary, report, written, faithfulness_rows, faithfulness_count, custom_rows, method,
-                      layers)
-    log(f"Wrote the report to {final / 'report.md'} and {final / 'report.html'}")
-    return final
+_REPORT_STYLE = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}"
+                 "img{max-width:100%;border:1px solid #ddd}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+                 "padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}")
+
+
+def _html_list(items) -> str:
+    return "<ul>" + "".join(f"<li>{html.escape(item.replace('**', ''))}</li>" for item in items) + "</ul>"
+
+
+def _summary_lines(run: LoadedRun, test: _TestPredictions, method: str, layers: Sequence[str]) -> list[str]:
+    summary = test.summary
+    lines = [f"Model: {run.config.model} (width {run.config.width}), best checkpoint of epoch {run.meta.get('epoch')}",
+             f"Test accuracy: **{100 * summary['accuracy']:.2f}%** ({summary['correct']}/{summary['total']}), "
+             f"test loss {summary['loss']:.4f}{_training_precision_note(run.meta)}"]
+    if run.history:
+        best = max(run.history, key=lambda r: r["test_acc"])
+        lines.append(f"Epochs trained: {len(run.history)}; best epoch {best['epoch']} ({100 * best['test_acc']:.2f}%); "
+                     f"final train accuracy {100 * run.history[-1]['train_acc']:.2f}%")
+    return lines + [f"Explanations: {method} at {', '.join(layers)}"]
+
+
+def plot_misclassified_cams(run: LoadedRun, test: _TestPredictions, layers: Sequence[str], method: str, num: int,
+                            out: Path, report: _Report) -> None:
+    """misclassified.png (the `num` most confident mistakes) and gradcam_<layer>.png (their CAMs
+    for the predicted and the true class) for each of `layers`."""
+    names, predictions, labels = run.class_names, test.predictions, test.labels
+    wrong = np.flatnonzero(predictions != labels)
+    wrong = wrong[np.argsort(-test.probabilities[wrong, predictions[wrong]], kind="stable")][:num]
+    if len(wrong):
+        caption = f"The {len(wrong)} most confident misclassifications (true → predicted)"
+        title = "Misclassified test images"
+    else:  # a perfect model: show, and say, correct ones instead
+        wrong = np.arange(min(num, len(labels)))
+        caption = title = f"No test image is misclassified; the first {len(wrong)} instead"
+    picked = test.images[wrong]
+    viz.plot_misclassified(picked, labels[wrong], predictions[wrong], test.probabilities[wrong, predictions[wrong]],
+                           names, out / "misclassified.png", title=title)
+    report.figures.append(("misclassified.png", caption))
+    normalized = run.normalize(picked)
+    for layer in layers:
+        # The predicted and the true class in one batch: one forward and VJP per layer, not two.
+        cams = cam_lib.compute(run.model, run.variables, np.concatenate([normalized, normalized]), layer=layer,
+                               targets=np.concatenate([predictions[wrong], labels[wrong]]), method=method)
+        size = 32 >> STAGES.index(layer)  # stages halve the resolution
+        viz.plot_cam_grid(picked, *np.split(cams, 2), labels[wrong], predictions[wrong], names,
+                          out / f"gradcam_{layer}.png", title=f"{method} at {layer} ({size}x{size}): predicted vs true class")
+        report.figures.append((f"gradcam_{layer}.png", f"{method} at {layer} ({size}x{size}) for the predicted and the "
+                               "true class"))
+
+
+def plot_every_class_cam(run: LoadedRun, test: _TestPredictions, layer: str, method: str, out: Path,
+                         report: _Report) -> None:
+    """gradcam_targets.png: the most confidently right test image explained for every class."""
+    right = np.flatnonzero(test.predictions == test.labels)
+    index = int(right[np.argmax(test.probabilities[right, test.predictions[right]])]) if len(right) else 0
+    every = np.arange(run.num_classes)
+    cams = cam_lib.compute(run.model, run.variables, np.repeat(run.normalize(test.images[index:index + 1]),
+                                                               len(every), 0), layer=layer, targets=every, method=method)
+    viz.plot_all_targets(test.images[index], cams, test.probabilities[index], run.class_names,
+                         out / "gradcam_targets.png",
+                         title=f"{method} at {layer} for every class (true: {run.class_names[test.labels[index]]})")
+    report.figures.append(("gradcam_targets.png", "One test image explained for each of the classes"))
+
+
+def plot_test_figures(run: LoadedRun, test: _TestPredictions, out: Path, report: _Report) -> None:
+    """curves.png, confusion_matrix.png, per_class_accuracy.png, samples.png, and the
+    precision/recall/F1 table."""
+    names, k = run.class_names, run.num_classes
+    viz.plot_curves(run.history, out / "curves.png")
+    viz.plot_confusion_matrix(viz.confusion_matrix(test.labels, test.predictions, k), names,
+                              out / "confusion_matrix.png")
+    viz.plot_per_class_accuracy(train_lib.per_class_accuracy(test.predictions, test.labels, k), names,
+                                out / "per_class_accuracy.png")
+    viz.plot_samples_per_class(run.dataset.train_images, run.dataset.train_labels, names, out / "samples.png")
+    report.figures += [("confusion_matrix.png", "Confusion matrix on the test split"),
+                       ("per_class_accuracy.png", "Accuracy per class"), ("samples.png", "Training samples per class")]
+    rows = viz.classification_report(test.labels, test.predictions, names)
+    report.tables.append(("Precision, recall and F1 (test)", ["class", "precision", "recall", "F1", "support"],
+                          [[name, f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", str(r["support"])]
+                           for name, r in rows.items()]))
+
+
+def faithfulness_table(run: LoadedRun, test: _TestPredictions, layer: str, method: str,
+                       count: int) -> tuple[str, list[str], list[list[str]]]:
+    """Deletion/insertion AUC, average drop and increase in confidence of the CAMs of the first
+    `count` test images (all of them, if fewer), against a random baseline, as a report table."""
+    count = min(count, len(test.images))
+    x = run.normalize(test.images[:count])
+    maps = cam_lib.compute(run.model, run.variables, x, layer=layer, method=method)
+    rows = []
+    for label, saliency in ((f"{method} ({layer})", maps), ("random baseline", metrics_lib.random_saliency(maps.shape))):
+        m = metrics_lib.faithfulness(run.logits, x, saliency, test.predictions[:count], steps=16)
+        rows.append([label, f"{m['deletion_auc']:.3f}", f"{m['insertion_auc']:.3f}", f"{m['average_drop']:.1f}",
+                     f"{m['increase_in_confidence']:.1f}"])
+    return (f"Faithfulness (the first {count} test images, predicted class)",
+            ["map", "deletion AUC ↓", "insertion AUC ↑", "average drop % ↓", "increase in confidence % ↑"], rows)
 
 
 def explain_image_files(
@@ -358,9 +449,8 @@ def explain_image_files(
     the report, whose own copy it would leave out of step), with CAMs at `layer` (of a list, the
     first). Needs no dataset: the checkpoint holds the classes and the normalization (for a run
     trained before they were recorded, the data is read as `load_run` reads it)."""
-    layer = cam_lib.check_layers(layer)[0]
-    cam_lib.check_method(method)
-    image_files = _image_file_list(image_files)
+    layer = layer if isinstance(layer, str) else layer[0]
+    image_files = _path_list(image_files)
     run = load_run(run_dir, data_dir=data_dir, dataset=dataset, with_data=False)
     custom = load_image_files(image_files)
     final = Path(out_dir if out_dir is not None else run.run_dir / "images")
@@ -374,15 +464,6 @@ def _path_list(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list:
     """The paths as a list, one path given alone as a list of one: iterated, a string would have
     been read character by character."""
     return [paths] if is_path(paths) else list(paths)
-
-
-def _image_file_list(image_files: str | os.PathLike | Sequence[str | os.PathLike]) -> list:
-    """The user's own image files as a list (`_path_list`), at most MAX_GALLERY_ROWS of them."""
-    image_files = _path_list(image_files)
-    if len(image_files) > MAX_GALLERY_ROWS:
-        raise ValueError(f"--images takes at most {MAX_GALLERY_ROWS} files (one gallery row each), got "
-                         f"{len(image_files)}; explain more with jaxcam.explain.explain_images.")
-    return image_files
 
 
 def _plot_own_images(run: LoadedRun, images: np.ndarray, image_files: Sequence, layer: str, method: str, out: Path,
@@ -415,91 +496,19 @@ def _staged(folder: Path, replaces: Sequence[str] = ()) -> Iterator[Path]:
     try:
         make_writable_folder(folder, "the output folder")
         staging = Path(tempfile.mkdtemp(prefix=".report-", dir=folder))
-        yield staging
-        written = {path.name for path in staging.iterdir()}
-        for name in sorted(written):
-            os.replace(staging / name, folder / name)
-        for name in set(replaces) - written:
-            if (folder / name).is_file():
-                (folder / name).unlink()
+        try:
+            yield staging
+            written = {path.name for path in staging.iterdir()}
+            for name in sorted(written):
+                os.replace(staging / name, folder / name)
+            for name in set(replaces) - written:
+                if (folder / name).is_file():
+                    (folder / name).unlink()
+        except OSError as e:
+            if isinstance(e, JaxcamError):
+                raise
+            raise WriteError(f"Could not write the report in {str(folder)!r} ({e.strerror or e}).") from None
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         remove_if_empty(made)
-
-
-def _write_report(out: Path, run: LoadedRun, summary, report, written, faithfulness_rows, faithfulness_count,
-                  custom_rows, method, layers):
-    best = max(run.history, key=lambda r: r["test_acc"]) if run.history else None
-    lines = [
-        f"# jaxcam report: {run.run_dir.name}",
-        "",
-        f"- Model: {run.config.model} (width {run.config.width}), best checkpoint of epoch {run.meta.get('epoch')}",
-        f"- Test accuracy: **{100 * summary['accuracy']:.2f}%** ({summary['correct']}/{summary['total']}), "
-        f"test loss {summary['loss']:.4f}{_training_precision_note(run.meta)}",
-    ]
-    if best:
-        lines.append(f"- Epochs trained: {len(run.history)}; best epoch {best['epoch']} "
-                     f"({100 * best['test_acc']:.2f}%); final train accuracy {100 * run.history[-1]['train_acc']:.2f}%")
-    lines += [f"- Explanations: {method} at {', '.join(layers)}", ""]
-    for name, caption in written.items():
-        lines += [f"## {caption}", "", f"![{caption}]({name})", ""]
-    lines += ["## Precision, recall and F1 (test)", "", viz.report_table(report), ""]
-    if faithfulness_rows:
-        lines += [f"## Faithfulness (the first {faithfulness_count} test images, predicted class)", "",
-                  "| map | deletion AUC ↓ | insertion AUC ↑ | average drop % ↓ | increase in confidence % ↑ |",
-                  "|---|---:|---:|---:|---:|"]
-        for label, m in faithfulness_rows:
-            lines.append(f"| {label} | {m['deletion_auc']:.3f} | {m['insertion_auc']:.3f} | "
-                         f"{m['average_drop']:.1f} | {m['increase_in_confidence']:.1f} |")
-        lines.append("")
-    if custom_rows:
-        lines += ["## Your images (top-3 classes)", ""] + [f"- `{p}`: {t}" for p, t in custom_rows] + [""]
-    text = "\n".join(lines)
-    (out / "report.md").write_text(text)
-    (out / "report.html").write_text(_markdown_to_html(text, out))
-
-
-def _markdown_to_html(text: str, folder: Path) -> str:
-    """A small converter for the report's own Markdown, embedding images as base64 (self-contained)."""
-    body, table, items = [], [], []
-
-    def flush_list():
-        if items:
-            body.append("<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>")
-            items.clear()
-
-    def flush_table():
-        if table:
-            rows = [r for r in table if not set(r.replace("|", "").strip()) <= set("-: ")]
-            cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
-            head = "".join(f"<th>{html.escape(c)}</th>" for c in cells[0])
-            rest = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in cells[1:])
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rest}</tbody></table>")
-            table.clear()
-
-    for line in text.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        if line.startswith("- "):
-            items.append(html.escape(line[2:]).replace("**", ""))
-            continue
-        flush_table()
-        flush_list()
-        if line.startswith("# "):
-            body.append(f"<h1>{html.escape(line[2:])}</h1>")
-        elif line.startswith("## "):
-            body.append(f"<h2>{html.escape(line[3:])}</h2>")
-        elif line.startswith("![") and "](" in line:
-            alt, name = line[2:].split("](", 1)
-            data = base64.b64encode((folder / name.rstrip(")")).read_bytes()).decode()
-            body.append(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">')
-        elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
-    flush_table()
-    flush_list()
-    style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}"
-             "img{max-width:100%;border:1px solid #ddd}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}")
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>jaxcam report</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"

@@ -42,7 +42,6 @@ def _check_sweep(start_lr: float, end_lr: float, num_iter: int, step_mode: str, 
     """ValueError unless the sweep can run; `prefix` ("config.lr_finder.") names config keys."""
     if not is_integer(num_iter, 2):
         raise ValueError(f"{prefix}num_iter must be an integer of at least 2, got {num_iter!r}.")
-    # An infinite end_lr had swept through infinite rates, a string had failed in the comparison.
     if not (is_number(start_lr) and is_number(end_lr) and 0 < start_lr < end_lr):
         raise ValueError(f"{prefix.rstrip('.') or 'The range test'} needs 0 < start_lr < end_lr, "
                          f"got {start_lr!r} and {end_lr!r}.")
@@ -63,7 +62,6 @@ def _check_smoothing(smooth_f: float, diverge_th: float, prefix: str = "") -> No
 def _check_skips(skip_start: int, skip_end: int, prefix: str = "") -> None:
     """ValueError unless both are point counts to skip; `prefix` names config keys."""
     for key, value in (("skip_start", skip_start), ("skip_end", skip_end)):
-        # 2.5 had failed in slicing, True had skipped one point, -3 had sliced from the end.
         check_non_negative_integer(value, f"{prefix}{key}")
 
 
@@ -243,7 +241,7 @@ def plot(result: RangeTestResult, path: str | Path, *, skip_start: int = 10, ski
     count = len(result.lrs)
     end = count - skip_end
     lrs, losses = result.lrs[skip_start:end], result.losses[skip_start:end]
-    if not lrs:  # empty axes, drawn without a word
+    if not lrs:
         raise ValueError(f"Nothing to plot: {count} points recorded, none left after skipping {skip_start} at the "
                          f"start and {skip_end} at the end; skip fewer.")
     if suggestion is not None and not (isinstance(suggestion, (tuple, list)) and len(suggestion) == 2
@@ -304,8 +302,7 @@ def run_for_config(config: Any, dataset: data_lib.Cifar10, run_dir: str | Path, 
     """The range test of `config.lr_finder` on the config's model; writes `lr_finder.png` and
     `lr_finder.json` in `run_dir`, prints and returns the suggested LR (None if too few points)."""
     run_dir = Path(run_dir)
-    settings = config.get("lr_finder")
-    validate_settings(settings)
+    settings = config.lr_finder
     model = train_lib.build(config, dataset.num_classes)
     variables = models.init_variables(model, jax.random.key(config.seed))
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcam._checks import check_positive_integer, is_integer, kind_of, layout_hint
+from jaxcam._checks import check_positive_integer, is_integer, kind_of
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 STAGE_OUTPUT = "output"
@@ -36,7 +36,7 @@ def check_stage(name: Any) -> None:
 def stage_features(width: int, stage: str) -> int:
     """Channels of a stage's output: `width` for layer1, doubling at each stage after it."""
     check_stage(stage)  # tuple.index's own words: "x not in tuple"
-    check_positive_integer(width, "width")  # the string "64" had been repeated into "64646464"
+    check_positive_integer(width, "width")
     return width * 2 ** STAGES.index(stage)
 
 
@@ -219,7 +219,7 @@ def check_image_batch(shape: Sequence[int], dtype: Any) -> None:
         )
     if len(shape) != 4 or shape[-1] != 3:
         shape = tuple(shape)
-        raise ValueError(f"Images must have shape (N, H, W, 3) NHWC, got {shape}{layout_hint(shape)}.")
+        raise ValueError(f"Images must have shape (N, H, W, 3) NHWC, got {shape}.")
 
 
 def ResNet18(num_classes: int = 10, width: int = 64, **kwargs: Any) -> ResNet:
@@ -237,7 +237,7 @@ MODELS = {"resnet18": ResNet18, "resnet34": ResNet34}
 
 def check_model_name(name: Any) -> None:
     """ValueError unless `name` names one of MODELS (in any case)."""
-    if not isinstance(name, str) or name.lower() not in MODELS:  # None had failed in .lower()
+    if not isinstance(name, str) or name.lower() not in MODELS:
         raise ValueError(f"Unknown model {name!r}; choose one of {', '.join(MODELS)}.")
 
 
@@ -321,7 +321,7 @@ def count_params(params: Any) -> int:
 
 def summary(model: ResNet, image_size: int = 32) -> str:
     """A torchsummary-like table in call order: layer, output shape, own parameters, totals."""
-    check_positive_integer(image_size, "image_size")  # "32" had failed in jnp.zeros with JAX's words
+    check_positive_integer(image_size, "image_size")
     x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), image_size))
     flat_params = flax_traverse(variables["params"])
@@ -416,10 +416,9 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], width: int = 64, depth:
     `_orig_mod.` prefix of `torch.compile` are removed. Names, shapes (both in PyTorch terms
     in errors) and finiteness are checked against the model.
     """
-    # Named with !r: the string "18" had been refused as "Unknown ResNet depth 18".
     if not is_integer(depth, 1) or depth not in DEPTHS:
         raise ValueError(f"Unknown ResNet depth {depth!r}; choose one of {sorted(DEPTHS)}.")
-    check_positive_integer(width, "width")  # "4" had been refused as "not width 4; pass width=4"
+    check_positive_integer(width, "width")
     if not isinstance(state_dict, Mapping) or not state_dict:
         raise ValueError("from_torch_state_dict takes a PyTorch state dict, a non-empty mapping of names to arrays.")
     state_dict = _without_wrapper_prefixes(state_dict)

@@ -8,13 +8,8 @@ over 'batch'. The same code runs on 1 CPU, 1 GPU or 8 TPU cores.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import datetime
-import json
 import os
-import re
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -30,12 +25,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxcam import data as data_lib
-from jaxcam._checks import (check_class_indices, check_classes, check_flag, check_non_negative_integer,
-                            check_positive_integer, class_names_problem, history_problem, is_integer, is_number,
-                            is_path, kind_of)
-from jaxcam import models
-from jaxcam.checkpoint import Checkpointer, CheckpointError, interrupts_deferred, make_writable_folder, write_json
-from jaxcam.configuration import CONFIG_KEYS, DATA_KEYS, ConfigError, check_keys, config_from_json
+from jaxcam import models, rundir
+from jaxcam._checks import (check_class_indices, check_flag, check_non_negative_integer,
+                            check_positive_integer, is_integer, is_number, is_path)
+from jaxcam.checkpoint import Checkpointer, interrupts_deferred, write_json
+from jaxcam.configuration import CONFIG_KEYS, DATA_KEYS, check_keys
+from jaxcam.errors import ConfigError, TrainingDiverged
 from jaxcam.schedules import onecycle
 
 __all__ = [
@@ -85,10 +80,6 @@ class TrainState(train_state.TrainState):
     batch_stats: Any = None
 
 
-class TrainingDiverged(RuntimeError):
-    """The training loss, or the model's outputs on the test images, became NaN or infinite."""
-
-
 # ----------------------------------------------------------------------------- optimizer
 
 
@@ -99,10 +90,7 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> tup
     PyTorch's `weight_decay`; AdamW decays decoupled, like `torch.optim.AdamW`. With
     `cycle_momentum`, SGD momentum / Adam beta1 follows the one-cycle momentum schedule.
     """
-    name = config.optimizer.lower()
-    if name not in OPTIMIZERS:
-        raise ValueError(f"Unknown optimizer {config.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
-    max_lr = _resolved_max_lr(config)
+    max_lr = float(config.max_lr)
     if config.schedule == "onecycle":
         lr, momentum = onecycle(
             total_steps,
@@ -117,23 +105,9 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> tup
         )
         if not config.cycle_momentum:
             momentum = config.momentum
-    elif config.schedule == "constant":
+    else:  # "constant"
         lr, momentum = optax.constant_schedule(max_lr), config.momentum
-    else:
-        raise ValueError(f"Unknown schedule {config.schedule!r}; choose 'onecycle' or 'constant'.")
     return optimizer_with_schedule(config, lr, momentum), lr
-
-
-def _resolved_max_lr(config: ml_collections.ConfigDict) -> float:
-    """config.max_lr as a float, or ValueError: "auto" is for the LR range test to resolve before
-    an optimizer is made (float() had failed on it in its own words), and a string such as "0.1"
-    would have been read as the number it spells."""
-    if config.max_lr == "auto":
-        raise ValueError("config.max_lr is 'auto': run the LR range test first (train.py --find-lr, or "
-                         "lr_finder.run_for_config in code).")
-    if not (is_number(config.max_lr) and config.max_lr > 0):
-        raise ValueError(f"max_lr must be a positive number, got {config.max_lr!r}.")
-    return float(config.max_lr)
 
 
 def optimizer_with_schedule(
@@ -141,8 +115,6 @@ def optimizer_with_schedule(
 ) -> optax.GradientTransformation:
     """The optimizer named by `config.optimizer` with the given learning rate and momentum/beta1."""
     name = config.optimizer.lower()
-    if name not in OPTIMIZERS:
-        raise ValueError(f"Unknown optimizer {config.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
     wd = config.weight_decay
     if name == "sgd":
         return optax.chain(
@@ -160,31 +132,15 @@ def optimizer_with_schedule(
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
     """Per-example softmax cross-entropy (N,) of float32 logits (N, K) and int labels (N,).
 
-    Labels outside 0..K-1 are refused when they are concrete; under jit, where no check can see
-    their values, they score a NaN loss (the training data's labels were checked when its
-    Cifar10 was built).
+    A label outside 0..K-1 scores NaN, which stops training: one_hot would make it an all-zero
+    target of loss 0. Adding 0 keeps the valid rows and their gradients exact.
     """
-    if not (is_number(label_smoothing) and 0 <= label_smoothing < 1):  # as config.label_smoothing
-        raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}.")
-    # one_hot makes an all-zero target of a label it has no class for (10 of 10 classes, or 0.5),
-    # which scores a loss of 0 without a word; shapes and dtype are known even under jit.
-    if jnp.ndim(logits) != 2 or jnp.shape(labels) != jnp.shape(logits)[:1]:
-        raise ValueError(f"cross_entropy takes logits (N, K) and one label per row (N,), got shapes "
-                         f"{jnp.shape(logits)} and {jnp.shape(labels)}.")
-    if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
-        raise ValueError(f"cross_entropy takes integer class labels, got {jnp.result_type(labels)}.")
-    if not isinstance(labels, jax.core.Tracer):  # concrete labels (not under jit) can be checked in full
-        check_classes(np.asarray(labels), jnp.shape(logits)[1])
-    targets = jax.nn.one_hot(labels, logits.shape[-1])
+    num_classes = logits.shape[-1]
+    targets = jax.nn.one_hot(labels, num_classes)
     if label_smoothing:
         targets = optax.smooth_labels(targets, label_smoothing)
     loss = optax.softmax_cross_entropy(logits, targets)
-    # Under jit an all-zero one-hot target would score 0 (or the smoothing term alone) without a
-    # word; NaN cannot pass unseen, and train.py stops on it. Adding 0 keeps valid rows and their
-    # gradients exact, and training bit for bit as before (a jnp.where select had changed XLA's
-    # fusion, so the training's roundoff).
-    valid = (labels >= 0) & (labels < logits.shape[-1])
-    return loss + jnp.where(valid, 0.0, jnp.nan)
+    return loss + jnp.where((labels >= 0) & (labels < num_classes), 0.0, jnp.nan)
 
 
 def create_train_state(
@@ -203,9 +159,6 @@ def create_train_state(
 def make_mesh(devices: list | None = None) -> Mesh:
     """A one-axis mesh 'batch' over `devices` (default: all local devices)."""
     devices = devices if devices is not None else jax.local_devices()
-    if len(devices) == 0:
-        # A mesh of no devices was made, and failed only at the first step, in jit's words.
-        raise ValueError("make_mesh needs at least one device (None means all local devices).")
     return Mesh(np.asarray(devices), (AXIS,))
 
 
@@ -281,7 +234,7 @@ def predict(
     """Logits (N, K) for every image exactly once, in fixed-size sharded batches.
 
     `batch_size` is rounded down to a multiple of the mesh's devices (at least one image each),
-    which each batch is split over: a range test's `val_batch_size=500` on 8 TPU cores had failed.
+    which each batch is split over (a range test's `val_batch_size=500` on 8 TPU cores).
     """
     devices = mesh.devices.size
     batch_size = max(devices, batch_size // devices * devices)
@@ -318,205 +271,6 @@ def per_class_accuracy(predictions: np.ndarray, labels: np.ndarray, num_classes:
     hits = np.bincount(labels[predictions == labels], minlength=num_classes)
     with np.errstate(invalid="ignore", divide="ignore"):
         return hits / totals
-
-
-# ----------------------------------------------------------------------------- run directory
-
-
-def check_run_name(name: Any, what: str = "name") -> None:
-    """ValueError unless `name` can start a run directory's name: a non-empty name, not a path."""
-    if not isinstance(name, str) or not name.strip() or Path(name).name != name:
-        raise ValueError(f"{what} starts the run directory's name, so it must be a non-empty name without "
-                         f"'/', got {name!r}.")
-
-
-def create_run_dir(workdir: str | os.PathLike, name: str) -> Path:
-    """`<workdir>/<name>_<YYYYMMDD>_<HHMMSS>` (with a numeric suffix if that already exists)."""
-    check_run_name(name)
-    workdir = make_writable_folder(workdir, "workdir")
-    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-    run_dir = workdir / f"{name}_{stamp}"
-    suffix = 1
-    while True:
-        try:
-            run_dir.mkdir()
-            return run_dir
-        except FileExistsError:
-            run_dir = workdir / f"{name}_{stamp}_{suffix}"
-            suffix += 1
-
-
-_RUN_STAMP = re.compile(r"_(\d{8}_\d{6})(?:_(\d+))?$")
-
-
-def _created(run_dir: Path) -> tuple[float, int]:
-    """When a run directory was created: from the `<YYYYMMDD>_<HHMMSS>[_n]` of its name, which a
-    copy keeps (`cp -r` gives every folder a new mtime, and --resume rewrites a config.json);
-    from its config.json's mtime for a folder named otherwise."""
-    match = _RUN_STAMP.search(run_dir.name)
-    if match:
-        with contextlib.suppress(ValueError):
-            stamp = datetime.datetime.strptime(match[1], "%Y%m%d_%H%M%S").timestamp()
-            return stamp, int(match[2] or 0)
-    return (run_dir / "config.json").stat().st_mtime, 0
-
-
-def latest_run_dir(workdir: str | os.PathLike) -> Path:
-    """The most recently created run directory (one with a config.json) in `workdir`."""
-    folder = Path(workdir)
-    runs = sorted((p.parent for p in folder.glob("*/config.json")), key=_created)
-    if not runs:
-        hint = ""
-        # `--workdir RUN_DIR --resume` is a natural slip, since explain.py's --workdir is the run.
-        run = folder if _is_run(folder) else _run_around(folder)
-        if run is not None:
-            where = ("it is a run directory itself" if run == folder
-                     else f"it lies inside the run directory {str(run)!r}")
-            hint = f"; {where}: train.py --resume {shlex.quote(str(run))} continues it"
-        raise FileNotFoundError(f"No run directory with a config.json in {str(workdir)!r} to resume{hint}.")
-    return runs[-1]
-
-
-def _is_run(folder: Path) -> bool:
-    return (folder / "config.json").is_file()
-
-
-def _run_around(path: str | os.PathLike) -> Path | None:
-    """The run directory that `path` (a folder of a run: its checkpoints or its report) lies in, if any."""
-    # The deepest folders of a run are checkpoints/<which>/<step>/<item>; looking no higher keeps a
-    # stray config.json far above (a home folder's) from being named. The parents are those of the
-    # absolute path because "." and ".." have none of their own; abspath folds ".." by name.
-    return next(filter(_is_run, Path(os.path.abspath(path)).parents[:4]), None)
-
-
-def check_run_dir(run_dir: str | os.PathLike) -> Path:
-    """`run_dir` as a Path if it is a run directory (it has a config.json); else ConfigError, naming
-    the newest run inside it when the user passed the workdir that holds the runs, or the run around
-    it when the user passed a folder inside one (its checkpoints or its report)."""
-    run_dir = Path(run_dir)
-    if _is_run(run_dir):
-        return run_dir
-    if not run_dir.exists():  # most often a mistyped path: "no config.json" would send the user looking for one
-        raise ConfigError(f"The run directory {str(run_dir)!r} does not exist.")
-    hint = ""
-    if (around := _run_around(run_dir)) is not None:
-        hint = f"; it lies inside the run directory {str(around)!r}, so pass that"
-    elif run_dir.is_dir():
-        with contextlib.suppress(FileNotFoundError):
-            hint = f"; it holds run directories, so pass one, such as the newest {str(latest_run_dir(run_dir))!r}"
-    raise ConfigError(f"{str(run_dir)!r} is not a jaxcam run directory (no config.json){hint}.")
-
-
-def config_record(config: ml_collections.ConfigDict) -> dict:
-    """What a run's config.json holds: the config, with the data paths made absolute so that
-    explain.py and --resume find the data from any working directory."""
-    saved = json.loads(config.to_json_best_effort())
-    for key in DATA_KEYS:
-        # From the config, not its JSON: a pathlib.Path there is "unserializable object: <path>".
-        if config.get(key) is not None:
-            saved[key] = str(Path(config[key]).expanduser().absolute())
-    return saved
-
-
-def check_trained_classes(run_dir: str | os.PathLike, meta: dict, dataset: data_lib.Cifar10, data: str,
-                          remedy: str) -> None:
-    """DataError unless `dataset` has the classes that a checkpoint's `meta` records as trained on
-    (checkpoints written before they were recorded pass); `data` names the dataset, `remedy` the fix."""
-    trained_on = meta.get("class_names")
-    if trained_on is not None and list(trained_on) != list(dataset.class_names):
-        raise data_lib.DataError(f"{str(run_dir)!r} was trained on the classes {', '.join(trained_on)}, but {data} "
-                                 f"has {', '.join(dataset.class_names)}; {remedy}.")
-
-
-def recorded_normalization(run_dir: str | os.PathLike, which: str,
-                           meta: dict) -> tuple[tuple[str, ...], list, list] | None:
-    """The class names, channel means and stds that training recorded in the meta of the `which`
-    checkpoint of `run_dir`, checked (CheckpointError if malformed); None for a checkpoint
-    written before they were recorded."""
-    if not {"class_names", "mean", "std"} <= meta.keys():
-        return None
-    names, mean, std = meta["class_names"], meta["mean"], meta["std"]
-
-    def three_numbers(values) -> bool:
-        return isinstance(values, list) and len(values) == 3 and all(map(is_number, values))
-
-    # JSON gives lists, never tuples, so the shared check's list-or-tuple is the list this meta needs.
-    if not (class_names_problem(names) is None and len(names) >= 2
-            and three_numbers(mean) and three_numbers(std) and min(std) > 0):
-        raise CheckpointError(f"The classes and normalization recorded in the {which} checkpoint in {str(run_dir)!r} "
-                              "are malformed (expected class names, 3 channel means and 3 positive standard "
-                              "deviations); it was edited or damaged.")
-    return tuple(names), mean, std
-
-
-def check_trained_split(run_dir: str | os.PathLike, meta: dict, dataset: data_lib.Cifar10) -> None:
-    """DataError unless `dataset`'s training split has the channel mean and std that the latest
-    checkpoint's `meta` records (checkpoints written before they were recorded pass). They are
-    exact sums of integers, so the same images in any order (tensorflow-datasets' or the official
-    archive's) give them bitwise; other images, resumed on, would change the normalization and the
-    steps per epoch, so the one-cycle schedule, half-way through a run."""
-    recorded = recorded_normalization(run_dir, "latest", meta)
-    if recorded is None:
-        return
-    _, mean, std = recorded
-    if [float(v) for v in (*mean, *std)] != [float(v) for v in (*dataset.mean, *dataset.std)]:
-        raise data_lib.DataError(
-            f"{str(run_dir)!r} was trained on other training images than those of the data given (the channel mean "
-            "and std recorded in its checkpoint differ from theirs); resume it on its own data.")
-
-
-def record_data_location(config: ml_collections.ConfigDict, run_dir: str | os.PathLike) -> None:
-    """Write where `config` finds the data (DATA_KEYS) into the run's config.json if it moved, so
-    that explain.py and a later resume find it there too; the rest of the file stays as it is."""
-    path = Path(run_dir) / "config.json"
-    if not path.exists():
-        return
-    saved, given = json.loads(path.read_text()), config_record(config)
-    moved = {key: given.get(key) for key in DATA_KEYS if saved.get(key) != given.get(key)}
-    if moved:
-        write_json(path, {**saved, **moved})
-
-
-# What may differ from a run's config.json when it is resumed: where the data lies, and settings
-# that do not change what is trained.
-RESUME_FREE_KEYS = (*DATA_KEYS, "name", "lr_finder", "prefetch", "tensorboard", "print_summary")
-
-
-def check_resume_config(config: ml_collections.ConfigDict, run_dir: str | os.PathLike) -> None:
-    """ConfigError unless `config` trains as `run_dir/config.json` does (RESUME_FREE_KEYS aside):
-    resumed with other settings (more epochs, say), the run would silently be neither the one
-    config.json records nor an uninterrupted run of the new settings."""
-    path = Path(run_dir) / "config.json"
-    if not path.exists():
-        return
-    saved, given = config_record(config_from_json(path)), config_record(config)
-    differing = [key for key in sorted(saved.keys() | given.keys())
-                 if key not in RESUME_FREE_KEYS and saved.get(key) != given.get(key)]
-    if differing:
-        detail = ", ".join(f"{key} ({saved.get(key)!r} there, {given.get(key)!r} here)" for key in differing)
-        raise ConfigError(f"The config differs from the run's {str(path)!r} in {detail}; a resumed run keeps its "
-                          "own settings, so resume with configuration.config_from_json of that file.")
-
-
-HISTORY_KEYS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc")
-
-
-def read_history(run_dir: str | os.PathLike) -> list[dict]:
-    """The per-epoch records of `run_dir/history.json` ([] if there is none yet); ConfigError
-    naming the file if it is not valid JSON or not a list of records with HISTORY_KEYS."""
-    path = Path(run_dir) / "history.json"
-    if not path.exists():
-        return []
-    try:
-        history = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{str(path)!r} is not valid JSON ({e}).") from None
-    if not isinstance(history, list):
-        raise ConfigError(f"{str(path)!r} must hold a list of per-epoch records, got {kind_of(history)}.")
-    problem = history_problem(history, HISTORY_KEYS)
-    if problem:
-        raise ConfigError(f"{str(path)!r} is not a jaxcam history: {problem}.")
-    return history
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -596,11 +350,22 @@ _FLAG_KEYS = ("nesterov", "three_phase", "cycle_momentum", "augment", "flip", "t
 _NAME_KEYS = ("model", "optimizer", "dtype", "schedule", "anneal_strategy")
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Raise ValueError with one clear sentence for missing or unknown keys, and for names and
-    numbers that cannot work."""
+def validate_config(config: ml_collections.ConfigDict, find_lr: bool = False) -> None:
+    """ConfigError with one clear sentence for missing or unknown keys, and for names and numbers
+    that cannot work; with `find_lr`, also for `config.lr_finder`'s settings."""
+    try:
+        _check_config(config)
+        if find_lr:
+            from jaxcam import lr_finder  # it builds on this module
+
+            lr_finder.validate_settings(config.get("lr_finder"))
+    except ValueError as e:  # the shared predicates' errors, worded for the config
+        raise ConfigError(str(e)) from None
+
+
+def _check_config(config: ml_collections.ConfigDict) -> None:
     check_keys(config, CONFIG_KEYS, "The config", optional=("lr_finder",))
-    check_run_name(config.name, "config.name")
+    rundir.check_run_name(config.name, "config.name")
     for key in _NAME_KEYS:
         if not isinstance(config[key], str):
             raise ValueError(f"config.{key} must be a name (a string), got {config[key]!r}.")
@@ -638,20 +403,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{key} must be a positive number, got {config[key]!r}.")
 
 
-def check_batch_sizes(config: ml_collections.ConfigDict, dataset: data_lib.Cifar10,
-                      num_devices: int | None = None) -> None:
-    """ValueError unless both batch sizes split evenly over the `num_devices` (default: all local
-    devices) and a training batch fits in the training split; the CLI checks this before it
-    makes a run directory."""
-    num_devices = num_devices if num_devices is not None else len(jax.local_devices())
+def check_batch_sizes(config: ml_collections.ConfigDict, dataset: data_lib.Cifar10, num_devices: int) -> None:
+    """ConfigError unless both batch sizes split evenly over `num_devices` and a training batch
+    fits in the training split."""
     for key in ("batch_size", "eval_batch_size"):
         if config[key] % num_devices:
-            raise ValueError(f"config.{key} {config[key]} must be a multiple of the {num_devices} devices, "
-                             "which share each batch.")
+            raise ConfigError(f"config.{key} {config[key]} must be a multiple of the {num_devices} devices, "
+                              "which share each batch.")
     if len(dataset.train_images) < config.batch_size:
-        raise ValueError(
-            f"config.batch_size {config.batch_size} is larger than the {len(dataset.train_images)} training images."
-        )
+        raise ConfigError(
+            f"config.batch_size {config.batch_size} is larger than the {len(dataset.train_images)} training images.")
 
 
 def make_augment(config: ml_collections.ConfigDict, dataset: data_lib.Cifar10) -> Callable | None:
@@ -673,179 +434,218 @@ def build(config: ml_collections.ConfigDict, num_classes: int) -> models.ResNet:
     return models.create_model(config.model, num_classes=num_classes, width=config.width, dtype=dtype)
 
 
-def train_and_evaluate(
-    config: ml_collections.ConfigDict,
-    run_dir: str | os.PathLike,
+def prepare_run(
+    config: ml_collections.ConfigDict | Mapping,
+    run_dir: str | os.PathLike | None = None,
     *,
+    workdir: str | os.PathLike | None = None,
     resume: bool = False,
+    find_lr: bool = False,
     dataset: data_lib.Cifar10 | None = None,
     devices: list | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[ml_collections.ConfigDict, data_lib.Cifar10, Mesh, Path]:
+    """Check a run before anything is written: the config, the data (`dataset`, else the config's),
+    the batch sizes on the mesh of `devices`; then make the run directory in `workdir` unless
+    `run_dir` is given. Returns (config, dataset, mesh, run_dir)."""
+    if not isinstance(config, ml_collections.ConfigDict):
+        config = ml_collections.ConfigDict(dict(config), type_safe=False)  # a plain dict, or a read config.json
+    if resume:
+        rundir.check_resume_config(config, run_dir)
+    elif run_dir is not None and any((Path(run_dir) / name).exists() for name in ("config.json", "history.json")):
+        raise ConfigError(f"{str(run_dir)!r} already holds a run; train in a new run directory "
+                          "(rundir.create_run_dir), or continue this one with resume=True.")
+    validate_config(config, find_lr)
+    if config.max_lr == "auto" and not find_lr:
+        raise ConfigError("config.max_lr is 'auto': run the LR range test first (train.py --find-lr, or "
+                          "find_lr=True in code).")
+    dataset = dataset if dataset is not None else load_dataset(config)
+    mesh = make_mesh(devices)
+    check_batch_sizes(config, dataset, mesh.devices.size)
+    if run_dir is None:
+        run_dir = rundir.create_run_dir(workdir, config.name)
+        log(f"Run directory: {run_dir}")
+    return config, dataset, mesh, Path(run_dir)
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict | Mapping,
+    run_dir: str | os.PathLike | None = None,
+    *,
+    workdir: str | os.PathLike | None = None,
+    resume: bool = False,
+    find_lr: bool = False,
+    dataset: data_lib.Cifar10 | None = None,
+    devices: list | None = None,
+    on_run_dir: Callable[[Path], None] | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
-    """Train `config` in `run_dir` (config.json, history.json, checkpoints/), evaluating each epoch.
+    """Train `config` in `run_dir` (or a new run directory in `workdir`), evaluating each epoch;
+    writes config.json, history.json, checkpoints/ and tensorboard/ there.
 
     With `resume`, continue from the latest checkpoint in `run_dir`; the result equals an
-    uninterrupted run with the same seed, and `config` must train as the run's config.json
-    does (`check_resume_config`). Without it, a `run_dir` that already holds a run is refused
-    (ConfigError) and left as it is. Raises TrainingDiverged if the loss turns NaN (the
-    last good checkpoint and history stay as they were).
+    uninterrupted run with the same seed, and `config` must train as the run's config.json does.
+    With `find_lr`, run the LR range test first, and train with its suggestion where
+    `config.max_lr` is "auto". Raises TrainingDiverged if the loss turns NaN (the last good
+    checkpoint and history stay as they were). `on_run_dir` is called with the run directory
+    once it is known.
     """
-    if not isinstance(config, ml_collections.ConfigDict):
-        if not isinstance(config, Mapping):
-            raise ValueError(f"config must be an ml_collections.ConfigDict (as configs/default.py's get_config() "
-                             f"returns) or a dict of its keys, got {kind_of(config)}.")
-        # A plain dict (get_config().to_dict(), a config.json read with json) had failed at config.name.
-        config = ml_collections.ConfigDict(config, type_safe=False)
-    check_flag(resume, "resume")  # "no" would have resumed
-    run_dir = Path(run_dir)
-    if not resume and any((run_dir / name).exists() for name in ("config.json", "history.json")):
-        # A notebook cell run twice: the second run would overwrite config.json, train, and then
-        # fail at its first save on the checkpoint already there.
-        raise ConfigError(f"{str(run_dir)!r} already holds a run; train in a new run directory "
-                          "(train.create_run_dir), or continue this one with resume=True.")
-    if resume:
-        check_resume_config(config, run_dir)
-    validate_config(config)
-    _resolved_max_lr(config)  # before any data is read
-    dataset = dataset if dataset is not None else load_dataset(config)
-    mesh = make_mesh(devices)
-    num_devices = mesh.devices.size
-    check_batch_sizes(config, dataset, num_devices)
-    mean, std = dataset.mean, dataset.std
+    config, dataset, mesh, run_dir = prepare_run(config, run_dir, workdir=workdir, resume=resume, find_lr=find_lr,
+                                                 dataset=dataset, devices=devices, log=log)
+    if on_run_dir is not None:
+        on_run_dir(run_dir)
+    if find_lr:
+        _resolve_max_lr(config, dataset, run_dir, log)
     model = build(config, dataset.num_classes)
     steps_per_epoch = len(dataset.train_images) // config.batch_size
-    total_steps = config.epochs * steps_per_epoch
-    tx, lr_schedule = create_optimizer(config, total_steps)
+    tx, lr_schedule = create_optimizer(config, config.epochs * steps_per_epoch)
     state = create_train_state(model, jax.random.key(config.seed), tx)
-
     checkpointer = Checkpointer(run_dir)
-    history: list[dict] = []
-    start_epoch = 1
-    history_path = run_dir / "history.json"
-    if resume and checkpointer.latest_epoch() is None and not history_path.exists():
-        # Stopped during the first epoch: starting over is what an uninterrupted run does.
-        record_data_location(config, run_dir)
-        log(f"{run_dir} stopped before its first epoch ended, so it starts again from epoch 1.")
-    elif resume:
-        state, meta = checkpointer.restore(state, "latest")
-        try:  # with as many classes, training would go on silently with other labels, or other images
-            check_trained_classes(run_dir, meta, dataset, "the data given", "resume it on its own data")
-            check_trained_split(run_dir, meta, dataset)
-        except data_lib.DataError:
-            checkpointer.close()
-            raise
-        record_data_location(config, run_dir)  # only now: data refused above leaves config.json as it was
-        start_epoch = int(meta["epoch"]) + 1
-        history = [r for r in read_history(run_dir) if r["epoch"] < start_epoch]
-        if start_epoch > config.epochs:
-            # Return before building steps or opening a TensorBoard writer: a finished run stays untouched.
+    try:
+        state, history = _begin_or_restore(config, run_dir, resume, checkpointer, state, model, dataset, log)
+        if len(history) >= config.epochs:
             log(f"{run_dir} already finished its {config.epochs} epoch{'s' if config.epochs != 1 else ''}; "
                 "there is nothing to resume.")
-            checkpointer.close()
-            return TrainResult(state=state, history=history, run_dir=run_dir,
-                               test_logits=np.zeros((0, dataset.num_classes), np.float32))
-        log(f"Resuming {run_dir} after epoch {start_epoch - 1}.")
+            return TrainResult(state, history, run_dir, np.zeros((0, dataset.num_classes), np.float32))
+        loop = _EpochLoop(config, dataset, mesh, model, lr_schedule, steps_per_epoch, progress)
+        state = replicate(state, mesh)
+        writer = _summary_writer(run_dir, config)
+        try:
+            for epoch in range(len(history) + 1, config.epochs + 1):
+                state, record, test = loop.run_epoch(state, epoch)
+                history.append(record)
+                log(f"Test set: Average loss: {test['loss']:.4f}, "
+                    f"Accuracy: {test['correct']}/{test['total']} ({100 * test['accuracy']:.2f}%)")
+                is_best = test["accuracy"] > max((r["test_acc"] for r in history[:-1]), default=-1.0)
+                with interrupts_deferred():  # an epoch's checkpoint and its history record, both or neither
+                    checkpointer.save(epoch, state, _checkpoint_meta(test, model, dataset), is_best)
+                    write_json(run_dir / "history.json", history)
+                _log_scalars(writer, record)
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, record)
+            if writer is not None:
+                _log_cam_gallery(writer, model, state, dataset, config.epochs)
+        finally:
+            if writer is not None:
+                writer.close()
+    finally:
+        checkpointer.close()
+    _log_per_class_accuracy(loop.test_logits, dataset, log)
+    return TrainResult(state, history, run_dir, loop.test_logits)
+
+
+def _resolve_max_lr(config: ml_collections.ConfigDict, dataset: data_lib.Cifar10, run_dir: Path, log) -> None:
+    """Run the LR range test into `run_dir`; where `config.max_lr` is "auto", set it to the suggestion."""
+    from jaxcam import lr_finder  # it builds on this module
+
+    suggestion = lr_finder.run_for_config(config, dataset, run_dir)
+    if config.max_lr != "auto":
+        log(f"Training with the config's max_lr {config.max_lr:.3g}; --config.max_lr=auto would train with the "
+            "suggestion.")
+    elif suggestion is None:
+        raise TrainingDiverged("The LR range test gave no suggestion, so max_lr=auto cannot be resolved.")
     else:
-        write_json(run_dir / "config.json", config_record(config))
-        log(models.summary(model) if config.get("print_summary", True) else f"{config.model} width {config.width}")
+        config.max_lr = float(suggestion)
+        log(f"Training with the suggested max_lr {suggestion:.3g}.")
+
+
+def _begin_or_restore(config, run_dir: Path, resume: bool, checkpointer: Checkpointer, state: TrainState,
+                      model: models.ResNet, dataset: data_lib.Cifar10, log) -> tuple[TrainState, list[dict]]:
+    """A new run writes its config.json; a resumed one restores its latest checkpoint, checked
+    against the data given, and the history up to it. Returns (state, history)."""
+    if not resume:
+        write_json(run_dir / "config.json", rundir.config_record(config))
+        log(models.summary(model) if config.print_summary else f"{config.model} width {config.width}")
         device = jax.devices()[0]  # its kind says why "auto" chose what it did (a T4: float32)
         on = jax.default_backend() + (f", {device.device_kind}" if device.platform != "cpu" else "")
         log(f"Compute dtype: {jnp.dtype(model.dtype).name} (config.dtype={config.dtype!r}, {on}).")
-    best_acc = max((r["test_acc"] for r in history), default=-1.0)
+        return state, []
+    if checkpointer.latest_epoch() is None and not (run_dir / "history.json").exists():
+        rundir.record_data_location(config, run_dir)
+        log(f"{run_dir} stopped before its first epoch ended, so it starts again from epoch 1.")
+        return state, []
+    state, meta = checkpointer.restore(state, "latest")
+    rundir.check_trained_classes(run_dir, meta, dataset, "the data given", "resume it on its own data")
+    rundir.check_trained_split(run_dir, meta, dataset)
+    rundir.record_data_location(config, run_dir)  # only now: data refused above leaves config.json as it was
+    history = [r for r in rundir.read_history(run_dir) if r["epoch"] <= meta["epoch"]]
+    if len(history) < config.epochs:
+        log(f"Resuming {run_dir} after epoch {meta['epoch']}.")
+    return state, history
 
-    train_step = make_train_step(model, mesh, mean, std, config.label_smoothing)
-    predict_fn = make_predict_fn(model, mesh, mean, std)
-    state = replicate(state, mesh)
 
-    augment = make_augment(config, dataset)
+class _EpochLoop:
+    """One epoch of training and evaluation, with what stays the same from epoch to epoch."""
 
-    writer = _summary_writer(run_dir, config)
-    test_logits = np.zeros((0, dataset.num_classes), np.float32)
-    # Divergence is nearly always a learning rate too high for the model and batch.
-    cause = f" (max_lr {config.max_lr:g} may be too high; train.py --find-lr suggests one)"
-    try:
-        for epoch in range(start_epoch, config.epochs + 1):
-            started = time.perf_counter()
-            batches = data_lib.prefetch(
-                data_lib.train_batches(
-                    dataset.train_images, dataset.train_labels, config.batch_size,
-                    seed=config.seed, epoch=epoch, augment=augment,
-                ),
-                transfer=lambda b: shard_batch((b.images, b.labels), mesh),
-                size=config.prefetch,
-            )
-            kept = f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else None
-            try:
-                state, train_metrics = train_epoch(train_step, state, batches, steps_per_epoch,
-                                                   f"Epoch {epoch}/{config.epochs}", progress)
-            except TrainingDiverged as diverged:
-                kept = kept or "no epoch had finished, so there is no checkpoint to keep"
-                raise TrainingDiverged(f"{diverged}; training stopped, and {kept}{cause}.") from None
-            train_time = time.perf_counter() - started
+    def __init__(self, config, dataset: data_lib.Cifar10, mesh: Mesh, model: models.ResNet,
+                 lr_schedule: optax.Schedule, steps_per_epoch: int, progress: bool):
+        self.config, self.dataset, self.mesh, self.progress = config, dataset, mesh, progress
+        self.lr_schedule, self.steps_per_epoch = lr_schedule, steps_per_epoch
+        self.train_step = make_train_step(model, mesh, dataset.mean, dataset.std, config.label_smoothing)
+        self.predict_fn = make_predict_fn(model, mesh, dataset.mean, dataset.std)
+        self.augment = make_augment(config, dataset)
+        self.test_logits = np.zeros((0, dataset.num_classes), np.float32)
+        # Divergence is nearly always a learning rate too high for the model and batch.
+        self.cause = f" (max_lr {config.max_lr:g} may be too high; train.py --find-lr suggests one)"
 
-            variables = {"params": state.params, "batch_stats": state.batch_stats}
-            test_logits = predict(predict_fn, variables, dataset.test_images, config.eval_batch_size, mesh)
-            if not np.isfinite(test_logits).all():
-                # The losses are read before each update, so an update that blows the parameters up
-                # in an epoch's last step passes the loss check; the test images catch it before
-                # the blown-up parameters could be saved (their NaN accuracy counted class 0).
-                raise TrainingDiverged(
-                    f"The model's outputs on the test images became NaN or infinite after epoch "
-                    f"{epoch}/{config.epochs}, so its checkpoint was not saved; training stopped, and "
-                    f"{kept or 'there is no checkpoint to keep'}{cause}.")
-            test = evaluate(test_logits, dataset.test_labels)
-            record = {
-                "epoch": epoch,
-                "lr": float(lr_schedule(epoch * steps_per_epoch - 1)),
-                "train_loss": train_metrics["loss"],
-                "train_acc": train_metrics["accuracy"],
-                "test_loss": test["loss"],
-                "test_acc": test["accuracy"],
-                "epoch_time": train_time,
-                "data_wait": train_metrics["data_wait"],
-            }
-            history.append(record)
-            log(
-                f"Test set: Average loss: {test['loss']:.4f}, "
-                f"Accuracy: {test['correct']}/{test['total']} ({100 * test['accuracy']:.2f}%)"
-            )
-            is_best = test["accuracy"] > best_acc
-            best_acc = max(best_acc, test["accuracy"])
-            # The compute dtype lets a report say when its float32 figures differ from these; the class
-            # names let explain check that the data it loads is what the run was trained on; with the
-            # normalization, a copy of the run classifies new images without the dataset at hand.
-            with interrupts_deferred():
-                checkpointer.save(epoch, state, {"test_acc": float(test["accuracy"]), "test_loss": float(test["loss"]),
-                                                 "compute_dtype": jnp.dtype(model.dtype).name,
-                                                 "class_names": list(dataset.class_names),
-                                                 "mean": [float(v) for v in dataset.mean],
-                                                 "std": [float(v) for v in dataset.std]}, is_best)
-                write_json(run_dir / "history.json", history)
-            if writer is not None:
-                for key, value in record.items():
-                    if key != "epoch":
-                        writer.add_scalar(key, value, epoch)
-                writer.flush()
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, record)
-        if writer is not None and len(test_logits):
-            _log_cam_gallery(writer, model, state, dataset, config.epochs)
-    finally:
-        checkpointer.wait()
-        checkpointer.close()
-        if writer is not None:
-            writer.close()
+    def run_epoch(self, state: TrainState, epoch: int) -> tuple[TrainState, dict, dict]:
+        """Train epoch `epoch` and evaluate on the test split; returns (state, history record, test metrics)."""
+        config, dataset = self.config, self.dataset
+        started = time.perf_counter()
+        batches = data_lib.prefetch(
+            data_lib.train_batches(dataset.train_images, dataset.train_labels, config.batch_size,
+                                   seed=config.seed, epoch=epoch, augment=self.augment),
+            transfer=lambda b: shard_batch((b.images, b.labels), self.mesh), size=config.prefetch)
+        kept = (f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1
+                else "no epoch had finished, so there is no checkpoint to keep")
+        try:
+            state, metrics = train_epoch(self.train_step, state, batches, self.steps_per_epoch,
+                                         f"Epoch {epoch}/{config.epochs}", self.progress)
+        except TrainingDiverged as diverged:
+            raise TrainingDiverged(f"{diverged}; training stopped, and {kept}{self.cause}.") from None
+        train_time = time.perf_counter() - started
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        logits = predict(self.predict_fn, variables, dataset.test_images, config.eval_batch_size, self.mesh)
+        if not np.isfinite(logits).all():
+            # An update that blows the parameters up in an epoch's last step passes the loss check.
+            raise TrainingDiverged(
+                f"The model's outputs on the test images became NaN or infinite after epoch {epoch}/{config.epochs}, "
+                f"so its checkpoint was not saved; training stopped, and {kept}{self.cause}.")
+        self.test_logits = logits
+        test = evaluate(logits, dataset.test_labels)
+        record = {"epoch": epoch, "lr": float(self.lr_schedule(epoch * self.steps_per_epoch - 1)),
+                  "train_loss": metrics["loss"], "train_acc": metrics["accuracy"], "test_loss": test["loss"],
+                  "test_acc": test["accuracy"], "epoch_time": train_time, "data_wait": metrics["data_wait"]}
+        return state, record, test
 
-    if len(test_logits):
-        predictions = test_logits.argmax(-1)
-        accuracies = per_class_accuracy(predictions, dataset.test_labels, dataset.num_classes)
-        log("Per-class test accuracy:")
-        for name, acc in zip(dataset.class_names, accuracies):
-            # A class without test images has no accuracy; "nan%" had been printed for it.
-            log(f"  {name:<12} {100 * acc:6.2f}%" if np.isfinite(acc) else f"  {name:<12} no test images")
-    return TrainResult(state=state, history=history, run_dir=run_dir, test_logits=test_logits)
+
+def _checkpoint_meta(test: dict, model: models.ResNet, dataset: data_lib.Cifar10) -> dict:
+    """What a checkpoint records beside the state: its test metrics, the compute dtype (a report
+    says when its float32 figures differ), and the classes and normalization, with which a copy of
+    the run classifies new images without the dataset."""
+    return {"test_acc": float(test["accuracy"]), "test_loss": float(test["loss"]),
+            "compute_dtype": jnp.dtype(model.dtype).name, "class_names": list(dataset.class_names),
+            "mean": [float(v) for v in dataset.mean], "std": [float(v) for v in dataset.std]}
+
+
+def _log_per_class_accuracy(test_logits: np.ndarray, dataset: data_lib.Cifar10, log) -> None:
+    """Print the last epoch's test accuracy per class (nothing when no epoch ran)."""
+    if not len(test_logits):
+        return
+    accuracies = per_class_accuracy(test_logits.argmax(-1), dataset.test_labels, dataset.num_classes)
+    log("Per-class test accuracy:")
+    for name, acc in zip(dataset.class_names, accuracies):
+        log(f"  {name:<12} {100 * acc:6.2f}%" if np.isfinite(acc) else f"  {name:<12} no test images")
+
+
+def _log_scalars(writer, record: dict) -> None:
+    if writer is not None:
+        for key, value in record.items():
+            if key != "epoch":
+                writer.add_scalar(key, value, record["epoch"])
+        writer.flush()
 
 
 def _log_cam_gallery(writer, model: models.ResNet, state: TrainState, dataset: data_lib.Cifar10, step: int) -> None:
@@ -862,10 +662,8 @@ def _log_cam_gallery(writer, model: models.ResNet, state: TrainState, dataset: d
 
 def _summary_writer(run_dir: Path, config: ml_collections.ConfigDict):
     """A TensorBoard writer (tensorboardX, no TensorFlow needed) in `run_dir/tensorboard`, if enabled."""
-    if not config.get("tensorboard", True):
+    if not config.tensorboard:
         return None
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:
-        return None
+    from tensorboardX import SummaryWriter
+
     return SummaryWriter(str(run_dir / "tensorboard"))

@@ -265,8 +265,7 @@ def test_bad_images(setup):
         cam.compute(model, variables, images[0])
     with pytest.raises(ValueError, match=r"No images to explain \(the batch is empty\)."):
         cam.compute(model, variables, images[:0])
-    with pytest.raises(ValueError, match=r"got \(6, 3, 32, 32\) \(PyTorch's NCHW order\? transpose with "
-                                         r"images.transpose\(0, 2, 3, 1\)\)."):
+    with pytest.raises(ValueError, match=r"shape \(N, H, W, 3\) NHWC, got \(6, 3, 32, 32\)."):
         cam.compute(model, variables, images.transpose(0, 3, 1, 2))
     corrupt = np.array(images)
     corrupt[2, 5, 7, 1] = np.nan
@@ -278,7 +277,6 @@ def test_bad_images(setup):
 
 
 def test_variables_that_do_not_fit_the_model(setup):
-    # They had been a bare KeyError ('batch_stats') or a Flax scope error from deep inside the model.
     model, variables, images = setup
     with pytest.raises(ValueError, match=r"must be a mapping with 'params' and 'batch_stats' .*; got \['params'\]."):
         cam.compute(model, {"params": variables["params"]}, images)
@@ -299,7 +297,6 @@ def test_variables_with_nan_are_refused_not_explained(setup):
 
 
 def test_a_module_that_sows_no_stages_is_refused(setup):
-    # Any module with num_classes is taken; one without the stage outputs had been a KeyError ('intermediates').
     import flax.linen as nn
 
     class Linear(nn.Module):
@@ -373,9 +370,6 @@ _ACTIVATIONS = jnp.ones((2, 8, 8, 16))
 
 @pytest.mark.parametrize("function", [cam.gradcam, cam.gradcam_plus_plus, cam.hirescam, cam.xgradcam, cam.layercam])
 def test_a_method_refuses_gradients_that_do_not_match_its_activations(function):
-    # Gradients of another size had been averaged into a map for gradcam and gradcam++ without a
-    # word; the others failed in einsum's or broadcasting's words, or took one image's (h, w, C)
-    # as a batch.
     name = function.__name__
     with pytest.raises(ValueError, match=rf"^{name} takes activations and gradients of one shape \(N, h, w, C\), "
                                          rf"got \(2, 8, 8, 16\) and \(2, 4, 8, 16\).$"):

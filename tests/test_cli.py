@@ -1,12 +1,12 @@
 import gc
 import signal
-import sys
 import time
 
 import jax
 import pytest
 
 from jaxcam import cli
+from jaxcam.errors import ConfigError
 
 
 @pytest.fixture
@@ -42,13 +42,6 @@ def test_an_unwritable_cache_home_leaves_the_cache_off(cache_setting, monkeypatc
     assert jax.config.jax_compilation_cache_dir is None
 
 
-def run_python_for(seconds: float) -> None:
-    """Run Python bytecode for `seconds`, where a stop raised again would land (not a sleep in C)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        pass
-
-
 def test_the_advice_after_ctrl_c_fits_how_far_train_py_got(tmp_path):
     # Stopped while the data loaded or the LR range test ran, no run can be resumed: it had said
     # "--resume continues from the last epoch that ended" all the same.
@@ -70,92 +63,46 @@ def test_the_advice_after_ctrl_c_fits_how_far_train_py_got(tmp_path):
                                                "explain.py reports on it.")
 
 
-def test_an_interrupt_dropped_in_a_gc_callback_is_raised_again(capsys):
-    # JAX runs a callback at every garbage collection; a KeyboardInterrupt raised inside one is
-    # printed as "Exception ignored in: <function _xla_gc_callback ...>" and dropped, and explain.py
-    # then ran on to the end after a SIGTERM.
-    def interrupted_during_collection(phase, info):
-        raise KeyboardInterrupt
+def test_only_jaxcams_own_errors_and_stops_become_one_sentence(capsys):
+    def raising(error):
+        def command():
+            raise error
+        return command
 
-    handler, hook = signal.getsignal(signal.SIGTERM), sys.unraisablehook
-    reached = []
-    gc.callbacks.append(interrupted_during_collection)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            with cli.stop_signals_as_keyboard_interrupt():
-                gc.collect()
-                gc.callbacks.remove(interrupted_during_collection)
-                reached.append("after the collection")
-                run_python_for(10)  # the interrupt is raised again between bytecodes
-                reached.append("ran on")
-    finally:
-        if interrupted_during_collection in gc.callbacks:
-            gc.callbacks.remove(interrupted_during_collection)
-    assert reached == ["after the collection"]
-    assert capsys.readouterr().err == ""  # nothing of the dropped one is printed
-    assert (signal.getsignal(signal.SIGTERM), sys.unraisablehook) == (handler, hook)  # restored
+    assert cli._run(raising(ConfigError("A bad value.")), lambda: "interrupted.") == 1
+    assert cli._run(raising(KeyboardInterrupt()), lambda: "interrupted.") == 1
+    assert capsys.readouterr().err == "error: A bad value.\nerror: interrupted.\n"
+    with pytest.raises(TypeError):  # a bug keeps its traceback
+        cli._run(raising(TypeError("a bug")), lambda: "interrupted.")
+    with pytest.raises(OSError):
+        cli._run(raising(OSError("not ours")), lambda: "interrupted.")
 
 
-def test_a_stop_that_c_code_swallows_is_raised_again():
-    # C code can run a stop's handler and then clear the error it raised: JAX's MLIR bindings,
-    # imported at the first compilation, did so, and train.py stopped at that moment ran on to
-    # the end (2 of 100 tries of the LR range test's SIGTERM test, and once in CI).
-    def clears_the_error():  # what such C code does
-        try:
+def test_sigterm_stops_as_ctrl_c_inside_the_block_only():
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with cli.sigterm_as_ctrl_c():
             signal.raise_signal(signal.SIGTERM)
-        except KeyboardInterrupt:
-            pass
+    assert signal.getsignal(signal.SIGTERM) == handler
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drop itself
+def test_a_stop_that_python_drops_in_a_gc_callback_is_raised_again():
+    # JAX runs a gc callback on every collection, and Python drops what one raises.
+    def stopped_during_collection(phase, info):
+        if phase == "start":
+            gc.callbacks.remove(stopped_during_collection)
+            signal.raise_signal(signal.SIGTERM)
 
     reached = []
     with pytest.raises(KeyboardInterrupt):
-        with cli.stop_signals_as_keyboard_interrupt():
-            clears_the_error()
-            reached.append("after the stop")
-            run_python_for(10)
+        with cli.sigterm_as_ctrl_c():
+            gc.callbacks.append(stopped_during_collection)
+            gc.collect()
+            reached.append("after the collection")
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # Python bytecode, where the repeated stop lands
+                pass
             reached.append("ran on")
-    assert reached == ["after the stop"]
-
-
-def test_a_stop_is_raised_once_while_it_is_handled_and_not_after_it_is_reported(capsys):
-    # Raised again during the cleanup it started (a checkpoint being written), or while its
-    # sentence is printed, a stop would break both.
-    reached = []
-    with pytest.raises(KeyboardInterrupt):
-        with cli.stop_signals_as_keyboard_interrupt():
-            try:
-                signal.raise_signal(signal.SIGTERM)
-            finally:
-                run_python_for(1)
-                reached.append("cleaned up")
-    assert reached == ["cleaned up"]
-    with cli.stop_signals_as_keyboard_interrupt():
-        try:
-            signal.raise_signal(signal.SIGTERM)
-        except KeyboardInterrupt as e:
-            assert cli._ended_by(e, "interrupted.") == 1
-        signal.raise_signal(signal.SIGTERM)  # a second Ctrl-C while the process ends
-        run_python_for(1)
-        reached.append("ended as reported")
-    assert reached == ["cleaned up", "ended as reported"]
-    assert capsys.readouterr().err == "error: interrupted.\n"
-
-
-def test_an_error_after_a_stop_ends_as_the_stop(python_sigint_handler, capsys):
-    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        with cli.stop_signals_as_keyboard_interrupt():
-            assert cli._ended_by(ValueError("A bad value."), "interrupted.") == 1
-            with pytest.raises(TypeError):  # an unexpected error is not hidden
-                cli._ended_by(TypeError("a bug"), "interrupted.")
-            try:
-                try:
-                    signal.raise_signal(signum)
-                except KeyboardInterrupt:
-                    raise TypeError("caught and replaced")  # what C code that caught it may raise instead
-            except TypeError as e:
-                assert cli._ended_by(e, "interrupted.") == 1
-        assert capsys.readouterr().err == "error: A bad value.\nerror: interrupted.\n"
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
-    with cli.stop_signals_as_keyboard_interrupt():  # each run starts with no stop received
-        assert cli._ended_by(ValueError("Another."), "interrupted.") == 1
-    assert capsys.readouterr().err == "error: Another.\n"
+    assert reached == ["after the collection"]
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # no alarm left behind

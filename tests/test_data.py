@@ -64,8 +64,6 @@ def test_a_path_that_is_not_a_path():
 
 
 def test_an_empty_path_is_refused_before_anything_is_read(tmp_path, monkeypatch):
-    # "" had meant the working directory: data_dir looked for an official copy there, and
-    # tfds_data_dir had tensorflow-datasets make cifar10/ and downloads/ there and begin a download.
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match="^data_dir is an empty string; give a path, or None for tensorflow-datasets.$"):
         data_lib.load_cifar10("")
@@ -80,45 +78,18 @@ def test_empty_folder(tmp_path):
         data_lib.load_cifar10(tmp_path)
 
 
-@pytest.mark.parametrize("folder, files, hint", [
-    ("cifar-10-batches-bin", [*(f"data_batch_{i}.bin" for i in range(1, 6)), "test_batch.bin", "batches.meta.txt"],
-     "; these are CIFAR-10's binary (C) version, and jaxcam reads its Python version, cifar-10-python.tar.gz."),
-    ("cifar-100-python", ["train", "test", "meta"],
-     "; these look like CIFAR-100 (train, test, meta), which jaxcam does not read."),
-])
-def test_the_downloads_taken_for_this_one_are_named(tmp_path, folder, files, hint):
-    # Both are official downloads beside the Python version; before, neither error said what they were.
-    (tmp_path / folder).mkdir()
-    for name in files:
-        (tmp_path / folder / name).write_bytes(b"\x00" * 64)
-    archive = tmp_path / f"{folder}.tar.gz"
+def test_other_downloads_are_refused_as_not_cifar10(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    for name in ("train", "test", "meta"):
+        (folder / name).write_bytes(b"\x00" * 64)
+    archive = tmp_path / "cifar-100-python.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
-        tar.add(tmp_path / folder, arcname=folder)
-    with pytest.raises(DataError) as folder_error:
-        data_lib.load_cifar10(tmp_path / folder)
-    with pytest.raises(DataError) as parent_error:
-        data_lib.load_cifar10(tmp_path)  # the folder beside its archive: the archive is not cifar-10-python.tar.gz
-    with pytest.raises(DataError) as archive_error:
+        tar.add(folder, arcname=folder.name)
+    with pytest.raises(DataError, match=r"^No CIFAR-10 found in .*: expected cifar-10-python.tar.gz"):
+        data_lib.load_cifar10(folder)
+    with pytest.raises(DataError, match=r"has no member 'data_batch_1'\.$"):
         data_lib.load_cifar10(archive)
-    assert str(folder_error.value) == (f"No CIFAR-10 found in {str(tmp_path / folder)!r}: expected "
-                                       f"cifar-10-python.tar.gz, a cifar-10-batches-py/ folder, or the batch files "
-                                       f"themselves{hint}")
-    assert str(parent_error.value).endswith(hint)
-    assert str(archive_error.value) == f"CIFAR-10 archive {str(archive)!r} has no member 'data_batch_1'{hint}"
-
-
-@pytest.mark.parametrize("given", [".", "cifar10", "cifar10/3.0.2"])
-def test_a_tensorflow_datasets_folder_given_as_data_dir_is_named(tmp_path, given):
-    # A Colab user's ~/tensorflow_datasets (or a folder in it) given as data_dir: the error listed
-    # the official files without saying which setting takes this folder.
-    version = tmp_path / "cifar10" / "3.0.2"
-    version.mkdir(parents=True)
-    (version / "dataset_info.json").write_text("{}")
-    (version / "cifar10-train.array_record-00000-of-00001").write_bytes(b"\x00" * 64)
-    with pytest.raises(DataError, match=rf"^No CIFAR-10 found in .*; this is a tensorflow-datasets folder, so "
-                                        rf"{re.escape(repr(str(tmp_path)))} goes in tfds_data_dir \(train.py "
-                                        rf"--config.tfds_data_dir\), with data_dir unset\.$"):
-        data_lib.load_cifar10(tmp_path / given)
 
 
 def test_missing_batch_file(official_folder, tmp_path):
@@ -193,15 +164,13 @@ def test_corrupt_archive(tmp_path, official_archive):
         assert "\n" not in str(raised.value) and str(raised.value).endswith(").")
 
 
-def test_a_batch_file_or_a_zip_is_named_as_such(tmp_path, official_folder):
-    # Both were read as a tar archive and refused as "not a readable tar.gz file".
-    with pytest.raises(DataError, match="is one of its batch files; give the folder that holds them") as file:
+def test_a_batch_file_or_a_zip_is_refused_in_one_sentence(tmp_path, official_folder):
+    with pytest.raises(DataError, match="is not a readable tar.gz file"):
         data_lib.load_cifar10(official_folder / "data_batch_1")
-    assert str(file.value).endswith(f"{str(official_folder)!r}.")
     with zipfile.ZipFile(tmp_path / "cifar-10-python.zip", "w") as archive:
         for batch in official_folder.iterdir():
             archive.write(batch, f"cifar-10-batches-py/{batch.name}")
-    with pytest.raises(DataError, match="is a zip archive, which jaxcam does not read; extract it"):
+    with pytest.raises(DataError, match="is not a readable tar.gz file"):
         data_lib.load_cifar10(tmp_path / "cifar-10-python.zip")
 
 
@@ -224,10 +193,6 @@ def test_tfds_path_under_mock_data(capsys):
 @pytest.mark.parametrize("spelled", ["as it is", "from the home folder", "as its cifar10 folder",
                                      "as its version folder"])
 def test_a_copy_prepared_as_tfrecord_is_named_as_such(tmp_path, monkeypatch, spelled):
-    # tfds.load prepares TFRecord by default, so ~/tensorflow_datasets often holds CIFAR-10 in that
-    # format from an earlier project. Asking data_source for array_record there had failed with
-    # tfds' "File format is already set to FileFormat.TFRECORD" and the advice to prepare CIFAR-10,
-    # which was done.
     pytest.importorskip("tensorflow_datasets")
     version_dir = write_tfrecord_cifar10_metadata(tmp_path)
     written = sorted(p.name for p in version_dir.iterdir())
@@ -236,8 +201,6 @@ def test_a_copy_prepared_as_tfrecord_is_named_as_such(tmp_path, monkeypatch, spe
     # working directory, found nothing prepared there and began a download.
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    # A copy's cifar10/ or cifar10/<version>/ folder given for its data dir had been searched for a
-    # cifar10/ of its own, found none prepared, and CIFAR-10 downloaded into it.
     given = {"as it is": str(tmp_path), "from the home folder": "~", "as its cifar10 folder": "~/cifar10",
              "as its version folder": str(version_dir)}[spelled]
     with pytest.raises(DataError) as error:
@@ -301,7 +264,6 @@ def _arrays(n=4):
         (dict(test_images=np.zeros((0, 32, 32, 3), np.uint8), test_labels=np.arange(0)),
          "The test split has no images."),
         (dict(class_names=("cat",)), "A dataset needs at least two class names, got 1."),
-        # A single string had been read letter by letter: "ab" made two classes, "a" and "b".
         (dict(class_names="ab"), "The class names are not usable: give one name per class, such as ('cat', 'dog'), "
                                  "not the single string 'ab'."),
         (dict(class_names=("cat", "cat")), "The class names are not usable: each must be distinct, but 'cat' is given "
@@ -475,13 +437,8 @@ def test_augment_rejects_wrong_dtype():
         data_lib.augment_batch(np.zeros((2, 32, 32, 3), np.float32), np.random.default_rng(0))
 
 
-def test_augment_names_a_channels_first_batch():
-    # A PyTorch habit; it was refused as "fill must be 32 channel values", which points elsewhere.
-    with pytest.raises(ValueError, match=r"uint8 NHWC batch, got uint8 with shape \(2, 3, 32, 32\) \(PyTorch's NCHW "
-                                         r"order\? transpose with images.transpose\(0, 2, 3, 1\)\)"):
-        data_lib.augment_batch(np.zeros((2, 3, 32, 32), np.uint8), np.random.default_rng(0))
-    with pytest.raises(ValueError, match=r"got uint8 with shape \(32, 32, 3\) \(one image\? add the batch axis with "
-                                         r"image\[None\]\)\.$"):
+def test_augment_refuses_one_image_without_its_batch_axis():
+    with pytest.raises(ValueError, match=r"uint8 NHWC batch, got uint8 with shape \(32, 32, 3\)\.$"):
         data_lib.augment_batch(np.zeros((32, 32, 3), np.uint8), np.random.default_rng(0))
 
 
@@ -494,20 +451,11 @@ def test_augment_of_an_empty_batch_is_empty():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(rng=0), "takes a numpy.random.Generator"),
-        (dict(padding=-1), "padding must be a non-negative integer, got -1"),
-        (dict(padding=2.5), "padding must be a non-negative integer, got 2.5"),
-        (dict(cutout_size=-3), "cutout_size must be a non-negative integer, got -3"),
-        (dict(cutout_prob=2.0), r"cutout_prob must lie in \[0, 1\], got 2.0"),
-        (dict(cutout_prob=-0.1), r"cutout_prob must lie in \[0, 1\]"),
-        (dict(cutout_prob="0.5"), r"cutout_prob must lie in \[0, 1\], got '0.5'"),
-        # A non-empty string is truthy: "no" would have flipped.
-        (dict(flip="no"), "flip must be True or False, got 'no'."),
-        (dict(fill=(1, 2)), r"fill must be 3 channel values in 0..255, got \(1, 2\)"),
-        (dict(fill=(0, 0, 300)), "fill must be 3 channel values in 0..255"),
-        (dict(fill=(0.4914, 0.4822, 0.4465)), r"fill takes whole pixel values in 0..255, such as "
+        (dict(fill=(1, 2)), r"fill takes 3 whole pixel values in 0..255, .*got \(1, 2\)"),
+        (dict(fill=(0, 0, 300)), "fill takes 3 whole pixel values in 0..255"),
+        (dict(fill=(0.4914, 0.4822, 0.4465)), r"fill takes 3 whole pixel values in 0..255, such as "
                                                r"np.round\(dataset.mean \* 255\), got \(0.4914"),
-        (dict(fill=(124.6, 123.0, 114.0)), "fill takes whole pixel values"),
+        (dict(fill=(124.6, 123.0, 114.0)), "fill takes 3 whole pixel values"),
     ],
 )
 def test_augment_rejects_bad_arguments(kwargs, message):
@@ -572,31 +520,10 @@ def test_train_batches_refuse_a_batch_larger_than_the_images():
 
 @pytest.mark.parametrize("batches", ["train_batches", "eval_batches"])
 def test_batching_refuses_float_images(batches):
-    # They went on to the device's normalization, which takes pixel values: images in [0, 1]
-    # were normalized to about -2 everywhere, without a word.
     arguments = dict(seed=0, epoch=1) if batches == "train_batches" else {}
     with pytest.raises(ValueError, match=r"Batches take uint8 images \(0..255, normalized later on the device\), "
                                          r"got float32."):
         next(getattr(data_lib, batches)(np.zeros((10, 32, 32, 3), np.float32), np.arange(10), 4, **arguments))
-
-
-@pytest.mark.parametrize("arguments, message", [
-    # numpy's own words had been "expected non-negative integer", naming neither.
-    (dict(seed=-1, epoch=0), "seed must be a non-negative integer, got -1."),
-    (dict(seed=0, epoch=-2), "epoch must be a non-negative integer, got -2."),
-    # A batch of another size had been paired with the labels of the batch drawn.
-    (dict(seed=0, epoch=0, augment=lambda images, rng: images[:1]),
-     r"augment must return the uint8 batch it is given, shape \(4, 32, 32, 3\), augmented; it returned uint8 "
-     r"with shape \(1, 32, 32, 3\)."),
-    (dict(seed=0, epoch=0, augment=lambda images, rng: images / 255),
-     "augment must return the uint8 batch it is given.*; it returned float64"),
-    # "'int' object is not callable", from inside the loop.
-    (dict(seed=0, epoch=0, augment=3),
-     r"augment must be a function of \(batch, rng\) that returns the augmented batch, or None, got 3."),
-])
-def test_train_batches_refuse_bad_seeds_and_augmentations(arguments, message):
-    with pytest.raises(ValueError, match=message):
-        next(data_lib.train_batches(np.zeros((10, 32, 32, 3), np.uint8), np.arange(10), 4, **arguments))
 
 
 def test_prefetch_preserves_order_and_reraises():

@@ -25,7 +25,6 @@ def test_lr_sequence_formulas():
 
 @pytest.mark.parametrize("start_lr, end_lr", [(1e-5, float("inf")), ("1e-5", 10.0), (float("nan"), 10.0)])
 def test_lr_sequence_needs_finite_numbers(start_lr, end_lr):
-    # An infinite end_lr had swept through infinite rates; a string had failed in the comparison.
     with pytest.raises(ValueError, match=re.escape(f"The range test needs 0 < start_lr < end_lr, got {start_lr!r} "
                                                    f"and {end_lr!r}.")):
         lr_finder.lr_sequence(start_lr, end_lr, 5)
@@ -37,7 +36,6 @@ def test_lr_sequence_needs_finite_numbers(start_lr, end_lr):
     ("end_lr", float("inf"), "config.lr_finder needs 0 < start_lr < end_lr, got 1e-05 and inf."),
 ])
 def test_range_test_settings_of_a_config_file_are_checked(key, value, message):
-    # A config file written from scratch can hold any value; "no" had meant True.
     config = load_config_file(ROOT / "configs" / "default.py")
     config.lr_finder[key] = value
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -52,7 +50,6 @@ def test_range_test_settings_of_a_config_file_are_checked(key, value, message):
     ({"up_to_minimum": "no"}, "up_to_minimum must be True or False, got 'no'."),
 ])
 def test_suggestion_checks_its_trim(settings, message):
-    # 2.5 had failed in slicing, True had skipped one point and "no" had meant True.
     lrs, losses = list(np.geomspace(1e-4, 1, 30)), list(np.linspace(3, 1, 30))
     with pytest.raises(ValueError, match=re.escape(message)):
         lr_finder.suggest_lr(lrs, losses, **settings)
@@ -135,10 +132,8 @@ _SWEEP = lr_finder.RangeTestResult(lrs=list(np.geomspace(1e-4, 1, 30)), losses=l
 
 
 @pytest.mark.parametrize("result, settings, message", [
-    # 2.5 had failed in slicing; -3 had sliced lrs[-3:25] and drawn empty axes without a word.
     (_SWEEP, {"skip_start": 2.5}, "skip_start must be a non-negative integer, got 2.5."),
     (_SWEEP, {"skip_start": -3}, "skip_start must be a non-negative integer, got -3."),
-    # Empty axes, without a word.
     (_SWEEP, {"skip_start": 20, "skip_end": 10},
      "Nothing to plot: 30 points recorded, none left after skipping 20 at the start and 10 at the end; skip fewer."),
     # matplotlib's own words: "x and y must have same first dimension, but have shapes (25,) and (15,)".
@@ -211,17 +206,14 @@ def test_range_test_leaves_the_state_untouched(tiny_dataset):
         lr_finder.range_test(model, {"params": state.params, "batch_stats": state.batch_stats},
                              lambda s: optax.adam(s), batches(), opt_state=state.opt_state, mean=tiny_dataset.mean,
                              std=tiny_dataset.std, num_iter=3, progress=False, mesh=mesh)
-    # A batch that does not split over the two devices had failed inside JAX's sharding.
     odd = iter([(tiny_dataset.train_images[:3], tiny_dataset.train_labels[:3])])
     with pytest.raises(ValueError, match="A batch of 3 images does not split over the 2 devices; give batches of a "
                                          "multiple of 2."):
         lr_finder.range_test(model, {"params": state.params, "batch_stats": state.batch_stats}, make_optimizer, odd,
                              mean=tiny_dataset.mean, std=tiny_dataset.std, num_iter=3, progress=False, mesh=mesh)
-    # Parameters alone had been a bare KeyError ('batch_stats').
     with pytest.raises(ValueError, match="must be a mapping with 'params' and 'batch_stats'"):
         lr_finder.range_test(model, {"params": state.params}, make_optimizer, batches(), mean=tiny_dataset.mean,
                              std=tiny_dataset.std, num_iter=3, progress=False, mesh=mesh)
-    # Only the config's settings had been checked: smooth_f 1.5 ran and weighted each loss by 1.5.
     with pytest.raises(ValueError, match=r"^smooth_f must lie in \[0, 1\), got 1.5.$"):
         lr_finder.range_test(model, {"params": state.params, "batch_stats": state.batch_stats}, make_optimizer,
                              batches(), mean=tiny_dataset.mean, std=tiny_dataset.std, num_iter=3, smooth_f=1.5,
