@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from jaxcam import image_folder
 from jaxcam._checks import check_positive_integer, class_names_problem, is_path
 from jaxcam.errors import DataError
 
@@ -41,7 +42,8 @@ _BATCH_FILES = (*_TRAIN_FILES, _TEST_FILE, _META_FILE)
 
 @dataclasses.dataclass(frozen=True)
 class Cifar10:
-    """The two splits: images uint8 (N, 32, 32, 3) RGB, labels int32 (N,), and class names."""
+    """The two splits: images uint8 (N, H, W, 3) RGB (32x32 for CIFAR-10; one size for both
+    splits), labels int32 (N,), and class names."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
@@ -66,6 +68,9 @@ class Cifar10:
                 raise DataError(str(e)) from None
             if len(images) == 0:
                 raise DataError(f"The {split} split has no images.")
+            if images.shape[1:] != np.shape(self.train_images)[1:]:
+                raise DataError(f"The train and test images differ in size: {np.shape(self.train_images)[1:]} "
+                                f"and {images.shape[1:]}; give one size per dataset.")
             if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
                 raise DataError(f"The {split} split has {len(images)} images but labels of shape {labels.shape} "
                                 f"and dtype {labels.dtype}; give one integer label per image.")
@@ -145,14 +150,15 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, tfds_data_dir: st
 
 def _load_local(path: Path) -> Cifar10:
     if not path.exists():
-        raise DataError(f"CIFAR-10 data path {str(path)!r} does not exist.")
+        raise DataError(f"Data path {str(path)!r} does not exist.")
+    if image_folder.is_image_folder(path):
+        return image_folder.load_image_folder(path)
     if path.is_file():
         return _load_archive(path)
     found = _official_copy_in(path)
     if found is not None:
         return _load_folder(found) if found.is_dir() else _load_archive(found)
-    raise DataError(f"No CIFAR-10 found in {str(path)!r}: expected {_ARCHIVE}, a {_BATCH_FOLDER}/ folder, "
-                    "or the batch files themselves.")
+    raise image_folder.neither_layout(path)
 
 
 def _official_copy_in(folder: Path) -> Path | None:
@@ -384,12 +390,12 @@ def _read_tfrecord_split(builder: Any, split: str) -> tuple[np.ndarray, np.ndarr
 
 
 def check_images(images: Any, *, name: str = "images") -> np.ndarray:
-    """Validate a uint8 (N, 32, 32, 3) batch; raise ValueError with one clear sentence if not."""
+    """Validate a uint8 (N, H, W, 3) batch; raise ValueError with one clear sentence if not."""
     images = np.asarray(images)
     if images.dtype != np.uint8:
         raise ValueError(f"{name} must be uint8 RGB values 0..255, got dtype {images.dtype}.")
-    if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
-        raise ValueError(f"{name} must have shape (N, 32, 32, 3) NHWC, got {images.shape}.")
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"{name} must have shape (N, H, W, 3) NHWC, got {images.shape}.")
     return images
 
 

@@ -62,8 +62,13 @@ class LoadedRun:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the images the run trained on (32x32 for CIFAR-10 and runs that predate the record)."""
+        return tuple(self.meta.get("image_size", (32, 32)))
+
     def normalize(self, images: np.ndarray) -> np.ndarray:
-        """uint8 RGB (N, 32, 32, 3) -> float32 (N, 32, 32, 3) with the training split's mean and std."""
+        """uint8 RGB (N, H, W, 3) -> float32 (N, H, W, 3) with the training split's mean and std."""
         return np.asarray(data_lib.normalize(data_lib.check_images(images), self.mean, self.std))
 
     @functools.cached_property
@@ -171,8 +176,10 @@ def _to_rgb8(img: "PIL.Image.Image", path: str | os.PathLike) -> "PIL.Image.Imag
     return img.convert("RGB")
 
 
-def load_image_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> np.ndarray:
-    """Read PNG/JPEG files (or one file) as uint8 RGB (N, 32, 32, 3), resized with antialiasing.
+def load_image_files(paths: str | os.PathLike | Sequence[str | os.PathLike],
+                     size: tuple[int, int] = (32, 32)) -> np.ndarray:
+    """Read PNG/JPEG files (or one file) as uint8 RGB (N, H, W, 3), resized with antialiasing to
+    `size` (H, W), the size the model trained on.
 
     Photos are turned upright by their EXIF orientation; 16-bit PNGs are scaled to 8 bits;
     transparent pixels are shown on white.
@@ -186,7 +193,7 @@ def load_image_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> 
     for path in paths:
         try:
             with Image.open(path) as img:
-                images.append(np.asarray(_to_rgb8(img, path).resize((32, 32), Image.Resampling.LANCZOS), np.uint8))
+                images.append(np.asarray(_to_rgb8(img, path).resize(size[::-1], Image.Resampling.LANCZOS), np.uint8))
         except FileNotFoundError:
             raise data_lib.DataError(f"Image file {str(path)!r} does not exist.") from None
         except IsADirectoryError:
@@ -195,7 +202,7 @@ def load_image_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> 
         except Image.DecompressionBombError:  # PIL's guard against images made to exhaust memory
             raise data_lib.DataError(
                 f"{str(path)!r} has more pixels than PIL opens safely ({2 * Image.MAX_IMAGE_PIXELS:,}); scale it "
-                "down first, as it is resized to 32x32 anyway.") from None
+                f"down first, as it is resized to {size[1]}x{size[0]} anyway.") from None
         except (UnidentifiedImageError, OSError) as e:
             raise data_lib.DataError(f"{str(path)!r} is not a readable PNG or JPEG image ({type(e).__name__}).") from None
     return np.stack(images)
@@ -238,7 +245,7 @@ def explain_run(
     layers = list(layers) if not isinstance(layers, str) else [layers]
     image_files = _path_list(image_files)
     run = _load_run_for_report(run_dir, data_dir, dataset, image_files)
-    custom = load_image_files(image_files) if image_files else None  # read before writing anything
+    custom = load_image_files(image_files, run.image_size) if image_files else None  # read before writing anything
     if method == "scorecam" and jax.default_backend() == "cpu":
         # Its passes run inside one jitted program, so no progress bar can show them: say why it waits.
         skip = " (--faithfulness 0 skips its largest part)" if faithfulness_images else ""
@@ -378,10 +385,11 @@ def plot_misclassified_cams(run: LoadedRun, test: _TestPredictions, layers: Sequ
         # The predicted and the true class in one batch: one forward and VJP per layer, not two.
         cams = cam_lib.compute(run.model, run.variables, np.concatenate([normalized, normalized]), layer=layer,
                                targets=np.concatenate([predictions[wrong], labels[wrong]]), method=method)
-        size = 32 >> STAGES.index(layer)  # stages halve the resolution
+        height, width = (side >> STAGES.index(layer) for side in run.image_size)  # stages halve the resolution
+        size = f"{width}x{height}"
         viz.plot_cam_grid(picked, *np.split(cams, 2), labels[wrong], predictions[wrong], names,
-                          out / f"gradcam_{layer}.png", title=f"{method} at {layer} ({size}x{size}): predicted vs true class")
-        report.figures.append((f"gradcam_{layer}.png", f"{method} at {layer} ({size}x{size}) for the predicted and the "
+                          out / f"gradcam_{layer}.png", title=f"{method} at {layer} ({size}): predicted vs true class")
+        report.figures.append((f"gradcam_{layer}.png", f"{method} at {layer} ({size}) for the predicted and the "
                                "true class"))
 
 
@@ -452,7 +460,7 @@ def explain_image_files(
     layer = layer if isinstance(layer, str) else layer[0]
     image_files = _path_list(image_files)
     run = load_run(run_dir, data_dir=data_dir, dataset=dataset, with_data=False)
-    custom = load_image_files(image_files)
+    custom = load_image_files(image_files, run.image_size)
     final = Path(out_dir if out_dir is not None else run.run_dir / "images")
     with _staged(final) as out:
         _plot_own_images(run, custom, image_files, layer, method, out, log)

@@ -169,7 +169,7 @@ class Stage(nn.Module):
 
 
 class ResNet(nn.Module):
-    """CIFAR ResNet. Input: normalized float images (N, 32, 32, 3) NHWC; output: logits (N, classes).
+    """CIFAR ResNet. Input: normalized float images (N, H, W, 3) NHWC (32x32 for CIFAR); output: logits (N, classes).
 
     `width` is the stem/first-stage channel count (64 in the reference); `dtype` is the
     compute dtype (parameters stay float32); `bn_axis_name` makes BatchNorm average its batch

@@ -184,7 +184,7 @@ def make_train_step(
     std: np.ndarray,
     label_smoothing: float = 0.0,
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
-    """jit(shard_map(step)): (state, uint8 images (B, 32, 32, 3), labels (B,)) -> (state, metrics).
+    """jit(shard_map(step)): (state, uint8 images (B, H, W, 3), labels (B,)) -> (state, metrics).
 
     Each device normalizes its slice, runs the model with BatchNorm synchronized over
     'batch' (so the update equals the single-device update for the same global batch), and
@@ -627,7 +627,8 @@ def _checkpoint_meta(test: dict, model: models.ResNet, dataset: data_lib.Cifar10
     the run classifies new images without the dataset."""
     return {"test_acc": float(test["accuracy"]), "test_loss": float(test["loss"]),
             "compute_dtype": jnp.dtype(model.dtype).name, "class_names": list(dataset.class_names),
-            "mean": [float(v) for v in dataset.mean], "std": [float(v) for v in dataset.std]}
+            "mean": [float(v) for v in dataset.mean], "std": [float(v) for v in dataset.std],
+            "image_size": list(dataset.train_images.shape[1:3])}
 
 
 def _log_per_class_accuracy(test_logits: np.ndarray, dataset: data_lib.Cifar10, log) -> None:

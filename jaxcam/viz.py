@@ -1,6 +1,6 @@
 """Figures for reports: CAM overlays, curves, galleries, confusion matrix, per-class bars.
 
-Images are uint8 RGB (N, 32, 32, 3) as loaded (never BGR); CAMs are float maps in [0, 1]
+Images are uint8 RGB (N, H, W, 3) as loaded (never BGR); CAMs are float maps in [0, 1]
 drawn with a perceptual colormap ('inferno' by default).
 """
 

@@ -143,7 +143,7 @@ def test_own_images_that_cannot_be_explained_get_one_sentence(smoke_run):
     images = np.zeros((2, 32, 32, 3), np.uint8)
     with pytest.raises(ValueError, match="top must be between 1 and 10, got 2.5"):
         explain_images(run, images, top=2.5)
-    with pytest.raises(ValueError, match=r"shape \(N, 32, 32, 3\) NHWC, got \(2, 3, 32, 32\)."):
+    with pytest.raises(ValueError, match=r"shape \(N, H, W, 3\) NHWC, got \(2, 3, 32, 32\)."):
         explain_images(run, images.transpose(0, 3, 1, 2))
     with pytest.raises(DataError, match="Give at least one image file to explain."):
         load_image_files([])
@@ -320,7 +320,7 @@ def test_a_run_whose_data_is_elsewhere_points_to_data_dir(smoke_run, official_fo
     # A run copied from another machine (Colab's /content) names a path of that machine.
     copied = copy_run_with_data_elsewhere(smoke_run, tmp_path / "copied_run")
     code, _, err = run(["--workdir", copied, "--out", tmp_path / "r"], capsys)
-    assert code == 1 and err == ("error: CIFAR-10 data path '/content/cifar-10-python.tar.gz' does not exist (the data "
+    assert code == 1 and err == ("error: Data path '/content/cifar-10-python.tar.gz' does not exist (the data "
                                  "named in the run's config.json; give a copy on this machine with explain.py "
                                  "--data-dir).\n")
     assert not (tmp_path / "r").exists()
@@ -329,7 +329,7 @@ def test_a_run_whose_data_is_elsewhere_points_to_data_dir(smoke_run, official_fo
     assert code == 0, err
     # A wrong --data-dir is the user's own path: its message stands alone.
     code, _, err = run(["--workdir", copied, "--out", tmp_path / "r", "--data-dir", tmp_path / "nowhere"], capsys)
-    assert code == 1 and err == f"error: CIFAR-10 data path {str(tmp_path / 'nowhere')!r} does not exist.\n"
+    assert code == 1 and err == f"error: Data path {str(tmp_path / 'nowhere')!r} does not exist.\n"
 
 
 @pytest.mark.parametrize("given", ["data dir", "its version folder"])
