@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import flax.serialization
 import jax
@@ -28,41 +29,50 @@ def checkpoint_folder(run_dir: str | os.PathLike, which: str) -> Path:
     return Path(run_dir).absolute() / "checkpoints" / which
 
 
-def _manager(directory: Path, create: bool) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=create)
+def _manager(directory: Path, create: bool, keep: int = 1) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
     # Named handlers, so that a step's metadata (shapes, dtypes) can be read before restoring it.
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
 class Checkpointer:
-    """Keeps the latest and the best (highest test accuracy) checkpoint of a run.
+    """Keeps the two latest checkpoints and the best (highest test accuracy) one of a run.
 
-    Orbax writes each checkpoint to a temporary folder and renames it when complete, so an
-    interrupted save never replaces the previous good checkpoint.
+    Orbax writes each checkpoint to a temporary folder and renames it when complete, and removes
+    the oldest only after that, so an interrupted save never replaces a good checkpoint; the one
+    before the latest is kept as well, for a latest that a failing disk or copy tore afterwards.
     """
 
     def __init__(self, run_dir: str | os.PathLike, create: bool = True):
-        self.latest = _manager(checkpoint_folder(run_dir, "latest"), create)
+        self.latest = _manager(checkpoint_folder(run_dir, "latest"), create, keep=2)
         self.best = _manager(checkpoint_folder(run_dir, "best"), create)
 
     def save(self, epoch: int, state: Any, info: dict[str, Any], is_best: bool) -> None:
         """Save `state` (a flax struct, e.g. TrainState) after `epoch` (1-based), with `info`
-        (JSON values: test metrics, the compute dtype) in its meta."""
-        tree = flax.serialization.to_state_dict(state)
-        meta = {"epoch": epoch, **info}
-        managers = [self.latest, self.best] if is_best else [self.latest]
-        for manager in managers:
-            manager.save(
-                epoch,
-                args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
-                force=True,
-            )
+        (JSON values: test metrics, the history) in its meta, and wait until it is on disk.
 
-    def wait(self) -> None:
-        """Block until the asynchronous saves of both managers are on disk."""
-        for manager in (self.latest, self.best):
-            manager.wait_until_finished()
+        The best one first: a run stopped between the two saves resumes from the latest before
+        and saves this epoch again. WriteError if the disk refuses it (full, or a file size limit).
+        """
+        tree = flax.serialization.to_state_dict(state)
+        args = ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave({"epoch": epoch, **info}))
+        for manager in [self.best, self.latest] if is_best else [self.latest]:
+            if epoch in manager.all_steps():  # saved before a stop, then restored from an earlier epoch
+                manager.delete(epoch)
+            try:
+                with _orbax_quiet():
+                    manager.save(epoch, args=args, force=True)
+                    manager.wait_until_finished()
+            except Exception as e:
+                reason = _refused_write(e)
+                if reason is None:
+                    raise
+                kept = self.latest.latest_step()
+                raise WriteError(f"Cannot write the checkpoint of epoch {epoch} in {str(manager.directory.parent)!r} "
+                                 f"({reason}); "
+                                 + (f"the checkpoint of epoch {kept} is kept." if kept else "no checkpoint is kept.")
+                                 ) from None
 
     def close(self) -> None:
         """Finish pending saves and release both managers."""
@@ -73,23 +83,33 @@ class Checkpointer:
         """The newest epoch saved as `which` ("latest" or "best"), or None before the first save."""
         return getattr(self, which).latest_step()
 
-    def restore(self, template: Any, which: str = "latest") -> tuple[Any, dict]:
-        """Restore into the structure of `template` (shapes/dtypes/shardings); returns (state, meta)."""
+    def restore(self, template: Any, which: str = "latest",
+                log: Callable[[str], None] | None = None) -> tuple[Any, dict]:
+        """Restore the newest `which` checkpoint that reads back whole into the structure of
+        `template` (shapes/dtypes/shardings); returns (state, meta). Each one skipped is said to `log`."""
         manager = getattr(self, which)
-        epoch = manager.latest_step()
-        if epoch is None:
+        epochs = sorted(manager.all_steps(), reverse=True)
+        if not epochs:
             raise CheckpointError(f"No {which} checkpoint in {str(manager.directory)!r}.")
         target = flax.serialization.to_state_dict(template)
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
-        try:
-            restored = _restore(manager, epoch, abstract)
-            state = flax.serialization.from_state_dict(template, restored["state"])
-        except Exception as e:
-            raise CheckpointError(
-                f"The {which} checkpoint of epoch {epoch} in {str(manager.directory)!r} is corrupt or does "
-                f"not match this model ({_reason(e)})."
-            ) from None
-        return state, dict(restored["meta"])
+        problems = []
+        for epoch in epochs:
+            try:
+                restored = _restore(manager, epoch, abstract)
+                state = flax.serialization.from_state_dict(template, restored["state"])
+            except Exception as e:
+                problems.append(f"epoch {epoch}: {_reason(e)}")
+                if log is not None and epoch != epochs[-1]:
+                    log(f"The {which} checkpoint of epoch {epoch} in {str(manager.directory)!r} is corrupt or does "
+                        f"not match this model ({_reason(e)}); trying the one before it.")
+                continue
+            return state, dict(restored["meta"])
+        raise CheckpointError(
+            f"The {which} checkpoint{'s' if len(epochs) > 1 else ''} in {str(manager.directory)!r} "
+            f"{'are' if len(epochs) > 1 else 'is'} corrupt or do{'' if len(epochs) > 1 else 'es'} not match this "
+            f"model ({'; '.join(problems)})."
+        )
 
 
 def has_finished_epoch(run_dir: str | os.PathLike, epoch: int) -> bool:
@@ -175,6 +195,31 @@ def _restore(manager: ocp.CheckpointManager, epoch: int, abstract_state: Any = N
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
 
 
+@contextlib.contextmanager
+def _orbax_quiet() -> Iterator[None]:
+    """Orbax logs a failed save's traceback from each of its threads before raising it; the raised
+    error is what tells the user (or, if it is a bug, keeps its traceback)."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _refused_write(e: BaseException) -> str | None:
+    """The operating system's reason ("No space left on device") if `e` is a refused write,
+    raised by Python or by tensorstore (whose errors are ValueErrors carrying the errno), else None."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e.strerror or os.strerror(e.errno)
+        if code := re.search(r"os_error_code='(\d+)'", str(e)):
+            return os.strerror(int(code[1]))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _host_device() -> jax.Device:
     """The CPU, or the first local device where JAX_PLATFORMS leaves out the CPU backend."""
     try:
@@ -197,11 +242,17 @@ def _reason(e: BaseException) -> str:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON atomically: a crash mid-write leaves the previous file intact."""
+    """Write JSON atomically: a crash mid-write leaves the previous file intact. WriteError if the
+    disk refuses it (full, read-only, a file size limit)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise WriteError(f"Cannot write {str(path)!r} ({e.strerror or e}).") from None
 
 
 def missing_folders(path: str | os.PathLike) -> list[Path]:

@@ -199,6 +199,22 @@ def check_resume_config(config: ml_collections.ConfigDict, run_dir: str | os.Pat
 HISTORY_KEYS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc")
 
 
+def checkpoint_history(run_dir: str | os.PathLike, meta: dict) -> list[dict]:
+    """The per-epoch records up to the checkpoint whose `meta` is given: those it holds, checked
+    (CheckpointError if malformed), or for a checkpoint written before they were recorded, those
+    of history.json up to its epoch."""
+    if "history" not in meta:
+        return [r for r in read_history(run_dir) if r["epoch"] <= meta["epoch"]]
+    history = meta["history"]
+    problem = history_problem(history, HISTORY_KEYS)
+    if problem is None and [r["epoch"] for r in history] != list(range(1, meta["epoch"] + 1)):
+        problem = f"its epochs are not 1 to {meta['epoch']}"
+    if problem:
+        raise CheckpointError(f"The history recorded in the latest checkpoint of epoch {meta['epoch']} in "
+                              f"{str(run_dir)!r} is malformed ({problem}); it was edited or damaged.")
+    return history
+
+
 def read_history(run_dir: str | os.PathLike) -> list[dict]:
     """The per-epoch records of `run_dir/history.json` ([] if there is none yet); ConfigError
     naming the file if it is not valid JSON or not a list of records with HISTORY_KEYS."""

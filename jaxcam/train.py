@@ -520,7 +520,7 @@ def train_and_evaluate(
                     f"Accuracy: {test['correct']}/{test['total']} ({100 * test['accuracy']:.2f}%)")
                 is_best = test["accuracy"] > max((r["test_acc"] for r in history[:-1]), default=-1.0)
                 with interrupts_deferred():  # an epoch's checkpoint and its history record, both or neither
-                    checkpointer.save(epoch, state, _checkpoint_meta(test, model, dataset), is_best)
+                    checkpointer.save(epoch, state, _checkpoint_meta(test, model, dataset, history), is_best)
                     write_json(run_dir / "history.json", history)
                 _log_scalars(writer, record)
                 if on_epoch_end is not None:
@@ -566,11 +566,14 @@ def _begin_or_restore(config, run_dir: Path, resume: bool, checkpointer: Checkpo
         rundir.record_data_location(config, run_dir)
         log(f"{run_dir} stopped before its first epoch ended, so it starts again from epoch 1.")
         return state, []
-    state, meta = checkpointer.restore(state, "latest")
+    state, meta = checkpointer.restore(state, "latest", log=log)
     rundir.check_trained_classes(run_dir, meta, dataset, "the data given", "resume it on its own data")
     rundir.check_trained_split(run_dir, meta, dataset)
     rundir.record_data_location(config, run_dir)  # only now: data refused above leaves config.json as it was
-    history = [r for r in rundir.read_history(run_dir) if r["epoch"] <= meta["epoch"]]
+    # The checkpoint's own history: history.json may be an epoch ahead of it (killed between the two
+    # writes, or a torn latest checkpoint skipped) or behind it (killed before its rewrite).
+    history = rundir.checkpoint_history(run_dir, meta)
+    write_json(run_dir / "history.json", history)
     if len(history) < config.epochs:
         log(f"Resuming {run_dir} after epoch {meta['epoch']}.")
     return state, history
@@ -621,11 +624,12 @@ class _EpochLoop:
         return state, record, test
 
 
-def _checkpoint_meta(test: dict, model: models.ResNet, dataset: data_lib.Cifar10) -> dict:
-    """What a checkpoint records beside the state: its test metrics, the compute dtype (a report
-    says when its float32 figures differ), and the classes and normalization, with which a copy of
-    the run classifies new images without the dataset."""
-    return {"test_acc": float(test["accuracy"]), "test_loss": float(test["loss"]),
+def _checkpoint_meta(test: dict, model: models.ResNet, dataset: data_lib.Cifar10, history: list[dict]) -> dict:
+    """What a checkpoint records beside the state: its test metrics, the history up to it (which
+    --resume restores with it), the compute dtype (a report says when its float32 figures differ),
+    and the classes and normalization, with which a copy of the run classifies new images without
+    the dataset."""
+    return {"test_acc": float(test["accuracy"]), "test_loss": float(test["loss"]), "history": history,
             "compute_dtype": jnp.dtype(model.dtype).name, "class_names": list(dataset.class_names),
             "mean": [float(v) for v in dataset.mean], "std": [float(v) for v in dataset.std],
             "image_size": list(dataset.train_images.shape[1:3])}

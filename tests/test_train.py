@@ -552,11 +552,11 @@ def test_cli_resume_with_corrupt_checkpoint(official_folder, tmp_path, capsys):
     assert code == 0, err
     (run_dir,) = tmp_path.iterdir()
     history_before = (run_dir / "history.json").read_text()
+    # The checkpoint holds the history up to it, so a damaged history.json is rewritten from it.
     (run_dir / "history.json").write_text('{"epoch": 1}')
     code, _, err = run_cli(["--workdir", tmp_path, "--resume"], capsys)
-    assert code == 1 and err == (f"error: {str(run_dir / 'history.json')!r} must hold a list of per-epoch records, "
-                                 "got a dict.\n")
-    (run_dir / "history.json").write_text(history_before)
+    assert code == 0, err
+    assert (run_dir / "history.json").read_text() == history_before
     for f in (run_dir / "checkpoints" / "latest" / "1" / "state").rglob("*"):
         if f.is_file():
             f.write_bytes(b"garbage")
