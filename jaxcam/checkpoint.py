@@ -55,7 +55,9 @@ class Checkpointer:
         The best one first: a run stopped between the two saves resumes from the latest before
         and saves this epoch again. WriteError if the disk refuses it (full, or a file size limit).
         """
-        tree = flax.serialization.to_state_dict(state)
+        # One device's copy of the replicated state: saved as it is, orbax compiled a slice of every
+        # array (some 34 XLA programs a run) to pick the replica it writes.
+        tree = jax.tree_util.tree_map(_one_replica, flax.serialization.to_state_dict(state))
         args = ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave({"epoch": epoch, **info}))
         for manager in [self.best, self.latest] if is_best else [self.latest]:
             if epoch in manager.all_steps():  # saved before a stop, then restored from an earlier epoch
@@ -206,6 +208,13 @@ def _orbax_quiet() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
+
+
+def _one_replica(leaf: Any) -> Any:
+    """A fully replicated jax.Array's copy on its first device (other leaves as they are)."""
+    if isinstance(leaf, jax.Array) and leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) > 1:
+        return leaf.addressable_data(0)
+    return leaf
 
 
 def _refused_write(e: BaseException) -> str | None:

@@ -147,10 +147,15 @@ def create_train_state(
     model: models.ResNet, rng: jax.Array, tx: optax.GradientTransformation
 ) -> TrainState:
     """A fresh TrainState: the model's initial parameters and BatchNorm statistics, `tx`'s state."""
-    variables = models.init_variables(model, rng)
-    return TrainState.create(
-        apply_fn=model.apply, params=variables["params"], tx=tx, batch_stats=variables["batch_stats"]
-    )
+    def create(rng):
+        variables = models.init_variables(model, rng)
+        return TrainState.create(
+            apply_fn=model.apply, params=variables["params"], tx=tx, batch_stats=variables["batch_stats"]
+        )
+
+    # One program: eagerly, the optimizer's zeros and its schedule's first value were some 25
+    # single-operation XLA compilations, every run (too quick for the persistent cache to keep).
+    return jax.jit(create)(rng)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -585,7 +590,7 @@ class _EpochLoop:
     def __init__(self, config, dataset: data_lib.Cifar10, mesh: Mesh, model: models.ResNet,
                  lr_schedule: optax.Schedule, steps_per_epoch: int, progress: bool):
         self.config, self.dataset, self.mesh, self.progress = config, dataset, mesh, progress
-        self.lr_schedule, self.steps_per_epoch = lr_schedule, steps_per_epoch
+        self.lr_schedule, self.steps_per_epoch = jax.jit(lr_schedule), steps_per_epoch  # one program, not ten
         self.train_step = make_train_step(model, mesh, dataset.mean, dataset.std, config.label_smoothing)
         self.predict_fn = make_predict_fn(model, mesh, dataset.mean, dataset.std)
         self.augment = make_augment(config, dataset)

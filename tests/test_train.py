@@ -1,6 +1,7 @@
 import _thread
 import dataclasses
 import json
+import logging
 import os
 import re
 import shlex
@@ -970,3 +971,29 @@ def test_learning_check_is_the_default_recipe_at_the_issues_size():
     changed = {key for key in default if check[key] != default[key]}
     assert changed <= {"name", "data_dir", "width", "epochs", "batch_size"}
     assert (check["width"], check["epochs"], check["batch_size"]) == (16, 15, 128)
+
+
+def test_a_run_compiles_its_train_and_eval_steps_once_and_few_programs_in_all(official_folder, tmp_path, capsys):
+    # 100 training images at batch 32: three full batches and a dropped partial one; 30 test images at
+    # batch 16: a padded last batch. Two epochs: the second starts from the first's state.
+    compiled = []
+
+    class Compilations(logging.Handler):
+        def emit(self, record):
+            message = record.getMessage()
+            if message.startswith("Compiling "):
+                compiled.append(message.split()[1])
+
+    handler = Compilations()
+    logger = logging.getLogger("jax")
+    jax.clear_caches()  # as a fresh process starts, whatever the suite compiled before
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            code, _, err = run_cli(["--workdir", tmp_path, *TINY, "--config.epochs=2", "--config.tensorboard=True",
+                                    f"--config.data_dir={str(official_folder)!r}"], capsys)
+    finally:
+        logger.removeHandler(handler)
+    assert code == 0, err
+    assert compiled.count("jit(step)") == 1 and compiled.count("jit(predict)") == 1, compiled
+    assert len(compiled) <= 12, " ".join(compiled)
