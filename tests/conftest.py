@@ -17,18 +17,17 @@ from pathlib import Path
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One persistent compilation cache for this process and the train.py / explain.py processes it starts,
+# so that a program compiled once in the session is loaded, not compiled again, wherever it runs.
+ROOT = Path(__file__).resolve().parent.parent
+os.environ["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".jax_cache")
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 # pyproject's `pythonpath = ["."]` puts the repository root on sys.path, so `configs`, `train`,
 # `explain` and `bench` import from there.
-ROOT = Path(__file__).resolve().parent.parent
-
-jax.config.update("jax_compilation_cache_dir", str(ROOT / ".jax_cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
 from configs import shared_subset  # noqa: E402
 from jaxcam import data as data_lib  # noqa: E402
 
