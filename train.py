@@ -4,6 +4,10 @@
     python train.py --workdir runs --resume [--config.data_dir=PATH]   # the newest run in runs/
     python train.py --resume RUN_DIR [--config.data_dir=PATH]
     python train.py --workdir runs --find-lr [--config.max_lr=auto]
+
+Many hosts (the same command in every process; README "Many hosts"):
+    python train.py --workdir runs --distributed                     # TPU pod slice, SLURM, Open MPI
+    python train.py --workdir runs --coordinator_address HOST:PORT --num_processes N --process_id I
 """
 
 from __future__ import annotations
@@ -27,6 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--find-lr", action="store_true",
                         help="run the LR range test first; with --config.max_lr=auto train with its suggestion")
     parser.add_argument("--find-lr-only", action="store_true", help="run the LR range test and stop")
+    hosts = parser.add_argument_group("many hosts", "one process per host, all writing into one run directory on a "
+                                                    "shared filesystem")
+    hosts.add_argument("--distributed", action="store_true",
+                       help="join the processes that jax.distributed detects (TPU pod slice, SLURM, Open MPI)")
+    hosts.add_argument("--coordinator_address", metavar="HOST:PORT", help="process 0's address, the same for all")
+    hosts.add_argument("--num_processes", type=int, metavar="N", help="how many processes the run has")
+    hosts.add_argument("--process_id", type=int, metavar="I", help="this process's number, 0 to N-1")
     args, overrides = parser.parse_known_args(argv)
     if args.workdir is None:
         if args.resume is None:

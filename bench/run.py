@@ -185,7 +185,7 @@ def section_pipeline(args) -> dict:
             data_lib.normalize(data_lib.augment_batch(images[i : i + batch], g, fill=fill), MEAN, STD)
 
     def threaded_epoch():
-        aug = lambda x, g: data_lib.augment_batch(x, g, fill=fill)
+        aug = lambda x, g, **rows: data_lib.augment_batch(x, g, fill=fill, **rows)
         for _ in data_lib.prefetch(data_lib.train_batches(images, labels, batch, seed=0, epoch=1, augment=aug), size=3):
             pass
 

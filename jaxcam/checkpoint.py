@@ -56,8 +56,11 @@ class Checkpointer:
         and saves this epoch again. WriteError if the disk refuses it (full, or a file size limit).
         """
         # One device's copy of the replicated state: saved as it is, orbax compiled a slice of every
-        # array (some 34 XLA programs a run) to pick the replica it writes.
-        tree = jax.tree_util.tree_map(_one_replica, flax.serialization.to_state_dict(state))
+        # array (some 34 XLA programs a run) to pick the replica it writes. With several processes,
+        # every one saves the global arrays and orbax has one replica written.
+        tree = flax.serialization.to_state_dict(state)
+        if jax.process_count() == 1:
+            tree = jax.tree_util.tree_map(_one_replica, tree)
         args = ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave({"epoch": epoch, **info}))
         for manager in [self.best, self.latest] if is_best else [self.latest]:
             if epoch in manager.all_steps():  # saved before a stop, then restored from an earlier epoch

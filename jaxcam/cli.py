@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shlex
 import signal
 import sys
 from pathlib import Path
 from typing import Iterator, NoReturn, Sequence
 
+from jaxcam import distributed
 from jaxcam.checkpoint import has_finished_epoch, missing_folders, remove_if_empty
 from jaxcam.configuration import DATA_KEYS, apply_overrides, config_from_json, load_config_file
 from jaxcam.errors import ConfigError, JaxcamError
@@ -36,11 +38,12 @@ def exit_process(status: int) -> NoReturn:
 
     A stop ends only the main thread's wait for a compilation while JAX goes on compiling on a
     worker thread, and Python's finalization can then crash under it; after a stop the files are
-    written and closed, so the process ends at once, unfinalized.
+    written and closed, so the process ends at once, unfinalized. So does a failed process of a
+    multi-process run: JAX's shutdown would wait for the others, then abort with a stack dump.
     """
     sys.stdout.flush()
     sys.stderr.flush()
-    if _stopped:
+    if _stopped or (status and distributed.process_count() > 1):
         os._exit(status)
     sys.exit(status)
 
@@ -67,14 +70,18 @@ def use_compilation_cache() -> str | None:
     return str(folder)
 
 
-def after_interrupt(run_dir: Path | None, epochs: int | None) -> str:
-    """What train.py says after a Ctrl-C or SIGTERM: the command that continues the run, once it
-    has begun and until its last epoch (of `epochs`, None while its config is not read) is saved."""
+def after_interrupt(run_dir: Path | None, epochs: int | None, stopped: str = "interrupted") -> str:
+    """What train.py says after a Ctrl-C or SIGTERM (or, `stopped`, another end): the command that
+    continues the run, once it has begun and until its last epoch (of `epochs`, None while its
+    config is not read) is saved."""
     if run_dir is None or not (run_dir / "config.json").exists():  # an LR range test may have run, not training
-        return "interrupted before training began."
+        return f"{stopped} before training began."
     if epochs is not None and has_finished_epoch(run_dir, epochs):
-        return "interrupted after the last epoch was saved: the run is complete, and explain.py reports on it."
-    return f"interrupted; python train.py --resume {shlex.quote(str(run_dir))} continues from the last epoch that ended."
+        return f"{stopped} after the last epoch was saved: the run is complete, and explain.py reports on it."
+    command = f"python train.py --resume {shlex.quote(str(run_dir))}"
+    if distributed.process_count() > 1:
+        command += ", started in every process as this run was,"
+    return f"{stopped}; {command} continues from the last epoch that ended."
 
 
 @contextlib.contextmanager
@@ -111,8 +118,9 @@ def _empty_path_error(args: argparse.Namespace, flags: Sequence[str]) -> str | N
     return None if flag is None else f"{flag} is an empty string (an unset shell variable?); give a path."
 
 
-def _run(command, stop_message) -> int:
-    """Run `command()` with SIGTERM as Ctrl-C; 0, or 1 after one sentence for a stop or a JaxcamError."""
+def _run(command, stop_message, lost_message=None) -> int:
+    """Run `command()` with SIGTERM as Ctrl-C; 0, or 1 after one sentence for a stop, a JaxcamError
+    or (with `lost_message(error)`) another process of a multi-process run gone."""
     global _stopped
     _stopped = False
     try:
@@ -125,6 +133,9 @@ def _run(command, stop_message) -> int:
             return fail(stop_message())
         if isinstance(e, JaxcamError):
             return fail(str(e))
+        if lost_message is not None and distributed.lost_another_process(e):
+            _stopped = True  # JAX's shutdown would wait on the lost process, then abort with a stack dump
+            return fail(lost_message(e))
         raise
 
 
@@ -133,6 +144,8 @@ def run_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     the exit status."""
     if empty := _empty_path_error(args, ("--workdir", "--config", "--resume")):
         return fail(empty)
+    if problem := join_processes(args):
+        return fail(problem)
     use_compilation_cache()
     made = [] if args.resume else missing_folders(args.workdir)  # a stop before training removes these
     progress = {"run_dir": None, "epochs": None}
@@ -140,14 +153,48 @@ def run_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     def stop_message() -> str:
         return after_interrupt(progress["run_dir"], progress["epochs"])
 
+    def lost_message(error: BaseException) -> str:
+        reason = str(error).strip().splitlines()[0][:200]
+        return after_interrupt(progress["run_dir"], progress["epochs"],
+                               f"another process of this run stopped or lost contact ({reason}), so this one stopped "
+                               "too")
+
     def on_run_dir(run_dir: Path, epochs: int) -> None:
         made.insert(0, run_dir)
         progress.update(run_dir=run_dir, epochs=epochs)
 
     try:
-        return _run(lambda: _train(args, overrides, on_run_dir), stop_message)
+        return _run(lambda: _train(args, overrides, on_run_dir), stop_message, lost_message)
     finally:
         remove_if_empty(made)
+
+
+def join_processes(args: argparse.Namespace) -> str | None:
+    """Join the processes of a multi-process run that train.py's flags describe (none: one
+    process); the one-sentence problem with them, else None."""
+    given = {flag: getattr(args, flag[2:]) for flag in ("--coordinator_address", "--num_processes", "--process_id")}
+    named = [flag for flag, value in given.items() if value is not None]
+    if args.distributed and named:
+        return f"--distributed detects the processes itself, so drop {' and '.join(named)}."
+    if not args.distributed and not named:
+        return None
+    if named and len(named) < 3:
+        return f"{' and '.join(f for f in given if f not in named)} must be given with {' and '.join(named)}."
+    if named:
+        address, count, index = given.values()
+        if count < 1 or not 0 <= index < count:
+            return f"--process_id must lie in 0..{count - 1} for --num_processes {count}, got {index}."
+        if not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", address):
+            return f"--coordinator_address must be HOST:PORT (process 0's), got {address!r}."
+    try:
+        distributed.initialize(*given.values())
+    except (ValueError, RuntimeError) as e:  # nothing to detect, or the coordinator never answered
+        reason = str(e).strip().splitlines()[0][:300].rstrip(".")
+        if args.distributed:
+            return (f"--distributed found no TPU pod slice, SLURM or Open MPI job to join ({reason}); name the "
+                    "processes with --coordinator_address, --num_processes and --process_id instead.")
+        return f"Could not join the other processes of the run ({reason})."
+    return None
 
 
 def _train(args: argparse.Namespace, overrides: Sequence[str], on_run_dir) -> None:

@@ -411,8 +411,14 @@ def augment_batch(
     cutout_prob: float = 0.5,
     fill: Sequence[int] = CIFAR10_MEAN_UINT8,
     flip: bool = True,
+    batch_size: int | None = None,
+    first_row: int = 0,
 ) -> np.ndarray:
     """RandomCrop(32, padding) with zeros, optional horizontal flip, Cutout; uint8 NHWC in and out.
+
+    With `batch_size`, `images` are rows `first_row`.. of a batch of `batch_size` (one process's
+    share of a global batch): the draws are made for the whole batch and these rows come out as
+    they would from augmenting it whole, whichever process builds them.
 
     Vectorized over the batch: images are gathered once in the order of their (flip, crop
     offset) draws, flipped ones mirrored in that gather (flip(crop(x, dy, dx)) equals
@@ -434,13 +440,16 @@ def augment_batch(
         # Cifar10.mean is in 0..1: passed as it is, it would cut out black squares.
         raise ValueError(f"fill takes {c} whole pixel values in 0..255, such as np.round(dataset.mean * 255), "
                          f"got {fill!r}.")
-    if n == 0:
-        return images.copy()  # nothing to draw for; the gather below needs at least one image
+    draws = n if batch_size is None else batch_size
     # All random draws first, in a fixed order, so results depend only on the rng state.
-    offsets = rng.integers(0, 2 * padding + 1, size=(n, 2)) if padding else np.zeros((n, 2), np.int64)
-    flips = rng.random(n) < 0.5 if flip else np.zeros(n, bool)
-    centres = rng.integers(0, (h, w), size=(n, 2))
-    apply_cutout = rng.random(n) < cutout_prob if cutout_size > 0 else np.zeros(n, bool)
+    offsets = rng.integers(0, 2 * padding + 1, size=(draws, 2)) if padding else np.zeros((draws, 2), np.int64)
+    flips = rng.random(draws) < 0.5 if flip else np.zeros(draws, bool)
+    centres = rng.integers(0, (h, w), size=(draws, 2))
+    apply_cutout = rng.random(draws) < cutout_prob if cutout_size > 0 else np.zeros(draws, bool)
+    rows = slice(first_row, first_row + n)
+    offsets, flips, centres, apply_cutout = offsets[rows], flips[rows], centres[rows], apply_cutout[rows]
+    if n == 0:
+        return images.copy()  # the gather below needs at least one image
 
     dy = offsets[:, 0]
     dx = np.where(flips, 2 * padding - offsets[:, 1], offsets[:, 1])  # the offset in the mirrored image
@@ -537,12 +546,16 @@ def train_batches(
     *,
     seed: int,
     epoch: int,
-    augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
+    augment: Callable[..., np.ndarray] | None = None,
+    rows: slice = slice(None),
 ) -> Iterator[Batch]:
     """One epoch of shuffled, augmented training batches; the last partial batch is dropped.
 
     The shuffle and the augmentation draw from `np.random.default_rng([seed, epoch])`, so an
-    epoch is the same whether or not the run was resumed before it.
+    epoch is the same whether or not the run was resumed before it. With `rows`, each batch is
+    only those rows of the global batch of `batch_size` (one process's share); `augment(images,
+    rng, batch_size=, first_row=)` (as `augment_batch` takes them) draws for the whole batch, so
+    the rows do not depend on which process builds them.
     """
     _check_batching(images, labels, batch_size)
     if batch_size > len(images):
@@ -552,11 +565,12 @@ def train_batches(
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(images))
     for start in range(0, len(order) - batch_size + 1, batch_size):
-        idx = np.sort(order[start : start + batch_size])  # sorted reads are faster; order inside a batch is irrelevant
+        # Sorted reads are faster; the order inside a batch is irrelevant.
+        idx = np.sort(order[start : start + batch_size])[rows]
         batch_images = images[idx]
         if augment is not None:
-            batch_images = augment(batch_images, rng)
-        yield Batch(batch_images, labels[idx], np.ones(batch_size, np.float32))
+            batch_images = augment(batch_images, rng, batch_size=batch_size, first_row=rows.start or 0)
+        yield Batch(batch_images, labels[idx], np.ones(len(idx), np.float32))
 
 
 def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int) -> Iterator[Batch]:

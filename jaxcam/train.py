@@ -3,7 +3,8 @@
 The steps have pmap semantics, built with `jax.jit` over `jax.shard_map` on a one-axis
 device `Mesh` named 'batch': each device holds a replica of the state and a slice of the
 global batch; gradients, metrics and BatchNorm statistics are averaged with `lax.pmean`
-over 'batch'. The same code runs on 1 CPU, 1 GPU or 8 TPU cores.
+over 'batch'. The same code runs on 1 CPU, 1 GPU, 8 TPU cores or the devices of several
+processes (`jaxcam.distributed`), where each process builds its own rows of every batch.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxcam import data as data_lib
-from jaxcam import models, rundir
+from jaxcam import distributed, models, rundir
 from jaxcam._checks import (check_class_indices, check_flag, check_non_negative_integer,
                             check_positive_integer, is_integer, is_number, is_path)
 from jaxcam.checkpoint import Checkpointer, interrupts_deferred, write_json
@@ -144,29 +145,30 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 
 
 def create_train_state(
-    model: models.ResNet, rng: jax.Array, tx: optax.GradientTransformation
+    model: models.ResNet, rng: jax.Array, tx: optax.GradientTransformation, mesh: Mesh | None = None
 ) -> TrainState:
-    """A fresh TrainState: the model's initial parameters and BatchNorm statistics, `tx`'s state."""
-    # Outside the jit below: inside it, the init lost its own lower optimization level (13 s to
-    # compile instead of 3); `init_variables` compiles it once a process for each model.
-    variables = models.init_variables(model, rng)
+    """A fresh TrainState: the model's initial parameters and BatchNorm statistics, `tx`'s state;
+    replicated over `mesh` if given (made so on every process of a multi-process run)."""
+    variables = models.init_variables(model, rng)  # one program per model, compiled once a process
 
     def create(variables):
         return TrainState.create(
             apply_fn=model.apply, params=variables["params"], tx=tx, batch_stats=variables["batch_stats"]
         )
 
+    if mesh is not None and jax.process_count() > 1:
+        variables = jax.device_get(variables)  # host arrays, the same on every process, enter a global jit
     # One small program: eagerly, the optimizer's zeros and its schedule's first value were some 25
     # single-operation XLA compilations, every run (too quick for the persistent cache to keep).
-    return jax.jit(create)(variables)
+    return jax.jit(create, out_shardings=None if mesh is None else NamedSharding(mesh, P()))(variables)
 
 
 # ----------------------------------------------------------------------------- steps
 
 
 def make_mesh(devices: list | None = None) -> Mesh:
-    """A one-axis mesh 'batch' over `devices` (default: all local devices)."""
-    devices = devices if devices is not None else jax.local_devices()
+    """A one-axis mesh 'batch' over `devices` (default: the devices of every process, by process)."""
+    devices = devices if devices is not None else distributed.global_devices()
     return Mesh(np.asarray(devices), (AXIS,))
 
 
@@ -176,13 +178,14 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
-    """Split the leading axis of each array in `batch` over the mesh's devices."""
-    devices = mesh.devices.size
+    """Split the leading axis of each array in `batch` over the mesh's devices; with several
+    processes, `batch` is this process's rows of the global batch (`distributed.process_rows`)."""
+    devices = len(mesh.local_devices)
     for array in jax.tree_util.tree_leaves(batch):
         if np.shape(array)[0] % devices:  # else JAX's IndivisibleError, in sharding terms
             raise ValueError(f"A batch of {np.shape(array)[0]} images does not split over the {devices} devices; "
                              f"give batches of a multiple of {devices}.")
-    return jax.device_put(batch, NamedSharding(mesh, P(AXIS)))
+    return distributed.global_batch(batch, mesh)
 
 
 def make_train_step(
@@ -228,12 +231,16 @@ def make_train_step(
 
 
 def make_predict_fn(model: models.ResNet, mesh: Mesh, mean: np.ndarray, std: np.ndarray) -> Callable:
-    """jit(shard_map): (variables, uint8 images (B, 32, 32, 3)) -> float32 logits (B, K), eval mode."""
+    """jit(shard_map): (variables, uint8 images (B, 32, 32, 3)) -> float32 logits (B, K), eval mode.
+
+    The logits come out whole on every device (gathered in the same program), so that every
+    process of a multi-process run reads all of them."""
 
     def predict(variables, images):
         return model.apply(variables, data_lib.normalize(images, mean, std), train=False)
 
-    return jax.jit(jax.shard_map(predict, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS)))
+    sharded = jax.shard_map(predict, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS))
+    return jax.jit(sharded, out_shardings=NamedSharding(mesh, P()))
 
 
 def predict(
@@ -242,15 +249,17 @@ def predict(
     """Logits (N, K) for every image exactly once, in fixed-size sharded batches.
 
     `batch_size` is rounded down to a multiple of the mesh's devices (at least one image each),
-    which each batch is split over (a range test's `val_batch_size=500` on 8 TPU cores).
+    which each batch is split over (a range test's `val_batch_size=500` on 8 TPU cores). With
+    several processes, each puts its own rows of every batch on its devices.
     """
     devices = mesh.devices.size
     batch_size = max(devices, batch_size // devices * devices)
+    rows = distributed.process_rows(batch_size, mesh)
     labels = np.zeros(len(images), np.int32)
     outputs = []
     batches = data_lib.prefetch(
         data_lib.eval_batches(images, labels, batch_size),
-        transfer=lambda b: (shard_batch(b.images, mesh), int(b.weights.sum())),
+        transfer=lambda b: (shard_batch(b.images[rows], mesh), int(b.weights.sum())),
     )
     for sharded_images, count in batches:
         outputs.append((predict_fn(variables, sharded_images), count))
@@ -424,14 +433,16 @@ def check_batch_sizes(config: ml_collections.ConfigDict, dataset: data_lib.Cifar
 
 
 def make_augment(config: ml_collections.ConfigDict, dataset: data_lib.Cifar10) -> Callable | None:
-    """The config's augmentation as f(uint8 batch, rng), cutout filled with the dataset's mean; None if off."""
+    """The config's augmentation as f(uint8 rows, rng, batch_size, first_row) (see `augment_batch`),
+    Cutout filled with the dataset's mean; None if off."""
     if not config.augment:
         return None
     fill = tuple(int(round(v)) for v in dataset.mean * 255)
 
-    def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def augment(images: np.ndarray, rng: np.random.Generator, batch_size: int, first_row: int) -> np.ndarray:
         return data_lib.augment_batch(images, rng, padding=config.crop_padding, cutout_size=config.cutout_size,
-                                      cutout_prob=config.cutout_prob, fill=fill, flip=config.flip)
+                                      cutout_prob=config.cutout_prob, fill=fill, flip=config.flip,
+                                      batch_size=batch_size, first_row=first_row)
 
     return augment
 
@@ -464,6 +475,9 @@ def prepare_run(
         raise ConfigError(f"{str(run_dir)!r} already holds a run; train in a new run directory "
                           "(rundir.create_run_dir), or continue this one with resume=True.")
     validate_config(config, find_lr)
+    if find_lr and distributed.process_count() > 1:
+        raise ConfigError("The LR range test runs in one process: run train.py --find-lr-only on one host, then "
+                          "train on all of them with --config.max_lr set to its suggestion.")
     if config.max_lr == "auto" and not find_lr:
         raise ConfigError("config.max_lr is 'auto': run the LR range test first (train.py --find-lr, or "
                           "find_lr=True in code).")
@@ -471,8 +485,12 @@ def prepare_run(
     mesh = make_mesh(devices)
     check_batch_sizes(config, dataset, mesh.devices.size)
     if run_dir is None:
-        run_dir = rundir.create_run_dir(workdir, config.name)
+        # Decided once, by process 0, for every process to write into (a shared filesystem).
+        run_dir = rundir.create_run_dir(workdir, config.name) if distributed.is_main_process() else ""
+        run_dir = distributed.broadcast_path(run_dir)
         log(f"Run directory: {run_dir}")
+    else:  # every process has checked that the run is new (or resumable) before process 0 writes to it
+        distributed.barrier("jaxcam: run checked")
     return config, dataset, mesh, Path(run_dir)
 
 
@@ -499,7 +517,12 @@ def train_and_evaluate(
     `config.max_lr` is "auto". Raises TrainingDiverged if the loss turns NaN (the last good
     checkpoint and history stay as they were). `on_run_dir` is called with the run directory
     once it is known.
+
+    With several processes (`jaxcam.distributed`), every process calls this with the same
+    arguments; only process 0 prints and writes the run's files, and all of them save checkpoints.
     """
+    if not distributed.is_main_process():
+        log, progress = _silent, False
     config, dataset, mesh, run_dir = prepare_run(config, run_dir, workdir=workdir, resume=resume, find_lr=find_lr,
                                                  dataset=dataset, devices=devices, log=log)
     if on_run_dir is not None:
@@ -509,7 +532,7 @@ def train_and_evaluate(
     model = build(config, dataset.num_classes)
     steps_per_epoch = len(dataset.train_images) // config.batch_size
     tx, lr_schedule = create_optimizer(config, config.epochs * steps_per_epoch)
-    state = create_train_state(model, jax.random.key(config.seed), tx)
+    state = create_train_state(model, jax.random.key(config.seed), tx, mesh)
     checkpointer = Checkpointer(run_dir)
     try:
         state, history = _begin_or_restore(config, run_dir, resume, checkpointer, state, model, dataset, log)
@@ -518,8 +541,7 @@ def train_and_evaluate(
                 "there is nothing to resume.")
             return TrainResult(state, history, run_dir, np.zeros((0, dataset.num_classes), np.float32))
         loop = _EpochLoop(config, dataset, mesh, model, lr_schedule, steps_per_epoch, progress)
-        state = replicate(state, mesh)
-        writer = _summary_writer(run_dir, config)
+        writer = _summary_writer(run_dir, config) if distributed.is_main_process() else None
         try:
             for epoch in range(len(history) + 1, config.epochs + 1):
                 state, record, test = loop.run_epoch(state, epoch)
@@ -529,7 +551,8 @@ def train_and_evaluate(
                 is_best = test["accuracy"] > max((r["test_acc"] for r in history[:-1]), default=-1.0)
                 with interrupts_deferred():  # an epoch's checkpoint and its history record, both or neither
                     checkpointer.save(epoch, state, _checkpoint_meta(test, model, dataset, history), is_best)
-                    write_json(run_dir / "history.json", history)
+                    if distributed.is_main_process():
+                        write_json(run_dir / "history.json", history)
                 _log_scalars(writer, record)
                 if on_epoch_end is not None:
                     on_epoch_end(epoch, record)
@@ -563,25 +586,29 @@ def _begin_or_restore(config, run_dir: Path, resume: bool, checkpointer: Checkpo
                       model: models.ResNet, dataset: data_lib.Cifar10, log) -> tuple[TrainState, list[dict]]:
     """A new run writes its config.json; a resumed one restores its latest checkpoint, checked
     against the data given, and the history up to it. Returns (state, history)."""
+    main = distributed.is_main_process()
     if not resume:
-        write_json(run_dir / "config.json", rundir.config_record(config))
+        if main:
+            write_json(run_dir / "config.json", rundir.config_record(config))
         log(models.summary(model) if config.print_summary else f"{config.model} width {config.width}")
         device = jax.devices()[0]  # its kind says why "auto" chose what it did (a T4: float32)
         on = jax.default_backend() + (f", {device.device_kind}" if device.platform != "cpu" else "")
         log(f"Compute dtype: {jnp.dtype(model.dtype).name} (config.dtype={config.dtype!r}, {on}).")
         return state, []
     if checkpointer.latest_epoch() is None and not (run_dir / "history.json").exists():
-        rundir.record_data_location(config, run_dir)
+        if main:
+            rundir.record_data_location(config, run_dir)
         log(f"{run_dir} stopped before its first epoch ended, so it starts again from epoch 1.")
         return state, []
     state, meta = checkpointer.restore(state, "latest", log=log)
     rundir.check_trained_classes(run_dir, meta, dataset, "the data given", "resume it on its own data")
     rundir.check_trained_split(run_dir, meta, dataset)
-    rundir.record_data_location(config, run_dir)  # only now: data refused above leaves config.json as it was
     # The checkpoint's own history: history.json may be an epoch ahead of it (killed between the two
     # writes, or a torn latest checkpoint skipped) or behind it (killed before its rewrite).
     history = rundir.checkpoint_history(run_dir, meta)
-    write_json(run_dir / "history.json", history)
+    if main:
+        rundir.record_data_location(config, run_dir)  # only now: data refused above leaves config.json as it was
+        write_json(run_dir / "history.json", history)
     if len(history) < config.epochs:
         log(f"Resuming {run_dir} after epoch {meta['epoch']}.")
     return state, history
@@ -597,6 +624,7 @@ class _EpochLoop:
         self.train_step = make_train_step(model, mesh, dataset.mean, dataset.std, config.label_smoothing)
         self.predict_fn = make_predict_fn(model, mesh, dataset.mean, dataset.std)
         self.augment = make_augment(config, dataset)
+        self.rows = distributed.process_rows(config.batch_size, mesh)  # this process's share of each batch
         self.test_logits = np.zeros((0, dataset.num_classes), np.float32)
         # Divergence is nearly always a learning rate too high for the model and batch.
         self.cause = f" (max_lr {config.max_lr:g} may be too high; train.py --find-lr suggests one)"
@@ -607,7 +635,7 @@ class _EpochLoop:
         started = time.perf_counter()
         batches = data_lib.prefetch(
             data_lib.train_batches(dataset.train_images, dataset.train_labels, config.batch_size,
-                                   seed=config.seed, epoch=epoch, augment=self.augment),
+                                   seed=config.seed, epoch=epoch, augment=self.augment, rows=self.rows),
             transfer=lambda b: shard_batch((b.images, b.labels), self.mesh), size=config.prefetch)
         kept = (f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1
                 else "no epoch had finished, so there is no checkpoint to keep")
@@ -641,6 +669,10 @@ def _checkpoint_meta(test: dict, model: models.ResNet, dataset: data_lib.Cifar10
             "compute_dtype": jnp.dtype(model.dtype).name, "class_names": list(dataset.class_names),
             "mean": [float(v) for v in dataset.mean], "std": [float(v) for v in dataset.std],
             "image_size": list(dataset.train_images.shape[1:3])}
+
+
+def _silent(message: str) -> None:
+    """The log of the processes other than process 0, which say nothing."""
 
 
 def _log_per_class_accuracy(test_logits: np.ndarray, dataset: data_lib.Cifar10, log) -> None:

@@ -402,6 +402,31 @@ def test_augment_is_deterministic_per_seed(real_subset):
     assert a.dtype == np.uint8 and a.shape == x.shape
 
 
+def test_a_process_share_of_a_batch_is_augmented_as_those_rows_of_the_whole_batch(real_subset):
+    x = real_subset.train_images[:64]
+    whole = data_lib.augment_batch(x, np.random.default_rng(7), cutout_prob=0.5)
+    for rows in (slice(0, 16), slice(16, 48), slice(48, 64)):
+        share = data_lib.augment_batch(x[rows], np.random.default_rng(7), cutout_prob=0.5, batch_size=64,
+                                       first_row=rows.start)
+        np.testing.assert_array_equal(share, whole[rows])
+
+
+def test_train_batches_of_each_process_join_into_the_batches_of_one(real_subset):
+    images, labels = real_subset.train_images[:100], real_subset.train_labels[:100]
+    augment = lambda x, rng, **rows: data_lib.augment_batch(x, rng, **rows)  # noqa: E731
+
+    def epoch(rows=slice(None)):
+        return list(data_lib.train_batches(images, labels, 32, seed=3, epoch=2, augment=augment, rows=rows))
+
+    one = epoch()
+    first, second = epoch(slice(0, 16)), epoch(slice(16, 32))
+    assert len(one) == len(first) == len(second) == 3
+    for whole, a, b in zip(one, first, second):
+        np.testing.assert_array_equal(np.concatenate([a.images, b.images]), whole.images)
+        np.testing.assert_array_equal(np.concatenate([a.labels, b.labels]), whole.labels)
+        assert len(a.weights) == 16
+
+
 def test_augment_has_no_per_image_python_loop():
     """The number of Python calls does not grow with the batch (bounded by 81 crop offsets)."""
 
