@@ -308,6 +308,7 @@ def section_e2e(args) -> dict:
     compilation, the input pipeline, evaluation and checkpoints included."""
     import tempfile
 
+    from bench import e2e
     from jaxcam import configuration, data as data_lib, train as train_lib
 
     gpu = on_gpu()
@@ -321,6 +322,7 @@ def section_e2e(args) -> dict:
     config.update(dict(epochs=args.e2e_epochs or (20 if gpu else 1), width=args.width if gpu else 16,
                        batch_size=args.batch, print_summary=False, tensorboard=False))
     ends = []  # wall time at the end of each epoch (after its evaluation and checkpoint)
+    spent, compiles = e2e.instrument()
     with tempfile.TemporaryDirectory() as run_dir:
         start = time.perf_counter()
         result = train_lib.train_and_evaluate(config, run_dir, dataset=dataset, progress=False, log=lambda s: None,
@@ -337,7 +339,9 @@ def section_e2e(args) -> dict:
            "setup_and_first_eval_s": ends[0] - start - epoch_times[0],
            "eval_and_checkpoint_per_epoch_s": _median(between),
            "finish_s": start + total - ends[-1],
-           "data_wait_s": float(sum(data_waits)), "data_wait_per_later_epoch_s": _median(data_waits[1:])}
+           "data_wait_s": float(sum(data_waits)), "data_wait_per_later_epoch_s": _median(data_waits[1:]),
+           # Where the wall time went (bench/e2e.py's phases), and each function's compilation.
+           "phases_s": e2e.breakdown(spent, result.history, total), "compile_s": dict(compiles)}
     print(f"  {out}", flush=True)
     return out
 
@@ -384,10 +388,13 @@ def table(results: dict) -> str:
         e = results["e2e"]
         lines += ["", f"End to end: {e['epochs']} epochs of {e['train_images']:,} images (width {e['width']}, {e['dtype']}) "
                   f"in {e['total_s']:.1f} s with compilation and evaluation; steady epoch {e['steady_epoch_s']:.2f} s; "
-                  f"first epoch (with compilation) {e['first_epoch_s']:.1f} s; set-up and first evaluation "
+                  f"first epoch {e['first_epoch_s']:.1f} s; set-up and first evaluation "
                   f"{e['setup_and_first_eval_s']:.1f} s; evaluation and checkpoint per later epoch "
                   f"{e['eval_and_checkpoint_per_epoch_s'] or 0:.2f} s; finish {e['finish_s']:.1f} s; "
                   f"waiting for input {e['data_wait_s']:.2f} s in all."]
+        if "phases_s" in e:  # results of an earlier harness lack them
+            lines += ["", "Phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in e["phases_s"].items())
+                      + "; compiling (s): " + ", ".join(f"{k} {v:.1f}" for k, v in e["compile_s"].items())]
     return "\n".join(lines)
 
 

@@ -53,7 +53,9 @@ def use_compilation_cache() -> str | None:
     `~/.cache/jaxcam/jax`) unless a cache folder is already configured; returns the folder in
     use, or None when the cache is off.
 
-    A re-run of the same model then loads its compiled programs instead of compiling them again.
+    A re-run of the same model then loads its compiled programs instead of compiling them again,
+    and on a GPU its autotuning results as well (JAX's `jax_persistent_cache_enable_xla_caches`
+    keeps XLA's per-fusion autotune cache beside the programs by default).
     `JAX_COMPILATION_CACHE_DIR=DIR` picks another folder, and an empty one turns the cache off.
     """
     import jax

@@ -9,7 +9,9 @@ processes (`jaxcam.distributed`), where each process builds its own rows of ever
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -29,14 +31,15 @@ from jaxcam import data as data_lib
 from jaxcam import distributed, models, rundir
 from jaxcam._checks import (check_class_indices, check_flag, check_non_negative_integer,
                             check_positive_integer, is_integer, is_number, is_path)
-from jaxcam.checkpoint import Checkpointer, interrupts_deferred, write_json
+from jaxcam.checkpoint import Checkpointer, has_finished_epoch, interrupts_deferred, write_json
 from jaxcam.configuration import CONFIG_KEYS, DATA_KEYS, check_keys
 from jaxcam.errors import ConfigError, TrainingDiverged
 from jaxcam.schedules import onecycle
 
 __all__ = [
     "TrainState", "TrainingDiverged", "onecycle", "create_optimizer", "create_train_state",
-    "make_mesh", "make_train_step", "make_predict_fn", "evaluate", "train_and_evaluate",
+    "abstract_train_state", "compile_ahead", "make_mesh", "make_train_step", "make_predict_fn", "evaluate",
+    "train_and_evaluate",
 ]
 
 AXIS = "batch"
@@ -150,17 +153,53 @@ def create_train_state(
     """A fresh TrainState: the model's initial parameters and BatchNorm statistics, `tx`'s state;
     replicated over `mesh` if given (made so on every process of a multi-process run)."""
     variables = models.init_variables(model, rng)  # one program per model, compiled once a process
-
-    def create(variables):
-        return TrainState.create(
-            apply_fn=model.apply, params=variables["params"], tx=tx, batch_stats=variables["batch_stats"]
-        )
-
     if mesh is not None and jax.process_count() > 1:
         variables = jax.device_get(variables)  # host arrays, the same on every process, enter a global jit
     # One small program: eagerly, the optimizer's zeros and its schedule's first value were some 25
     # single-operation XLA compilations, every run (too quick for the persistent cache to keep).
+    create = functools.partial(_new_train_state, model, tx)
     return jax.jit(create, out_shardings=None if mesh is None else NamedSharding(mesh, P()))(variables)
+
+
+def abstract_train_state(model: models.ResNet, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+    """What `create_train_state(model, rng, tx, mesh)` returns, as shapes, dtypes and shardings
+    (jax.ShapeDtypeStruct leaves), without computing it: enough to compile the steps for it."""
+    shapes = jax.eval_shape(lambda rng: _new_train_state(model, tx, models.init_variables(model, rng)),
+                            jax.random.key(0))
+    replicated = NamedSharding(mesh, P())
+    return jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated, weak_type=s.weak_type), shapes)
+
+
+def _new_train_state(model: models.ResNet, tx: optax.GradientTransformation, variables: dict) -> TrainState:
+    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                             batch_stats=variables["batch_stats"])
+
+
+def _compiler() -> concurrent.futures.ThreadPoolExecutor | None:
+    """Two workers for the train and eval steps (XLA releases the GIL while it compiles), on hosts
+    of 4 cores or more. XLA:CPU's compiler already keeps about 1.6 of 2 cores busy, and on 2 cores
+    programs compiled side by side only slowed each other (a smoke run took 1.3-1.5 s longer)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="jaxcam-compile") if cores >= 4 else None
+
+
+_COMPILER = _compiler()
+
+
+def compile_ahead(jitted: Callable, *args: Any) -> concurrent.futures.Future:
+    """Compile `jitted` for arguments like `args` (arrays, or jax.ShapeDtypeStructs with their
+    shardings): on a worker thread where the host has the cores for it, else at once. The Future
+    gives the compiled program, which takes arguments of exactly those shapes, dtypes and
+    shardings (it never compiles again)."""
+    def compile_it():
+        return jitted.lower(*args).compile()
+
+    if _COMPILER is not None:
+        return _COMPILER.submit(compile_it)
+    compiled = concurrent.futures.Future()
+    compiled.set_result(compile_it())
+    return compiled
 
 
 # ----------------------------------------------------------------------------- steps
@@ -532,6 +571,13 @@ def train_and_evaluate(
     model = build(config, dataset.num_classes)
     steps_per_epoch = len(dataset.train_images) // config.batch_size
     tx, lr_schedule = create_optimizer(config, config.epochs * steps_per_epoch)
+
+    def epoch_loop() -> _EpochLoop:  # it compiles the steps
+        return _EpochLoop(config, dataset, mesh, model, tx, lr_schedule, steps_per_epoch, progress)
+
+    # The steps compile first (beside the state's making or restoring, on a host with the cores),
+    # unless the run may be over; a stop meanwhile leaves nothing in a new run directory.
+    loop = None if resume and has_finished_epoch(run_dir, config.epochs) else epoch_loop()
     state = create_train_state(model, jax.random.key(config.seed), tx, mesh)
     checkpointer = Checkpointer(run_dir)
     try:
@@ -540,7 +586,7 @@ def train_and_evaluate(
             log(f"{run_dir} already finished its {config.epochs} epoch{'s' if config.epochs != 1 else ''}; "
                 "there is nothing to resume.")
             return TrainResult(state, history, run_dir, np.zeros((0, dataset.num_classes), np.float32))
-        loop = _EpochLoop(config, dataset, mesh, model, lr_schedule, steps_per_epoch, progress)
+        loop = loop or epoch_loop()
         writer = _summary_writer(run_dir, config) if distributed.is_main_process() else None
         try:
             for epoch in range(len(history) + 1, config.epochs + 1):
@@ -618,16 +664,37 @@ class _EpochLoop:
     """One epoch of training and evaluation, with what stays the same from epoch to epoch."""
 
     def __init__(self, config, dataset: data_lib.Cifar10, mesh: Mesh, model: models.ResNet,
-                 lr_schedule: optax.Schedule, steps_per_epoch: int, progress: bool):
+                 tx: optax.GradientTransformation, lr_schedule: optax.Schedule, steps_per_epoch: int,
+                 progress: bool):
         self.config, self.dataset, self.mesh, self.progress = config, dataset, mesh, progress
         self.lr_schedule, self.steps_per_epoch = jax.jit(lr_schedule), steps_per_epoch  # one program, not ten
-        self.train_step = make_train_step(model, mesh, dataset.mean, dataset.std, config.label_smoothing)
-        self.predict_fn = make_predict_fn(model, mesh, dataset.mean, dataset.std)
+        # Both steps compile now (`compile_ahead`), for the fixed shapes of every batch of the run.
+        state = abstract_train_state(model, tx, mesh)
+        split = NamedSharding(mesh, P(AXIS))
+        image_shape = dataset.train_images.shape[1:]
+
+        def images(batch_size: int) -> jax.ShapeDtypeStruct:
+            return jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.uint8, sharding=split)
+
+        self._train_step = compile_ahead(
+            make_train_step(model, mesh, dataset.mean, dataset.std, config.label_smoothing), state,
+            images(config.batch_size), jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=split))
+        self._predict_fn = compile_ahead(make_predict_fn(model, mesh, dataset.mean, dataset.std),
+                                         {"params": state.params, "batch_stats": state.batch_stats},
+                                         images(config.eval_batch_size))
         self.augment = make_augment(config, dataset)
         self.rows = distributed.process_rows(config.batch_size, mesh)  # this process's share of each batch
         self.test_logits = np.zeros((0, dataset.num_classes), np.float32)
         # Divergence is nearly always a learning rate too high for the model and batch.
         self.cause = f" (max_lr {config.max_lr:g} may be too high; train.py --find-lr suggests one)"
+
+    @property
+    def train_step(self) -> Callable:
+        return self._train_step.result()
+
+    @property
+    def predict_fn(self) -> Callable:
+        return self._predict_fn.result()
 
     def run_epoch(self, state: TrainState, epoch: int) -> tuple[TrainState, dict, dict]:
         """Train epoch `epoch` and evaluate on the test split; returns (state, history record, test metrics)."""

@@ -767,7 +767,7 @@ def test_sigterm_during_the_first_compilation_ends_in_one_sentence_not_a_crash(o
     # for about 4 s: the signal lands in the compilation (the old code crashed in 4 of 4 tries).
     def into_the_compilation(process):
         for line in process.stdout:
-            if line.startswith("Compute dtype:"):  # printed just before the train step is built and compiled
+            if line.startswith("Run directory:"):  # printed just before the steps are built and compiled
                 time.sleep(2.5)
                 return
 
@@ -775,9 +775,10 @@ def test_sigterm_during_the_first_compilation_ends_in_one_sentence_not_a_crash(o
                                            f"--config.data_dir={str(official_folder)!r}"),
                                into_the_compilation,
                                env={**os.environ, "JAX_COMPILATION_CACHE_DIR": "", "PYTHONUNBUFFERED": "1"})
-    (run_dir,) = tmp_path.iterdir()
     assert status == 1, err[-2000:]
-    assert err.splitlines()[-1] == resume_advice(run_dir)
+    # The steps compile before anything is written, so the new run directory goes again.
+    assert err.splitlines()[-1] == "error: interrupted before training began."
+    assert not list(tmp_path.iterdir())
 
 
 def test_cli_resume_without_a_run_dir_needs_the_workdir(capsys):
@@ -971,6 +972,31 @@ def test_learning_check_is_the_default_recipe_at_the_issues_size():
     changed = {key for key in default if check[key] != default[key]}
     assert changed <= {"name", "data_dir", "width", "epochs", "batch_size"}
     assert (check["width"], check["epochs"], check["batch_size"]) == (16, 15, 128)
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["at once", "on worker threads"])
+def test_a_step_compiled_ahead_for_the_abstract_state_steps_as_the_jitted_one(workers, monkeypatch):
+    # Worker threads compile on hosts of 4 cores or more; this machine may have fewer.
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(workers or 1) as pool:
+        monkeypatch.setattr(train_lib, "_COMPILER", pool if workers else None)
+        model, mesh = models.ResNet18(width=2), train_lib.make_mesh()
+        tx = optax.sgd(0.1, momentum=0.9)
+        images, labels, _, _ = synthetic_arrays(8, 0, seed=1)
+        rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+        step = train_lib.make_train_step(model, mesh, np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32))
+        compiled = train_lib.compile_ahead(
+            step, train_lib.abstract_train_state(model, tx, mesh),
+            jax.ShapeDtypeStruct(images.shape, jnp.uint8, sharding=rows),
+            jax.ShapeDtypeStruct(labels.shape, jnp.int32, sharding=rows)).result()
+    ahead, metrics_ahead = compiled(train_lib.create_train_state(model, jax.random.key(0), tx, mesh),
+                                    *train_lib.shard_batch((images, labels), mesh))
+    jitted, metrics = step(train_lib.create_train_state(model, jax.random.key(0), tx, mesh),
+                           *train_lib.shard_batch((images, labels), mesh))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, (ahead.params, metrics_ahead), (jitted.params, metrics))
+    with pytest.raises((TypeError, ValueError)):  # it takes only the shapes it was compiled for, never compiling again
+        compiled(ahead, *train_lib.shard_batch((images[:4], labels[:4]), mesh))
 
 
 def test_a_run_compiles_its_train_and_eval_steps_once_and_few_programs_in_all(official_folder, tmp_path, capsys):
